@@ -1,0 +1,155 @@
+"""Sandbox operations: RunPodSandbox/StopPodSandbox/RemovePodSandbox as domain operations.
+
+Crash-safety invariant: a network namespace of ours exists only while its record exists.  The record is written
+(state CREATING) *before* the namespace is made and deleted *after* it is gone, so after a SIGKILL anywhere the
+start-up recovery either finishes the teardown or finds both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from virtlet import errors, failpoints
+from virtlet.network import netns
+from virtlet.state import store as st
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_HANDLERS = ("", "virtlet")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    name: str
+    namespace: str
+    uid: str
+    attempt: int
+    hostname: str
+    runtime_handler: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_directory: str = ""
+    port_mappings: list[dict[str, Any]] = field(default_factory=list)
+    dns: dict[str, list[str]] = field(default_factory=dict)  # servers, searches, options
+    config: bytes = b""
+
+
+class NetworkHook(Protocol):
+    """What the sandbox manager needs from pod networking (``virtlet.network``)."""
+
+    def setup(self, rec: st.SandboxRecord, spec: SandboxSpec) -> dict[str, Any]: ...
+
+    def teardown(self, rec: st.SandboxRecord) -> None: ...
+
+    def reattach(self, rec: st.SandboxRecord) -> None: ...
+
+
+class _Locks:
+    """One lock per resource id, so concurrent calls on one sandbox serialise and others do not wait."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.RLock] = {}
+
+    def __call__(self, key: str) -> threading.RLock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.RLock())
+
+
+class SandboxManager:
+    def __init__(self, store: st.StateStore, network: NetworkHook | None = None) -> None:
+        self.store = store
+        self.network = network
+        self.lock = _Locks()
+        # called with a sandbox id before its network goes away (the VM manager stops its containers)
+        self.before_stop: list[Callable[[str], None]] = []
+
+    # -- RunPodSandbox --------------------------------------------------------------------------------
+    def run(self, spec: SandboxSpec) -> st.SandboxRecord:
+        if spec.runtime_handler not in SUPPORTED_HANDLERS:
+            raise errors.InvalidArgument(
+                f"runtime handler {spec.runtime_handler!r} is not served by virtletd "
+                f"(use \"virtlet\" or leave it empty)")
+        for what, value in (("metadata.name", spec.name), ("metadata.namespace", spec.namespace),
+                            ("metadata.uid", spec.uid)):
+            if not value:
+                raise errors.InvalidArgument(f"pod sandbox config: {what} is required")
+        sandbox_id = uuid.uuid4().hex
+        rec = st.SandboxRecord(
+            id=sandbox_id, name=spec.name, namespace=spec.namespace, uid=spec.uid, attempt=spec.attempt,
+            state=st.SANDBOX_CREATING, created_at=st.now_ns(), runtime_handler=spec.runtime_handler,
+            netns=str(netns.path(sandbox_id)), labels=dict(spec.labels), annotations=dict(spec.annotations),
+            config=spec.config)
+        with self.lock(sandbox_id):
+            self.store.add_sandbox(rec)  # committed before anything exists on the host
+            try:
+                netns.create(sandbox_id)
+                failpoints.hit("sandbox.after_netns")
+                network: dict[str, Any] = {}
+                if self.network is not None:
+                    network = self.network.setup(rec, spec)
+                failpoints.hit("sandbox.after_network")
+                rec = self.store.update_sandbox(sandbox_id, state=st.SANDBOX_READY, network=network)
+            except BaseException:
+                self._rollback(rec)
+                raise
+        log.info("sandbox %s ready for pod %s/%s", sandbox_id, spec.namespace, spec.name)
+        return rec
+
+    def _rollback(self, rec: st.SandboxRecord) -> None:
+        try:
+            if self.network is not None:
+                self.network.teardown(rec)
+            netns.delete(rec.id)
+        except Exception:  # the original error matters more; recovery at start-up retries
+            log.exception("rollback of sandbox %s failed; it will be retried at start-up", rec.id)
+            return
+        self.store.delete_sandbox(rec.id)
+
+    # -- StopPodSandbox -------------------------------------------------------------------------------
+    def stop(self, sandbox_id: str) -> None:
+        with self.lock(sandbox_id):
+            rec = self.store.get_sandbox(sandbox_id)
+            if rec is None:
+                return  # the kubelet expects success for an unknown id
+            for hook in self.before_stop:
+                hook(sandbox_id)
+            if not rec.network_torn_down:
+                if self.network is not None:
+                    self.network.teardown(rec)  # raises -> Stop fails, kubelet retries, teardown retried
+                rec = self.store.update_sandbox(sandbox_id, network_torn_down=True)
+            netns.delete(sandbox_id)
+            if rec.state != st.SANDBOX_NOTREADY:
+                self.store.update_sandbox(sandbox_id, state=st.SANDBOX_NOTREADY)
+
+    # -- RemovePodSandbox -----------------------------------------------------------------------------
+    def remove(self, sandbox_id: str, remove_containers: Callable[[str], None] | None = None) -> None:
+        with self.lock(sandbox_id):
+            if self.store.get_sandbox(sandbox_id) is None:
+                return
+            self.stop(sandbox_id)
+            if remove_containers is not None:
+                remove_containers(sandbox_id)
+            self.store.delete_sandbox(sandbox_id)
+
+    # -- start-up recovery ----------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish what a killed virtletd left: roll back half-created sandboxes, re-attach network services."""
+        for rec in self.store.list_sandboxes():
+            if rec.state == st.SANDBOX_CREATING:
+                log.warning("rolling back sandbox %s left half-created by an earlier virtletd", rec.id)
+                self._rollback(rec)
+            elif rec.state == st.SANDBOX_READY:
+                if not netns.exists(rec.id):
+                    log.warning("sandbox %s lost its network namespace (host reboot?); marking NOTREADY", rec.id)
+                    self.store.update_sandbox(rec.id, state=st.SANDBOX_NOTREADY)
+                elif self.network is not None and rec.network:
+                    try:
+                        self.network.reattach(rec)
+                    except Exception:
+                        log.exception("cannot re-attach network services of sandbox %s", rec.id)

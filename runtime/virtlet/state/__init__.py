@@ -1,0 +1,1 @@
+"""Crash-safe state of virtletd: sandboxes and containers in SQLite, and their state machine."""

@@ -1,0 +1,303 @@
+"""The state machine of sandboxes and containers, and the SQLite database that holds it.
+
+Every change is committed before the RPC that made it replies, so a restart (even after SIGKILL) finds what the
+kubelet was told.  The database runs in WAL mode; the schema is versioned and migrated forward at open.
+
+States:
+- sandbox: ``CREATING`` (internal: record written, netns/network not finished) -> ``READY`` -> ``NOTREADY``.
+  A ``CREATING`` record found at start-up belonged to a RunPodSandbox that never replied; it is rolled back.
+- container: ``CREATED`` -> ``RUNNING`` -> ``EXITED`` (a new container may follow an exited one).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from virtlet import errors
+
+SANDBOX_CREATING = "CREATING"
+SANDBOX_READY = "READY"
+SANDBOX_NOTREADY = "NOTREADY"
+
+CONTAINER_CREATED = "CREATED"
+CONTAINER_RUNNING = "RUNNING"
+CONTAINER_EXITED = "EXITED"
+CONTAINER_UNKNOWN = "UNKNOWN"
+
+_SANDBOX_TRANSITIONS = {
+    SANDBOX_CREATING: {SANDBOX_READY, SANDBOX_NOTREADY},
+    SANDBOX_READY: {SANDBOX_NOTREADY},
+    SANDBOX_NOTREADY: {SANDBOX_NOTREADY},
+}
+_CONTAINER_TRANSITIONS = {
+    CONTAINER_CREATED: {CONTAINER_RUNNING, CONTAINER_EXITED},
+    CONTAINER_RUNNING: {CONTAINER_EXITED, CONTAINER_RUNNING},
+    CONTAINER_EXITED: {CONTAINER_EXITED},
+    CONTAINER_UNKNOWN: {CONTAINER_RUNNING, CONTAINER_EXITED},
+}
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    name: str
+    namespace: str
+    uid: str
+    attempt: int
+    state: str
+    created_at: int
+    runtime_handler: str
+    netns: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    config: bytes = b""  # serialized PodSandboxConfig, opaque here
+    network: dict[str, Any] = field(default_factory=dict)  # pod network info (JSON), empty until set up
+    network_torn_down: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    id: str
+    sandbox_id: str
+    name: str
+    attempt: int
+    state: str
+    created_at: int
+    image: str
+    image_ref: str
+    log_path: str
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    config: bytes = b""  # serialized ContainerConfig, opaque here
+    extra: dict[str, Any] = field(default_factory=dict)  # runtime details: domain name, overlay, files
+
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: initial schema
+    """
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, namespace TEXT NOT NULL, uid TEXT NOT NULL,
+        attempt INTEGER NOT NULL, state TEXT NOT NULL, created_at INTEGER NOT NULL,
+        runtime_handler TEXT NOT NULL, netns TEXT NOT NULL, labels TEXT NOT NULL, annotations TEXT NOT NULL,
+        config BLOB NOT NULL, network TEXT NOT NULL DEFAULT '{}', network_torn_down INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE containers (
+        id TEXT PRIMARY KEY, sandbox_id TEXT NOT NULL, name TEXT NOT NULL, attempt INTEGER NOT NULL,
+        state TEXT NOT NULL, created_at INTEGER NOT NULL, started_at INTEGER NOT NULL DEFAULT 0,
+        finished_at INTEGER NOT NULL DEFAULT 0, exit_code INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '', image TEXT NOT NULL,
+        image_ref TEXT NOT NULL, log_path TEXT NOT NULL, labels TEXT NOT NULL, annotations TEXT NOT NULL,
+        config BLOB NOT NULL, extra TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX containers_by_sandbox ON containers (sandbox_id);
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_JSON_COLUMNS = {"labels", "annotations", "network", "extra"}
+
+
+def _encode(name: str, value: Any) -> Any:
+    if name in _JSON_COLUMNS:
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _decode_row(cls: type, row: sqlite3.Row) -> Any:
+    values: dict[str, Any] = {}
+    for key in row.keys():
+        value = row[key]
+        if key in _JSON_COLUMNS:
+            value = json.loads(value)
+        elif key == "network_torn_down":
+            value = bool(value)
+        elif key == "config":
+            value = bytes(value)
+        values[key] = value
+    return cls(**values)
+
+
+class StateStore:
+    """All reads and writes of virtletd state.  Thread-safe; each write is one committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- schema ---------------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            current = self.schema_version()
+            if current > SCHEMA_VERSION:
+                raise errors.FailedPrecondition(
+                    f"state database {self.path} has schema version {current}, newer than this virtletd "
+                    f"({SCHEMA_VERSION}); upgrade virtletd or move the state dir away")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                with self._tx():
+                    for statement in _MIGRATIONS[version - 1].split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {version}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    # -- sandboxes ------------------------------------------------------------------------------------
+    def add_sandbox(self, rec: SandboxRecord) -> None:
+        cols = [f for f in rec.__dataclass_fields__]
+        with self._tx() as db:
+            clash = db.execute(
+                "SELECT id FROM sandboxes WHERE name=? AND namespace=? AND uid=? AND attempt=? AND state!=?",
+                (rec.name, rec.namespace, rec.uid, rec.attempt, SANDBOX_NOTREADY)).fetchone()
+            if clash:
+                raise errors.AlreadyExists(
+                    f"pod sandbox {rec.namespace}/{rec.name} (uid {rec.uid}, attempt {rec.attempt}) "
+                    f"already exists as {clash['id']}")
+            db.execute(
+                f"INSERT INTO sandboxes ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [_encode(c, getattr(rec, c)) for c in cols])
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+        return _decode_row(SandboxRecord, row) if row else None
+
+    def require_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        rec = self.get_sandbox(sandbox_id)
+        if rec is None or rec.state == SANDBOX_CREATING:
+            raise errors.NotFound(f"pod sandbox {sandbox_id!r} not found")
+        return rec
+
+    def list_sandboxes(self) -> list[SandboxRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
+        return [_decode_row(SandboxRecord, r) for r in rows]
+
+    def update_sandbox(self, sandbox_id: str, **changes: Any) -> SandboxRecord:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+            if row is None:
+                raise errors.NotFound(f"pod sandbox {sandbox_id!r} not found")
+            rec = _decode_row(SandboxRecord, row)
+            if "state" in changes and changes["state"] != rec.state:
+                allowed = _SANDBOX_TRANSITIONS.get(rec.state, set())
+                if changes["state"] not in allowed:
+                    raise errors.FailedPrecondition(
+                        f"pod sandbox {sandbox_id}: cannot go from {rec.state} to {changes['state']}")
+            new = replace(rec, **changes)
+            sets = ", ".join(f"{k}=?" for k in changes)
+            db.execute(f"UPDATE sandboxes SET {sets} WHERE id=?",
+                       [*(_encode(k, getattr(new, k)) for k in changes), sandbox_id])
+            return new
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            left = db.execute("SELECT COUNT(*) FROM containers WHERE sandbox_id=?", (sandbox_id,)).fetchone()[0]
+            if left:
+                raise errors.FailedPrecondition(
+                    f"pod sandbox {sandbox_id} still has {left} container(s); remove them first")
+            db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+
+    # -- containers -----------------------------------------------------------------------------------
+    def add_container(self, rec: ContainerRecord) -> None:
+        cols = [f for f in rec.__dataclass_fields__]
+        with self._tx() as db:
+            sandbox = db.execute("SELECT state FROM sandboxes WHERE id=?", (rec.sandbox_id,)).fetchone()
+            if sandbox is None or sandbox["state"] == SANDBOX_CREATING:
+                raise errors.NotFound(f"pod sandbox {rec.sandbox_id!r} not found")
+            if sandbox["state"] != SANDBOX_READY:
+                raise errors.FailedPrecondition(
+                    f"pod sandbox {rec.sandbox_id} is {sandbox['state']}; containers need a READY sandbox")
+            live = db.execute(
+                "SELECT id, name FROM containers WHERE sandbox_id=? AND state IN (?, ?)",
+                (rec.sandbox_id, CONTAINER_CREATED, CONTAINER_RUNNING)).fetchone()
+            if live:
+                raise errors.FailedPrecondition(
+                    f"a VM pod runs exactly one container: sandbox {rec.sandbox_id} already has live container "
+                    f"{live['name']!r} ({live['id']}); stop and remove it first")
+            db.execute(
+                f"INSERT INTO containers ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [_encode(c, getattr(rec, c)) for c in cols])
+
+    def get_container(self, container_id: str) -> ContainerRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM containers WHERE id=?", (container_id,)).fetchone()
+        return _decode_row(ContainerRecord, row) if row else None
+
+    def require_container(self, container_id: str) -> ContainerRecord:
+        rec = self.get_container(container_id)
+        if rec is None:
+            raise errors.NotFound(f"container {container_id!r} not found")
+        return rec
+
+    def list_containers(self, sandbox_id: str | None = None) -> list[ContainerRecord]:
+        with self._lock:
+            if sandbox_id is None:
+                rows = self._db.execute("SELECT * FROM containers ORDER BY created_at").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM containers WHERE sandbox_id=? ORDER BY created_at", (sandbox_id,)).fetchall()
+        return [_decode_row(ContainerRecord, r) for r in rows]
+
+    def update_container(self, container_id: str, **changes: Any) -> ContainerRecord:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM containers WHERE id=?", (container_id,)).fetchone()
+            if row is None:
+                raise errors.NotFound(f"container {container_id!r} not found")
+            rec = _decode_row(ContainerRecord, row)
+            if "state" in changes and changes["state"] != rec.state:
+                allowed = _CONTAINER_TRANSITIONS.get(rec.state, set())
+                if changes["state"] not in allowed:
+                    raise errors.FailedPrecondition(
+                        f"container {container_id}: cannot go from {rec.state} to {changes['state']}")
+            new = replace(rec, **changes)
+            sets = ", ".join(f"{k}=?" for k in changes)
+            db.execute(f"UPDATE containers SET {sets} WHERE id=?",
+                       [*(_encode(k, getattr(new, k)) for k in changes), container_id])
+            return new
+
+    def delete_container(self, container_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM containers WHERE id=?", (container_id,))
