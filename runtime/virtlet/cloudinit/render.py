@@ -1,0 +1,35 @@
+"""``render``: one pure function from a request to the seed's files (no I/O, no logging of contents)."""
+
+from __future__ import annotations
+
+from virtlet.cloudinit import metadata, network, userdata
+from virtlet.cloudinit.model import VOLUME_LABELS, CloudInitRequest, SeedFiles
+from virtlet.cloudinit.options import parse_cloudinit_options
+
+CONFIGDRIVE_DIR = "openstack/latest"
+
+
+def render(req: CloudInitRequest) -> SeedFiles:
+    """Build the NoCloud or ConfigDrive file set for ``req``; raises ``errors.InvalidArgument`` on bad input.
+
+    The network file is left out when there are no NICs (cloud-init then falls back to DHCP on its own).
+    """
+    opts = parse_cloudinit_options(req.annotations)
+    meta = metadata.meta_data_map(
+        req.pod_name, req.pod_namespace, req.hostname, opts.ssh_keys, opts.meta_data
+    )
+    user = userdata.render_user_data(opts, req.env)
+    plan = network.plan_network(req.nics, opts.force_dhcp)
+    files: dict[str, bytes] = {}
+    if opts.image_type == "configdrive":
+        files[f"{CONFIGDRIVE_DIR}/meta_data.json"] = metadata.configdrive_meta_data(meta, req.pod_name)
+        files[f"{CONFIGDRIVE_DIR}/user_data"] = user
+        if plan:
+            net = network.configdrive_network_data(plan, req.dns_servers)
+            files[f"{CONFIGDRIVE_DIR}/network_data.json"] = net
+    else:
+        files["meta-data"] = metadata.nocloud_meta_data(meta)
+        files["user-data"] = user
+        if plan:
+            files["network-config"] = network.nocloud_network_config(plan, req.dns_servers, req.dns_search)
+    return SeedFiles(kind=opts.image_type, volume_label=VOLUME_LABELS[opts.image_type], files=files)
