@@ -1,0 +1,237 @@
+"""Pod networking for one VM pod: CNI ADD/DEL, the bridge + tap per NIC, and the DHCP server.
+
+How the VM gets onto the pod network (see docs/networking.md):
+1. The CNI plugin sets up the pod netns as for any pod (a veth ``eth0`` with the pod IP).
+2. Per sandbox interface of the CNI result: the VM NIC takes the veth's MAC and MTU, the veth loses its IPv4
+   address and gets a random MAC, a bridge in the pod netns joins the veth (and later the tap).
+3. The tap is created in the *host* namespace before the VM starts (libvirt ``<interface type='ethernet'>``
+   with ``<target dev=TAP managed='no'/>`` opens it there), then moved into the pod netns and enslaved to the
+   bridge once QEMU holds it open.  QEMU keeps the fd across the move, so libvirt, QEMU and their security
+   labels stay untouched (no emulator wrapper).
+4. A DHCP server inside the pod netns answers only the VM MACs with the pod IP, routes, DNS and hostname.
+
+Files per sandbox live in ``run_dir/<sandbox_id>/``: the DHCP config/pid/log and ``network.json`` (the last
+``PodNetworkInfo``), so teardown works even when the caller lost the info (SIGKILL during setup).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from virtlet import errors
+from virtlet.network import plumbing
+from virtlet.network.cni import CniResult, CniRunner
+from virtlet.network.dhcp_process import DhcpProcess
+from virtlet.network.dhcp_server import DEFAULT_LEASE, DhcpConfig, NicLease
+from virtlet.network.model import NicInfo, PodNetworkInfo, Route, SandboxNetSpec
+
+log = logging.getLogger(__name__)
+
+MAX_NICS = 16
+
+
+def tap_name(sandbox_id: str, index: int) -> str:
+    """Host-unique tap name: ``vt`` + 11 chars of the sandbox id + NIC index in hex (14 chars)."""
+    if not 0 <= index < MAX_NICS:
+        raise errors.InvalidArgument(f"a VM pod can have at most {MAX_NICS} interfaces")
+    return plumbing.check_name(f"vt{sandbox_id[:11]}{index:x}")
+
+
+def tap_prefix(sandbox_id: str) -> str:
+    return f"vt{sandbox_id[:11]}"
+
+
+def bridge_name(index: int) -> str:
+    """Bridges live inside the pod netns, so a fixed name per NIC index cannot clash with other pods."""
+    return f"vmbr{index}"
+
+
+class PodNetwork:
+    def __init__(self, cni: CniRunner, run_dir: Path, lease_time: int = DEFAULT_LEASE) -> None:
+        self.cni = cni
+        self.run_dir = Path(run_dir)
+        self.lease_time = lease_time
+
+    # -- public API -----------------------------------------------------------------------------------
+    def setup(self, spec: SandboxNetSpec) -> PodNetworkInfo:
+        """CNI ADD, bridge per interface, DHCP server started; everything is undone when a step fails."""
+        if not Path(spec.netns_path).exists():
+            raise errors.FailedPrecondition(f"network namespace {spec.netns_path} does not exist")
+        self._dir(spec.sandbox_id).mkdir(parents=True, exist_ok=True)
+        result = self.cni.add(spec)  # undoes itself on failure
+        try:
+            info = self._plumb(spec, result)
+            self._save(info)
+            info.dhcp_pid = self._dhcp(info).start()
+            self._save(info)
+            return info
+        except BaseException:
+            try:
+                self.teardown(spec, None)
+            except Exception:
+                log.exception("undoing the network of sandbox %s failed", spec.sandbox_id)
+            raise
+
+    def host_taps_for_start(self, info: PodNetworkInfo) -> list[str]:
+        """Create the VM's taps in the host namespace (libvirt opens them there); return their names in NIC
+        order.  A tap left in the pod netns by a previous run of the VM is removed first."""
+        taps = []
+        for nic in info.nics:
+            plumbing.delete_link(nic.tap, info.netns_path)
+            plumbing.ensure_tap(nic.tap)
+            plumbing.set_link(nic.tap, mtu=nic.mtu)
+            taps.append(nic.tap)
+        return taps
+
+    def attach_after_start(self, info: PodNetworkInfo) -> None:
+        """Once QEMU holds the taps open: move them into the pod netns and enslave them to the bridges."""
+        for nic in info.nics:
+            plumbing.move_to_netns(nic.tap, info.netns_path)
+            plumbing.set_link(nic.tap, info.netns_path, mtu=nic.mtu, master=nic.bridge, up=True)
+
+    def release_taps(self, info: PodNetworkInfo) -> None:
+        """After the VM is gone: delete its taps wherever they are (idempotent)."""
+        for nic in info.nics:
+            plumbing.delete_link(nic.tap)
+            plumbing.delete_link(nic.tap, info.netns_path)
+
+    def teardown(self, spec: SandboxNetSpec, info: PodNetworkInfo | None) -> None:
+        """Stop the DHCP server, delete taps and bridges, CNI DEL, forget the sandbox (idempotent).
+
+        ``info`` may be ``None`` (setup interrupted): what was made is found through the files in run_dir and
+        the tap name prefix.  The caller deletes the netns afterwards."""
+        info = info or self._load(spec.sandbox_id)
+        DhcpProcess(self._dir(spec.sandbox_id), spec.netns_path).stop()
+        for tap in plumbing.list_links(tap_prefix(spec.sandbox_id)):
+            plumbing.delete_link(tap)
+        if info is not None:
+            self.release_taps(info)
+            for nic in info.nics:
+                plumbing.delete_link(nic.bridge, spec.netns_path)
+        self.cni.delete(spec)
+        shutil.rmtree(self._dir(spec.sandbox_id), ignore_errors=True)
+
+    def reattach(self, info: PodNetworkInfo) -> None:
+        """At virtletd start-up: the DHCP server of a ready sandbox runs again (started when it died), and
+        taps already in the pod netns are on their bridge."""
+        self._dir(info.sandbox_id).mkdir(parents=True, exist_ok=True)
+        for nic in info.nics:
+            if plumbing.link_exists(nic.tap, info.netns_path):
+                plumbing.set_link(nic.tap, info.netns_path, master=nic.bridge, up=True)
+        info.dhcp_pid = self._dhcp(info).start()
+        self._save(info)
+
+    def dhcp_pid(self, sandbox_id: str, netns_path: str) -> int | None:
+        """The running DHCP server's pid for a sandbox (``None`` when it is not running)."""
+        return DhcpProcess(self._dir(sandbox_id), netns_path).pid()
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _dir(self, sandbox_id: str) -> Path:
+        return self.run_dir / sandbox_id
+
+    def _save(self, info: PodNetworkInfo) -> None:
+        path = self._dir(info.sandbox_id) / "network.json"
+        path.write_text(json.dumps(info.to_dict()))
+
+    def _load(self, sandbox_id: str) -> PodNetworkInfo | None:
+        try:
+            return PodNetworkInfo.from_dict(json.loads((self._dir(sandbox_id) / "network.json").read_text()))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _dhcp(self, info: PodNetworkInfo) -> DhcpProcess:
+        """The DHCP process handle with its config file (re)written from ``info``."""
+        proc = DhcpProcess(self._dir(info.sandbox_id), info.netns_path)
+        leases = [NicLease(mac=n.mac, tap=n.tap, ip=n.ip, prefix=n.prefix, gateway=n.gateway,
+                           routes=[(r.dst, r.gw) for r in n.routes], mtu=n.mtu,
+                           server_mac=self._server_mac(info, n)) for n in info.nics if n.ip]
+        cfg = DhcpConfig(nics=leases, dns_servers=info.dns_servers, dns_searches=info.dns_searches,
+                         hostname=info.hostname, lease_time=self.lease_time)
+        proc.config.write_text(json.dumps(cfg.to_dict()))
+        return proc
+
+    @staticmethod
+    def _server_mac(info: PodNetworkInfo, nic: NicInfo) -> str:
+        try:
+            return plumbing.link_info(nic.bridge, info.netns_path)["mac"]
+        except errors.VirtletError:
+            return "02:00:00:00:00:01"
+
+    def _plumb(self, spec: SandboxNetSpec, result: CniResult) -> PodNetworkInfo:
+        ns = spec.netns_path
+        sandbox_ifaces = result.sandbox_interfaces()
+        if not sandbox_ifaces:
+            raise errors.FailedPrecondition(
+                "the CNI result has no interface inside the pod network namespace; a VM pod needs one "
+                "(a loopback-only network gives the VM no network)")
+        if len(sandbox_ifaces) > MAX_NICS:
+            raise errors.InvalidArgument(f"a VM pod can have at most {MAX_NICS} interfaces")
+        nics: list[NicInfo] = []
+        for i, (k, itf) in enumerate(sandbox_ifaces):
+            veth = plumbing.check_name(str(itf.get("name", "")))
+            link = plumbing.link_info(veth, ns)
+            ips = result.ips_of(k) or (result.ips if len(sandbox_ifaces) == 1 else [])
+            v4 = [ip for ip in ips if ipaddress.ip_interface(ip["address"]).version == 4]
+            v6 = [ip["address"] for ip in ips if ipaddress.ip_interface(ip["address"]).version == 6]
+            addr = ipaddress.IPv4Interface(v4[0]["address"]) if v4 else None
+            nic = NicInfo(index=i, mac=str(itf.get("mac") or link["mac"]).lower(), mtu=int(link["mtu"]),
+                          ip=str(addr.ip) if addr else "", prefix=addr.network.prefixlen if addr else 0,
+                          gateway=str(v4[0].get("gateway", "")) if v4 else "", routes=[], veth=veth,
+                          bridge=bridge_name(i), tap=tap_name(spec.sandbox_id, i), ipv6=v6)
+            nics.append(nic)
+            plumbing.flush_ipv4(veth, ns)
+            plumbing.ensure_bridge(nic.bridge, ns, mtu=nic.mtu)
+            plumbing.set_link(veth, ns, mac=_new_mac(link["mac"], nic.mac), master=nic.bridge, up=True)
+        _assign_routes(nics, result.routes)
+        servers, searches, options = _dns(spec, result)
+        return PodNetworkInfo(sandbox_id=spec.sandbox_id, netns_path=ns, nics=nics, dns_servers=servers,
+                              dns_searches=searches, dns_options=options, hostname=spec.hostname)
+
+
+def _new_mac(current: str, vm_mac: str) -> str:
+    """The veth keeps a MAC it already got from an earlier run; otherwise it gets a fresh random one."""
+    return current if current.lower() != vm_mac.lower() else plumbing.random_mac()
+
+
+def _assign_routes(nics: list[NicInfo], routes: list[dict[str, Any]]) -> None:
+    """CNI results list routes globally: give each IPv4 route to the NIC whose subnet holds its gateway,
+    routes without a gateway to the first NIC that has one."""
+    with_v4 = [n for n in nics if n.ip]
+    if not with_v4:
+        return
+    default_nic = next((n for n in with_v4 if n.gateway), with_v4[0])
+    for r in routes:
+        try:
+            dst = ipaddress.ip_network(r["dst"], strict=False)
+        except (KeyError, ValueError):
+            continue
+        if dst.version != 4:
+            continue
+        gw = str(r.get("gw", "") or "")
+        owner = default_nic
+        if gw:
+            owner = next((n for n in with_v4 if ipaddress.IPv4Address(gw) in
+                          ipaddress.IPv4Network(f"{n.ip}/{n.prefix}", strict=False)), default_nic)
+        owner.routes.append(Route(dst=str(dst), gw=gw))
+
+
+def _dns(spec: SandboxNetSpec, result: CniResult) -> tuple[list[str], list[str], list[str]]:
+    """The sandbox's DNSConfig wins; else the CNI result's DNS; never a made-up resolver."""
+    servers = list(spec.dns.get("servers", [])) or list(result.dns.get("nameservers", []) or [])
+    searches = list(spec.dns.get("searches", [])) or list(result.dns.get("search", []) or [])
+    options = list(spec.dns.get("options", [])) or list(result.dns.get("options", []) or [])
+    servers = [s for s in servers if _is_ipv4(s)]  # DHCPv4 option 6 carries IPv4 only
+    return servers, searches, options
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
