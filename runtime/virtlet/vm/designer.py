@@ -1,0 +1,144 @@
+"""Policy: one VM container's request -> the ``domain_xml.Domain`` virtlet defines in libvirt.
+
+All choices about the domain's shape live here (names, disk targets, where the config drive goes, what the
+metadata holds); ``domain_xml`` only knows how to write them.  Choices and why:
+
+- Domain name ``virtlet-<container id>``: unique (the id is a fresh UUID), and the prefix tells virtlet's
+  domains apart from others on the host at a glance.
+- Domain UUID = the SMBIOS system UUID (``VirtletSystemUUID`` or derived from the pod uid): libvirt refuses a
+  ``<sysinfo>`` UUID that differs from the domain's, and QEMU shows the domain UUID to the guest anyway.  So a
+  pod's next container (after a restart) has the same UUID: the manager must undefine the exited previous
+  domain before defining the next one.
+- Machine ``pc`` (i440fx): its IDE controller is what the config-drive CD-ROM uses with virtio disks (guests
+  need only ``ata_piix``), and the default machine type cannot change under us.
+- The config drive is the LAST disk, a read-only CD-ROM: IDE ``hdc`` for virtio root disks, SCSI ``sdb`` when
+  ``VirtletDiskDriver`` is ``scsi`` (one virtio-scsi controller for both).
+- CPU quota/period from CRI bound the whole container, so they become ``global_quota``/``global_period``
+  (libvirt's ``quota`` is per vCPU).  A quota without a period gets the kernel's default period, 100 ms.
+- ``<metadata>`` holds the container, sandbox and pod identity under ``VIRTLET_XMLNS`` so a restarted virtletd
+  recognises its domains (see ``virtlet_metadata``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from virtlet.vm import domain_xml as dx
+from virtlet.vm.annotations import VmOptions
+
+VIRTLET_XMLNS = "https://virtlet.cloud/xmlns/domain/1.0"
+VIRTLET_XMLNS_PREFIX = "virtlet"
+METADATA_ROOT = "container"
+DOMAIN_NAME_PREFIX = "virtlet-"
+DEFAULT_CFS_PERIOD_US = 100000
+MACHINE = "pc"
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A tap device virtlet created for the VM (host side) and the MAC/MTU the guest NIC gets."""
+
+    tap: str
+    mac: str
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class DomainRequest:
+    container_id: str
+    sandbox_id: str
+    pod_name: str
+    pod_namespace: str
+    pod_uid: str
+    options: VmOptions
+    domain_type: str  # "kvm" | "qemu", from kvm.detect
+    overlay: Path  # qcow2 root disk (an overlay on the stored image)
+    console_socket: Path  # unix socket QEMU listens on for serial port 0
+    console_log: Path  # raw console output, appended by virtlogd
+    emulator: str  # path of qemu-system-x86_64 (kvm.find_emulator)
+    nics: Sequence[Nic] = ()
+    config_drive: Path | None = None  # cloud-init ISO, attached last and read-only
+    extra_metadata: Mapping[str, str] = field(default_factory=dict)  # more <metadata> fields, e.g. image ref
+
+
+def domain_name(container_id: str) -> str:
+    """The libvirt domain name of a container."""
+    return f"{DOMAIN_NAME_PREFIX}{container_id}"
+
+
+def container_id_of(name: str) -> str | None:
+    """The container id in a virtlet domain name, None for a domain that is not virtlet's by name."""
+    if not name.startswith(DOMAIN_NAME_PREFIX):
+        return None
+    return name[len(DOMAIN_NAME_PREFIX):] or None
+
+
+def design_domain(req: DomainRequest) -> dx.Domain:
+    """Build the domain objects for ``req``; pure, no libvirt or file access."""
+    opts = req.options
+    scsi = opts.disk_driver == "scsi"
+    disks = [dx.Disk(source=str(req.overlay), format="qcow2", target_dev="sda" if scsi else "vda",
+                     target_bus="scsi" if scsi else "virtio")]
+    if req.config_drive is not None:
+        disks.append(dx.Disk(source=str(req.config_drive), format="raw", device="cdrom", readonly=True,
+                             target_dev="sdb" if scsi else "hdc", target_bus="scsi" if scsi else "ide"))
+    devices = dx.Devices(
+        emulator=req.emulator,
+        disks=disks,
+        controllers=[dx.Controller(type="scsi", model="virtio-scsi", index=0)] if scsi else [],
+        interfaces=[dx.EthernetInterface(target_dev=n.tap, mac=n.mac, mtu=n.mtu) for n in req.nics],
+        serials=[dx.UnixSerial(path=str(req.console_socket), log_file=str(req.console_log), log_append=True)],
+        graphics=[dx.VncGraphics(listen="127.0.0.1", autoport=True)],
+        memballoon=dx.MemBalloon(model="virtio"),
+        rng=dx.Rng(),
+    )
+    period = opts.cpu_period or (DEFAULT_CFS_PERIOD_US if opts.cpu_quota else None)
+    return dx.Domain(
+        type=req.domain_type,
+        name=domain_name(req.container_id),
+        uuid=opts.system_uuid,
+        title=f"{req.pod_namespace}/{req.pod_name} (virtlet)",
+        memory_bytes=opts.memory_bytes,
+        vcpus=opts.vcpus,
+        cpuset=opts.cpuset or None,
+        cputune=dx.CpuTune(shares=opts.cpu_shares, global_period=period, global_quota=opts.cpu_quota),
+        os=dx.Os(machine=MACHINE, boot_devices=("hd",), smbios_sysinfo=True),
+        features=("acpi", "apic"),
+        cpu=dx.Cpu(mode=opts.cpu_model) if opts.cpu_model else None,
+        sysinfo=dx.SysInfo(uuid=opts.system_uuid, manufacturer="virtlet", product="virtlet VM",
+                           serial=req.container_id),
+        devices=devices,
+        metadata=[dx.Metadata(uri=VIRTLET_XMLNS, prefix=VIRTLET_XMLNS_PREFIX, root=METADATA_ROOT,
+                              fields=_metadata_fields(req))],
+    )
+
+
+def _metadata_fields(req: DomainRequest) -> dict[str, str]:
+    fields = {"container-id": req.container_id, "sandbox-id": req.sandbox_id, "pod-uid": req.pod_uid,
+              "pod-name": req.pod_name, "pod-namespace": req.pod_namespace, "overlay": str(req.overlay),
+              "console-socket": str(req.console_socket), "console-log": str(req.console_log)}
+    if req.config_drive is not None:
+        fields["config-drive"] = str(req.config_drive)
+    for key, value in req.extra_metadata.items():
+        fields.setdefault(key, value)
+    return fields
+
+
+def virtlet_metadata(xml: str) -> dict[str, str] | None:
+    """The virtlet metadata fields of a domain's XML (as libvirt returns it), None if it is not virtlet's.
+
+    Accepts the whole domain XML, or the element ``virDomain.metadata(ELEMENT, VIRTLET_XMLNS)`` returns
+    (libvirt hands that back without its namespace).
+    """
+    root = ET.fromstring(xml)
+    if root.tag == "domain":
+        meta = root.find("metadata")
+        found = dx.Metadata.from_xml(meta, VIRTLET_XMLNS) if meta is not None else None
+        return dict(found.fields) if found is not None else None
+    if root.tag == METADATA_ROOT:
+        return {child.tag: child.text or "" for child in root}
+    found = dx.Metadata.from_xml(root, VIRTLET_XMLNS)
+    return dict(found.fields) if found is not None else None

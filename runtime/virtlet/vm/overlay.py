@@ -1,0 +1,75 @@
+"""qcow2 overlays: a VM's writable root disk on top of a stored image, which is never copied nor written.
+
+The overlay's backing file is the image store's path, so creating a VM costs a few KiB and no copy; QEMU
+writes only to the overlay.  ``VirtletRootVolumeSize`` grows the overlay's virtual size (never shrinks it
+below the image, which would cut the guest's filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from virtlet import errors
+
+BASE_FORMATS = ("qcow2", "raw")
+QEMU_IMG_TIMEOUT_S = 60
+
+
+def _qemu_img(args: list[str], what: str) -> str:
+    try:
+        out = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
+                             check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise errors.FailedPrecondition(
+            "qemu-img is not installed on this node (package qemu-utils)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise errors.Internal(f"{what}: qemu-img did not finish in {QEMU_IMG_TIMEOUT_S} s") from exc
+    if out.returncode != 0:
+        raise errors.Internal(f"{what}: qemu-img {args[0]} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def image_info(path: Path, fmt: str | None = None) -> dict[str, object]:
+    """``qemu-img info`` of ``path`` as a dict; ``-U`` so a disk in use by a running VM can be read too.
+
+    Give ``fmt`` when it is known: a raw disk whose content looks like another format must not be probed.
+    """
+    if not path.exists():
+        raise errors.NotFound(f"disk image {path} does not exist")
+    args = ["info", "--output=json", "-U", *(["-f", fmt] if fmt else []), str(path)]
+    return json.loads(_qemu_img(args, f"reading {path}"))
+
+
+def virtual_size(path: Path, fmt: str | None = None) -> int:
+    """The disk size the guest sees, in bytes."""
+    return int(image_info(path, fmt)["virtual-size"])  # type: ignore[call-overload]
+
+
+def backing_file(path: Path) -> str | None:
+    """The backing file an overlay names, None for a standalone image."""
+    value = image_info(path).get("backing-filename")
+    return str(value) if value else None
+
+
+def create_overlay(base: Path, base_format: str, dest: Path, size_bytes: int | None = None) -> None:
+    """Create the qcow2 ``dest`` backed by ``base``; its virtual size is ``size_bytes`` when that is larger.
+
+    ``dest`` must not exist (an overlay in use must never be replaced); a half-made ``dest`` is removed.
+    """
+    if base_format not in BASE_FORMATS:
+        raise errors.InvalidArgument(f"image format {base_format!r} is not supported; expected one of "
+                                     f"{', '.join(BASE_FORMATS)}")
+    base = base.absolute()
+    base_size = virtual_size(base, base_format)
+    if dest.exists():
+        raise errors.AlreadyExists(f"overlay {dest} already exists; remove the container that owns it first")
+    args = ["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(dest)]
+    if size_bytes is not None and size_bytes > base_size:
+        args.append(str(size_bytes))
+    try:
+        _qemu_img(args, f"creating overlay {dest} on {base}")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
