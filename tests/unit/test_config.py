@@ -67,3 +67,8 @@ def test_markdown_table_lists_every_setting() -> None:
     table = config.markdown_table()
     for s in config.SETTINGS:
         assert f"`{s.flag}`" in table and f"`{s.env}`" in table
+
+
+def test_docs_table_is_current() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert config.markdown_table() in doc, "docs/configuration.md is stale: python -m virtlet.config --markdown"

@@ -87,6 +87,7 @@ class SandboxManager:
             config=spec.config)
         with self.lock(sandbox_id):
             self.store.add_sandbox(rec)  # committed before anything exists on the host
+            log.info("creating sandbox %s for pod %s/%s", sandbox_id, spec.namespace, spec.name)
             try:
                 netns.create(sandbox_id)
                 failpoints.hit("sandbox.after_netns")
@@ -102,14 +103,18 @@ class SandboxManager:
         return rec
 
     def _rollback(self, rec: st.SandboxRecord) -> None:
-        try:
-            if self.network is not None:
+        """Undo a half-made sandbox.  When the network teardown fails the record stays CREATING, so start-up
+        recovery (or the next rollback) retries it; the namespace goes in any case."""
+        network_ok = True
+        if self.network is not None:
+            try:
                 self.network.teardown(rec)
-            netns.delete(rec.id)
-        except Exception:  # the original error matters more; recovery at start-up retries
-            log.exception("rollback of sandbox %s failed; it will be retried at start-up", rec.id)
-            return
-        self.store.delete_sandbox(rec.id)
+            except Exception:  # the original error matters more
+                network_ok = False
+                log.exception("network teardown of half-made sandbox %s failed; retried at start-up", rec.id)
+        netns.delete(rec.id)
+        if network_ok:
+            self.store.delete_sandbox(rec.id)
 
     # -- StopPodSandbox -------------------------------------------------------------------------------
     def stop(self, sandbox_id: str) -> None:

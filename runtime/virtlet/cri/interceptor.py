@@ -1,0 +1,143 @@
+"""The one place where domain errors become gRPC status codes, and where every call is logged once.
+
+Each call logs one line: method, the ids it carries, duration and status code.  Request bodies are logged only
+at debug level, with cloud-init user data, environment values and credentials replaced by ``<redacted>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from virtlet import errors
+
+log = logging.getLogger("virtlet.cri")
+
+_ID_FIELDS = ("pod_sandbox_id", "container_id")
+_REDACTED = "<redacted>"
+_SECRET_ANNOTATION_MARKERS = ("cloudinit", "userdata", "secret", "password", "token")
+
+
+def call_ids(request: Any) -> str:
+    """``pod_sandbox_id=… container_id=… image=…`` for the log line (empty when the request has none)."""
+    parts = []
+    for name in _ID_FIELDS:
+        value = getattr(request, name, "")
+        if isinstance(value, str) and value:
+            parts.append(f"{name}={value}")
+    image = getattr(request, "image", None)
+    if isinstance(image, Message) and getattr(image, "image", ""):
+        parts.append(f"image={image.image}")
+    return " ".join(parts)
+
+
+def _scrub(value: Any, key: str = "") -> Any:
+    lowered = key.lower()
+    if isinstance(value, dict):
+        if lowered in ("annotations",):
+            return {k: (_REDACTED if any(m in k.lower() for m in _SECRET_ANNOTATION_MARKERS) else v)
+                    for k, v in value.items()}
+        if lowered == "auth":
+            return _REDACTED
+        return {k: _scrub(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        if lowered == "envs":
+            return [{"key": e.get("key"), "value": _REDACTED} if isinstance(e, dict) else _REDACTED
+                    for e in value]
+        return [_scrub(v, key) for v in value]
+    return value
+
+
+def redacted_body(request: Any) -> str:
+    """The request as JSON without secrets (for debug logs)."""
+    if not isinstance(request, Message):
+        return repr(type(request))
+    data = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    return str(_scrub(data))
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code = errors.grpc_code(exc)
+    message = str(exc) if isinstance(exc, errors.VirtletError) else f"internal error: {type(exc).__name__}: {exc}"
+    context.abort(code, message)
+
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s request %s", method, redacted_body(request))
+        try:
+            return behavior(request, context)
+        except errors.VirtletError as exc:
+            code = exc.code
+            _abort(context, exc)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError" or context.code() is not None:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            _abort(context, exc)
+        finally:
+            level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND) else logging.WARNING
+            if method.endswith(("/Version", "/Status", "/ListPodSandbox", "/ListContainers", "/ListImages",
+                                "/ImageFsInfo", "/ListPodSandboxStats", "/ListContainerStats", "/Check",
+                                "/PodSandboxStatus", "/ContainerStatus", "/ImageStatus")) \
+                    and code == grpc.StatusCode.OK:
+                level = logging.DEBUG  # the kubelet polls these every second
+            log.log(level, "%s %s %.1fms %s", method, call_ids(request), (time.monotonic() - start) * 1000,
+                    code.name)
+        return None  # pragma: no cover - abort raised
+
+    return handler
+
+
+def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            yield from behavior(request, context)
+        except errors.VirtletError as exc:
+            code = exc.code
+            _abort(context, exc)
+        except Exception as exc:
+            if type(exc).__name__ == "_AbortError" or context.code() is not None:
+                raise
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            _abort(context, exc)
+        finally:
+            log.info("%s stream ended %.1fms %s", method, (time.monotonic() - start) * 1000, code.name)
+
+    return handler
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Wraps every unary and server-streaming handler with error mapping and the call log line."""
+
+    def intercept_service(self, continuation: Callable[..., Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler

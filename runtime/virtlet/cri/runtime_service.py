@@ -1,0 +1,325 @@
+"""CRI RuntimeService: thin servicers.  Each method validates its request, calls one domain operation and builds
+the reply; it knows nothing of libvirt XML or netlink.  Methods a later part of virtlet implements answer
+UNIMPLEMENTED with a message that says so (see ``_unimplemented``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+import virtlet
+from virtlet import errors
+from virtlet.cri.gen import api_pb2 as api
+from virtlet.cri.gen import api_pb2_grpc as api_grpc
+from virtlet.sandbox.manager import SandboxManager, SandboxSpec
+from virtlet.state import store as st
+
+log = logging.getLogger(__name__)
+
+RUNTIME_NAME = "virtlet"
+RUNTIME_API_VERSION = "v1"
+HANDLER = "virtlet"
+
+# Kubernetes label syntax: optional DNS-subdomain prefix "/" name (<= 63), value (<= 63, may be empty)
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def validate_label_selector(selector: dict[str, str]) -> None:
+    """Reject a label selector no Kubernetes label could match (INVALID_ARGUMENT naming the bad entry)."""
+    for key, value in selector.items():
+        prefix, _, name = key.rpartition("/")
+        if (not _LABEL_NAME.match(name) or (prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)))
+                or key.count("/") > 1):
+            raise errors.InvalidArgument(
+                f"label selector: {key!r} is not a valid label key (optional DNS prefix/, then up to 63 "
+                f"alphanumerics, '-', '_' or '.')")
+        if not _LABEL_VALUE.match(value):
+            raise errors.InvalidArgument(
+                f"label selector: value {value!r} of {key!r} is not a valid label value (up to 63 alphanumerics, "
+                f"'-', '_' or '.', starting and ending alphanumeric)")
+
+
+def _sandbox_state(state: str) -> int:
+    return api.SANDBOX_READY if state == st.SANDBOX_READY else api.SANDBOX_NOTREADY
+
+
+def _metadata(rec: st.SandboxRecord) -> api.PodSandboxMetadata:
+    return api.PodSandboxMetadata(name=rec.name, namespace=rec.namespace, uid=rec.uid, attempt=rec.attempt)
+
+
+class RuntimeServicer(api_grpc.RuntimeServiceServicer):
+    """CRI RuntimeService of virtletd.  ``status_conditions`` and the container hooks are set by the daemon."""
+
+    def __init__(self, sandboxes: SandboxManager, status_probe: Callable[[], list[api.RuntimeCondition]],
+                 status_info: Callable[[], dict[str, str]] | None = None) -> None:
+        self.sandboxes = sandboxes
+        self.store = sandboxes.store
+        self.status_probe = status_probe
+        self.status_info = status_info or (lambda: {})
+        self.pod_cidr = ""
+        # set by the VM manager when present
+        self.containers: Any = None
+
+    # -- runtime ---------------------------------------------------------------------------------------
+    def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
+        return api.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME,
+                                   runtime_version=virtlet.__version__, runtime_api_version=RUNTIME_API_VERSION)
+
+    def Status(self, request: api.StatusRequest, context: grpc.ServicerContext) -> api.StatusResponse:
+        resp = api.StatusResponse(status=api.RuntimeStatus(conditions=self.status_probe()))
+        resp.runtime_handlers.add(name=HANDLER)
+        if request.verbose:
+            resp.info.update(self.status_info())
+        return resp
+
+    def RuntimeConfig(self, request: api.RuntimeConfigRequest,
+                      context: grpc.ServicerContext) -> api.RuntimeConfigResponse:
+        # VM pods are not in kubelet-managed cgroups; report the driver of the systemd nodes virtlet targets.
+        return api.RuntimeConfigResponse(linux=api.LinuxRuntimeConfiguration(cgroup_driver=api.SYSTEMD))
+
+    def UpdateRuntimeConfig(self, request: api.UpdateRuntimeConfigRequest,
+                            context: grpc.ServicerContext) -> api.UpdateRuntimeConfigResponse:
+        self.pod_cidr = request.runtime_config.network_config.pod_cidr
+        log.info("runtime config updated: pod CIDR %r", self.pod_cidr)
+        return api.UpdateRuntimeConfigResponse()
+
+    # -- sandboxes -------------------------------------------------------------------------------------
+    def RunPodSandbox(self, request: api.RunPodSandboxRequest,
+                      context: grpc.ServicerContext) -> api.RunPodSandboxResponse:
+        cfg = request.config
+        if not request.HasField("config") or not cfg.HasField("metadata"):
+            raise errors.InvalidArgument("RunPodSandbox: config.metadata (name, namespace, uid) is required")
+        md = cfg.metadata
+        spec = SandboxSpec(
+            name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
+            hostname=cfg.hostname or md.name, runtime_handler=request.runtime_handler,
+            labels=dict(cfg.labels), annotations=dict(cfg.annotations), log_directory=cfg.log_directory,
+            port_mappings=[json_format.MessageToDict(p, preserving_proto_field_name=True)
+                           for p in cfg.port_mappings],
+            dns={"servers": list(cfg.dns_config.servers), "searches": list(cfg.dns_config.searches),
+                 "options": list(cfg.dns_config.options)},
+            config=cfg.SerializeToString())
+        rec = self.sandboxes.run(spec)
+        return api.RunPodSandboxResponse(pod_sandbox_id=rec.id)
+
+    def StopPodSandbox(self, request: api.StopPodSandboxRequest,
+                       context: grpc.ServicerContext) -> api.StopPodSandboxResponse:
+        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        self.sandboxes.stop(request.pod_sandbox_id)
+        return api.StopPodSandboxResponse()
+
+    def RemovePodSandbox(self, request: api.RemovePodSandboxRequest,
+                         context: grpc.ServicerContext) -> api.RemovePodSandboxResponse:
+        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        remover = self.containers.remove_all_in_sandbox if self.containers is not None else None
+        self.sandboxes.remove(request.pod_sandbox_id, remover)
+        return api.RemovePodSandboxResponse()
+
+    def PodSandboxStatus(self, request: api.PodSandboxStatusRequest,
+                         context: grpc.ServicerContext) -> api.PodSandboxStatusResponse:
+        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        rec = self.store.require_sandbox(request.pod_sandbox_id)
+        status = api.PodSandboxStatus(
+            id=rec.id, metadata=_metadata(rec), state=_sandbox_state(rec.state), created_at=rec.created_at,
+            labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler)
+        ips = [ip for ip in rec.network.get("pod_ips", []) if ip]
+        if ips:
+            status.network.ip = ips[0]
+            for extra in ips[1:]:
+                status.network.additional_ips.add(ip=extra)
+        # VM pods have their own network namespace (POD mode) and no shared PID/IPC with the host.
+        status.linux.namespaces.options.network = api.POD
+        status.linux.namespaces.options.pid = api.POD
+        status.linux.namespaces.options.ipc = api.POD
+        resp = api.PodSandboxStatusResponse(status=status)
+        if request.verbose:
+            info = {"id": rec.id, "state": rec.state, "netns": rec.netns, "network": rec.network,
+                    "network_torn_down": rec.network_torn_down, "runtime_handler": rec.runtime_handler}
+            resp.info["info"] = json.dumps(info, sort_keys=True)
+        resp.containers_statuses.extend(self.statuses_for_sandbox(rec.id))
+        return resp
+
+    def ListPodSandbox(self, request: api.ListPodSandboxRequest,
+                       context: grpc.ServicerContext) -> api.ListPodSandboxResponse:
+        flt = request.filter
+        if flt.label_selector:
+            validate_label_selector(dict(flt.label_selector))
+        items = []
+        for rec in self.store.list_sandboxes():
+            if rec.state == st.SANDBOX_CREATING:
+                continue
+            if flt.id and not rec.id.startswith(flt.id):
+                continue
+            if flt.HasField("state") and _sandbox_state(rec.state) != flt.state.state:
+                continue
+            if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+            items.append(api.PodSandbox(
+                id=rec.id, metadata=_metadata(rec), state=_sandbox_state(rec.state), created_at=rec.created_at,
+                labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler))
+        return api.ListPodSandboxResponse(items=items)
+
+    # -- containers (VMs) ------------------------------------------------------------------------------
+    def _vms(self) -> Any:
+        if self.containers is None:
+            raise errors.Unavailable("virtletd runs without a VM manager (libvirt unavailable at start-up)")
+        return self.containers
+
+    def CreateContainer(self, request: api.CreateContainerRequest,
+                        context: grpc.ServicerContext) -> api.CreateContainerResponse:
+        from virtlet.vm.annotations import CpuResources
+        from virtlet.vm.manager import ContainerSpec
+
+        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        cfg = request.config
+        if not request.HasField("config") or not cfg.HasField("metadata") or not cfg.metadata.name:
+            raise errors.InvalidArgument("CreateContainer: config.metadata.name is required")
+        res = cfg.linux.resources if cfg.HasField("linux") and cfg.linux.HasField("resources") else None
+        spec = ContainerSpec(
+            sandbox_id=request.pod_sandbox_id, name=cfg.metadata.name, attempt=cfg.metadata.attempt,
+            image=cfg.image.image, labels=dict(cfg.labels), annotations=dict(cfg.annotations),
+            envs=[(e.key, e.value) for e in cfg.envs], log_path=cfg.log_path,
+            memory_limit_bytes=res.memory_limit_in_bytes if res is not None else 0,
+            cpu=CpuResources.from_cri(res), tty=cfg.tty, stdin=cfg.stdin, config=cfg.SerializeToString())
+        rec = self._vms().create(spec)
+        return api.CreateContainerResponse(container_id=rec.id)
+
+    def StartContainer(self, request: api.StartContainerRequest,
+                       context: grpc.ServicerContext) -> api.StartContainerResponse:
+        _require_id(request.container_id, "container_id")
+        self._vms().start(request.container_id)
+        return api.StartContainerResponse()
+
+    def StopContainer(self, request: api.StopContainerRequest,
+                      context: grpc.ServicerContext) -> api.StopContainerResponse:
+        _require_id(request.container_id, "container_id")
+        self._vms().stop(request.container_id, int(request.timeout))
+        return api.StopContainerResponse()
+
+    def RemoveContainer(self, request: api.RemoveContainerRequest,
+                        context: grpc.ServicerContext) -> api.RemoveContainerResponse:
+        _require_id(request.container_id, "container_id")
+        self._vms().remove(request.container_id)
+        return api.RemoveContainerResponse()
+
+    def ReopenContainerLog(self, request: api.ReopenContainerLogRequest,
+                           context: grpc.ServicerContext) -> api.ReopenContainerLogResponse:
+        _require_id(request.container_id, "container_id")
+        self._vms().reopen_log(request.container_id)
+        return api.ReopenContainerLogResponse()
+
+    def ContainerStatus(self, request: api.ContainerStatusRequest,
+                        context: grpc.ServicerContext) -> api.ContainerStatusResponse:
+        _require_id(request.container_id, "container_id")
+        rec = self.store.require_container(request.container_id)
+        resp = api.ContainerStatusResponse(status=container_status(rec, self._log_dir(rec.sandbox_id)))
+        if request.verbose and self.containers is not None:
+            info = {"id": rec.id, "sandbox_id": rec.sandbox_id, "extra": rec.extra,
+                    "qemu_pid": self.containers.qemu_pid(rec.id), "domain_xml": self.containers.domain_xml(rec.id)}
+            resp.info["info"] = json.dumps(info, sort_keys=True)
+        return resp
+
+    def ListContainers(self, request: api.ListContainersRequest,
+                       context: grpc.ServicerContext) -> api.ListContainersResponse:
+        flt = request.filter
+        if flt.label_selector:
+            validate_label_selector(dict(flt.label_selector))
+        items = []
+        for rec in self.store.list_containers(flt.pod_sandbox_id or None):
+            if flt.id and not rec.id.startswith(flt.id):
+                continue
+            if flt.HasField("state") and _container_state(rec.state) != flt.state.state:
+                continue
+            if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
+                continue
+            items.append(api.Container(
+                id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=api.ContainerMetadata(
+                    name=rec.name, attempt=rec.attempt), image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref,
+                state=_container_state(rec.state), created_at=rec.created_at, labels=rec.labels,
+                annotations=rec.annotations))
+        return api.ListContainersResponse(containers=items)
+
+    def UpdateContainerResources(self, request: api.UpdateContainerResourcesRequest,
+                                 context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
+        # A VM's vCPUs and memory are fixed at CreateContainer; accept the kubelet's call and say so.
+        _require_id(request.container_id, "container_id")
+        self.store.require_container(request.container_id)
+        log.info("UpdateContainerResources for %s ignored: VM resources are fixed at creation",
+                 request.container_id)
+        return api.UpdateContainerResourcesResponse()
+
+    def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:
+        raise errors.Unimplemented(
+            "exec into a VM pod is not supported yet (no guest agent); use `virtletctl ssh <pod>` instead")
+
+    def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:
+        raise errors.Unimplemented(
+            "exec into a VM pod is not supported yet (no guest agent); use `virtletctl ssh <pod>` instead")
+
+    def _log_dir(self, sandbox_id: str) -> str:
+        rec = self.store.get_sandbox(sandbox_id)
+        if rec is None or not rec.config:
+            return ""
+        return api.PodSandboxConfig.FromString(rec.config).log_directory
+
+    def statuses_for_sandbox(self, sandbox_id: str) -> list[api.ContainerStatus]:
+        log_dir = self._log_dir(sandbox_id)
+        return [container_status(r, log_dir) for r in self.store.list_containers(sandbox_id)]
+
+
+_CONTAINER_STATES = {
+    st.CONTAINER_CREATED: api.CONTAINER_CREATED,
+    st.CONTAINER_RUNNING: api.CONTAINER_RUNNING,
+    st.CONTAINER_EXITED: api.CONTAINER_EXITED,
+}
+
+
+def _container_state(state: str) -> int:
+    return _CONTAINER_STATES.get(state, api.CONTAINER_UNKNOWN)
+
+
+def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStatus:
+    log_path = rec.log_path
+    if log_dir and log_path and not log_path.startswith("/"):
+        log_path = f"{log_dir.rstrip('/')}/{log_path}"
+    return api.ContainerStatus(
+        id=rec.id, metadata=api.ContainerMetadata(name=rec.name, attempt=rec.attempt),
+        state=_container_state(rec.state), created_at=rec.created_at, started_at=rec.started_at,
+        finished_at=rec.finished_at, exit_code=rec.exit_code, reason=rec.reason, message=rec.message,
+        image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref, image_id=rec.image_ref, labels=rec.labels,
+        annotations=rec.annotations, log_path=log_path)
+
+
+def _require_id(value: str, name: str) -> None:
+    if not value:
+        raise errors.InvalidArgument(f"{name} is required")
+
+
+def _unimplemented(name: str, later: str) -> Callable[..., Any]:
+    def method(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        raise errors.Unimplemented(f"{name} is not implemented by virtletd yet ({later})")
+
+    method.__name__ = name
+    return method
+
+
+def fill_unimplemented(cls: type, names: Iterable[str], later: str = "planned") -> None:
+    """Give every CRI method the servicer does not define a clear UNIMPLEMENTED answer."""
+    for name in names:
+        if name not in cls.__dict__:
+            setattr(cls, name, _unimplemented(name, later))
+
+
+def service_method_names(service: str) -> list[str]:
+    return [m.name for m in api.DESCRIPTOR.services_by_name[service].methods]
+
+
+fill_unimplemented(RuntimeServicer, service_method_names("RuntimeService"))

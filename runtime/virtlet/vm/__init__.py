@@ -1,0 +1,1 @@
+"""VM containers: libvirt domains, overlays, console logs and KVM detection."""

@@ -1,0 +1,201 @@
+"""Fixtures that start real daemons and clean up everything they made, also on failure."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from virtlet.network import netns
+
+_OUR_NETNS = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A temp dir that libvirt's QEMU user can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="virtlet-test-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class NetnsGuard:
+    """Finds network namespaces of sandboxes that a test's daemons made and did not remove.
+
+    Only namespaces whose sandbox id appears in one of ``logs`` count: other test runs on the same machine
+    (parallel sessions) must not be blamed or touched."""
+
+    def __init__(self) -> None:
+        self.before = set(netns.list_names())
+        self.logs: list[Path] = []
+
+    def leaked(self) -> list[str]:
+        text = "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+        return [n for n in set(netns.list_names()) - self.before if _OUR_NETNS.match(n) and n in text]
+
+
+@pytest.fixture
+def netns_guard() -> Iterator[NetnsGuard]:
+    """Fails the test when it leaves a virtlet network namespace behind, and removes it anyway."""
+    guard = NetnsGuard()
+    yield guard
+    leaked = guard.leaked()
+    for name in leaked:
+        netns.delete(name)
+    assert not leaked, f"network namespaces leaked: {leaked}"
+
+
+@pytest.fixture
+def loopback_cni(world_dir: Path) -> Path:
+    """A CNI conf dir with a loopback-only network: enough for NetworkReady, gives pods no address."""
+    conf = world_dir / "cni"
+    conf.mkdir()
+    (conf / "10-lo.conflist").write_text(
+        '{"cniVersion": "1.0.0", "name": "virtlet-test-lo", "plugins": [{"type": "loopback"}]}\n')
+    return conf
+
+
+@pytest.fixture
+def virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard) -> Iterator[VirtletdProcess]:
+    """virtletd on a temp socket and state dir, with libvirt's in-process test driver (no VMs) and a real
+    CNI bridge network."""
+    daemon = VirtletdProcess(world_dir, [
+        "--libvirt-uri", "test:///default", "--kvm", "off", "--cni-conf-dir", str(bridge_cni),
+        "--image-dir", str(world_dir / "images"), "--image-translations-dir", str(world_dir / "translations")])
+    netns_guard.logs.append(daemon.log_path)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        _remove_all_sandboxes(daemon)
+        daemon.stop()
+
+
+def _remove_all_sandboxes(daemon: VirtletdProcess) -> None:
+    from virtlet.cri.gen import api_pb2 as api
+
+    try:
+        if not daemon.healthy():
+            daemon.start()
+        rt = daemon.runtime()
+        for sb in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=10).items:
+            rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sb.id), timeout=120)
+            rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sb.id), timeout=120)
+    except Exception as exc:  # pragma: no cover - cleanup must not hide the test's own failure
+        print(f"cleanup of sandboxes failed: {exc}\n{daemon.log()}")
+
+
+# -- real VMs -----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_IMAGES = REPO / ".cache" / "guest-images"
+
+
+def guest_image(kind: str) -> Path:
+    """Path of a built guest image (``guest-images/build.sh KIND`` builds it when missing or stale)."""
+    import subprocess
+
+    subprocess.run(["bash", str(REPO / "guest-images" / "build.sh"), kind], check=True, stdout=subprocess.DEVNULL)
+    path = GUEST_IMAGES / f"{kind}.qcow2"
+    assert path.exists(), f"guest-images/build.sh {kind} did not produce {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> Iterator[None]:
+    """virtlogd + libvirtd running (started by tools/libvirt-daemons.sh when not yet running)."""
+    import subprocess
+
+    subprocess.run(["bash", str(REPO / "tools" / "libvirt-daemons.sh"), "start"], check=True)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_image() -> Path:
+    return guest_image("tiny")
+
+
+@pytest.fixture
+def image_server(world_dir: Path) -> Iterator[Any]:
+    """A real HTTP server on 127.0.0.1 serving ``world_dir/www``."""
+    from tests.helpers.http_server import ImageHttpServer
+
+    root = world_dir / "www"
+    root.mkdir()
+    with ImageHttpServer(root) as server:
+        yield server
+
+
+@pytest.fixture
+def bridge_cni(world_dir: Path) -> Iterator[Path]:
+    """A CNI conf dir with a bridge + host-local network on a test-only bridge and subnet."""
+    import json
+    import random
+    import subprocess
+
+    n = random.randint(1, 250)
+    name = f"vtest-{world_dir.name[-8:]}"
+    bridge = f"vtb{world_dir.name[-8:]}"[:15]
+    conf = world_dir / "cni-bridge"
+    conf.mkdir()
+    (conf / "10-bridge.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": name, "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": f"10.99.{n}.0/24"}]],
+                      "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "loopback"}]}))
+    try:
+        yield conf
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        shutil.rmtree(f"/var/lib/cni/networks/{name}", ignore_errors=True)
+
+
+class DomainGuard:
+    """Fails a test that leaves a libvirt domain of its daemon behind (and removes it)."""
+
+    def __init__(self) -> None:
+        self.logs: list[Path] = []
+
+    def leaked(self) -> list[str]:
+        import subprocess
+
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                             text=True).stdout.split()
+        text = "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+        return [d for d in out if d.startswith("virtlet-") and d.removeprefix("virtlet-") in text]
+
+
+@pytest.fixture
+def vm_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard, libvirt_daemons: None,
+                ) -> Iterator[VirtletdProcess]:
+    """virtletd on the real libvirtd (TCG), a real CNI bridge network and an HTTP image source."""
+    import subprocess
+
+    guard = DomainGuard()
+    daemon = VirtletdProcess(world_dir, [
+        "--kvm", "off", "--cni-conf-dir", str(bridge_cni), "--image-dir", str(world_dir / "images"),
+        "--image-translations-dir", str(world_dir / "translations"), "--image-default-scheme", "http",
+        "--log-level", "debug"])
+    netns_guard.logs.append(daemon.log_path)
+    guard.logs.append(daemon.log_path)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        _remove_all_sandboxes(daemon)
+        daemon.stop()
+        leaked = guard.leaked()
+        for name in leaked:
+            subprocess.run(["virsh", "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "undefine", name], capture_output=True)
+        assert not leaked, f"libvirt domains leaked: {leaked}"

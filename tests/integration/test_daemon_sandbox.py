@@ -1,0 +1,176 @@
+"""virtletd as a real process: Version/Status, the sandbox lifecycle over runtime.v1 and runtime.v1alpha2,
+restarts (SIGTERM and SIGKILL) and the errors the kubelet gets for bad input."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from virtlet.cri.gen import api_pb2 as api
+from virtlet.network import netns
+
+pytestmark = pytest.mark.network
+
+
+def _config(name: str = "pod1", uid: str = "uid-1", **kw: object) -> api.PodSandboxConfig:
+    cfg = api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name=name, namespace="default", uid=uid, attempt=0),
+        hostname=name, labels={"app": "web", "tier": "front"}, annotations={"kubernetes.io/target-runtime":
+                                                                          "virtlet.cloud"}, **kw)
+    return cfg
+
+
+def _run(rt: object, name: str = "pod1", uid: str = "uid-1", handler: str = "virtlet") -> str:
+    return rt.RunPodSandbox(api.RunPodSandboxRequest(config=_config(name, uid), runtime_handler=handler)).pod_sandbox_id
+
+
+def test_version_status_health(virtletd: VirtletdProcess) -> None:
+    for version in ("v1", "v1alpha2"):
+        rt = virtletd.runtime(version)
+        v = rt.Version(api.VersionRequest(version="0.1.0"))
+        assert v.runtime_name == "virtlet" and v.runtime_api_version == "v1" and v.runtime_version
+        st = rt.Status(api.StatusRequest(verbose=True))
+        conds = {c.type: c for c in st.status.conditions}
+        assert conds["RuntimeReady"].status, conds["RuntimeReady"].message
+        assert conds["NetworkReady"].status, conds["NetworkReady"].message
+        assert [h.name for h in st.runtime_handlers] == ["virtlet"]
+        assert "config" in st.info
+    mode = stat.S_IMODE(virtletd.socket.stat().st_mode)
+    assert mode == 0o660
+    rc = virtletd.runtime().RuntimeConfig(api.RuntimeConfigRequest())
+    assert rc.linux.cgroup_driver == api.SYSTEMD
+    virtletd.runtime().UpdateRuntimeConfig(api.UpdateRuntimeConfigRequest(
+        runtime_config=api.RuntimeConfig(network_config=api.NetworkConfig(pod_cidr="10.244.0.0/24"))))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha2"])
+def test_sandbox_lifecycle(virtletd: VirtletdProcess, version: str) -> None:
+    rt = virtletd.runtime(version)
+    sid = _run(rt)
+    assert netns.exists(sid)
+    status = rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True))
+    assert status.status.state == api.SANDBOX_READY
+    assert status.status.metadata.name == "pod1" and status.status.labels["app"] == "web"
+    assert '"netns"' in status.info["info"]
+    other = _run(rt, "pod2", "uid-2", handler="")
+    # filters: id prefix, state, labels
+    assert [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(
+        filter=api.PodSandboxFilter(id=sid[:8]))).items] == [sid]
+    assert {s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(
+        filter=api.PodSandboxFilter(label_selector={"app": "web"}))).items} == {sid, other}
+    assert rt.ListPodSandbox(api.ListPodSandboxRequest(
+        filter=api.PodSandboxFilter(label_selector={"app": "db"}))).items == []
+    rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid))
+    rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid))  # idempotent
+    assert not netns.exists(sid)
+    ready = rt.ListPodSandbox(api.ListPodSandboxRequest(filter=api.PodSandboxFilter(
+        state=api.PodSandboxStateValue(state=api.SANDBOX_READY)))).items
+    assert [s.id for s in ready] == [other]
+    notready = rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+    assert notready.state == api.SANDBOX_NOTREADY
+    rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))  # idempotent
+    with pytest.raises(grpc.RpcError) as exc:
+        rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid))
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest()).items] == [other]
+
+
+def test_restart_finds_sandboxes(virtletd: VirtletdProcess) -> None:
+    rt = virtletd.runtime()
+    sid = _run(rt)
+    assert virtletd.stop() == 0  # SIGTERM: clean exit
+    assert not virtletd.socket.exists()
+    virtletd.start()
+    rt = virtletd.runtime()
+    assert rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status.state == api.SANDBOX_READY
+    assert netns.exists(sid)
+
+
+def test_sigkill_after_run_is_consistent(virtletd: VirtletdProcess) -> None:
+    sid = _run(virtletd.runtime())
+    virtletd.kill()
+    assert virtletd.socket.exists()  # a stale socket is left behind ...
+    virtletd.start()  # ... and replaced
+    status = virtletd.runtime().PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+    assert status.state == api.SANDBOX_READY and netns.exists(sid)
+
+
+def test_sigkill_during_run_rolls_back(virtletd: VirtletdProcess) -> None:
+    """Frozen at a failpoint right after the netns was made, then SIGKILLed: restart removes both."""
+    virtletd.stop()
+    virtletd.env = {"VIRTLET_FAILPOINT": "sandbox.after_netns"}
+    virtletd.start()
+    before = set(netns.list_names())
+    with pytest.raises(grpc.RpcError) as exc:
+        virtletd.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config()), timeout=3)
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    made = set(netns.list_names()) - before
+    assert len(made) == 1  # the namespace exists while the record says CREATING
+    virtletd.stop(signal.SIGKILL)
+    virtletd.env = {}
+    virtletd.start()
+    assert not (set(netns.list_names()) & made)
+    assert virtletd.runtime().ListPodSandbox(api.ListPodSandboxRequest()).items == []
+
+
+def _code_and_message(call: object, *args: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as exc:
+        call(*args)  # type: ignore[operator]
+    return exc.value.code(), exc.value.details()
+
+
+def test_bad_input(virtletd: VirtletdProcess) -> None:
+    rt = virtletd.runtime()
+    code, msg = _code_and_message(rt.RunPodSandbox, api.RunPodSandboxRequest(
+        config=_config(), runtime_handler="runc"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "runtime handler 'runc'" in msg
+    code, msg = _code_and_message(rt.RunPodSandbox, api.RunPodSandboxRequest(config=api.PodSandboxConfig()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "metadata" in msg
+    code, msg = _code_and_message(rt.RunPodSandbox, api.RunPodSandboxRequest(config=api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name="x", namespace="default"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "metadata.uid" in msg
+    code, msg = _code_and_message(rt.ListPodSandbox, api.ListPodSandboxRequest(
+        filter=api.PodSandboxFilter(label_selector={"bad key!": "x"})))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "bad key!" in msg
+    code, msg = _code_and_message(rt.ListPodSandbox, api.ListPodSandboxRequest(
+        filter=api.PodSandboxFilter(label_selector={"app": "-bad value-"})))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "-bad value-" in msg
+    code, msg = _code_and_message(rt.PodSandboxStatus, api.PodSandboxStatusRequest(pod_sandbox_id="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in msg
+    code, msg = _code_and_message(rt.ContainerStatus, api.ContainerStatusRequest(container_id="nope"))
+    assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED), msg
+    # Stop/Remove of unknown ids succeed, as the kubelet expects
+    rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id="nope"))
+    rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id="nope"))
+    # nothing half-created was left by the failures
+    assert rt.ListPodSandbox(api.ListPodSandboxRequest()).items == []
+
+
+def test_unimplemented_answers_with_a_message(virtletd: VirtletdProcess) -> None:
+    code, msg = _code_and_message(virtletd.runtime().CheckpointContainer,
+                                  api.CheckpointContainerRequest(container_id="x"))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "CheckpointContainer" in msg
+
+
+def test_second_daemon_on_live_socket_refuses(virtletd: VirtletdProcess) -> None:
+    second = VirtletdProcess(virtletd.base / "second", ["--libvirt-uri", "test:///default", "--kvm", "off"])
+    second.base.mkdir()
+    second.socket = virtletd.socket  # the live socket of the first daemon
+    proc = subprocess.run(second.cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "in use" in proc.stderr
+    assert virtletd.healthy()
+
+
+def test_invalid_config_stops_with_named_key(world_dir: Path) -> None:
+    d = VirtletdProcess(world_dir, ["--kvm", "sometimes"])
+    proc = subprocess.run(d.cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--kvm" in proc.stderr and "auto, on, off" in proc.stderr

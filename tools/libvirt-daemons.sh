@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Start (or stop) virtlogd and libvirtd as plain background processes, for machines without systemd
+# (CI, containers, these development machines).  On real nodes the Ansible `libvirt` role runs them
+# under systemd instead.  `start` is a no-op for a daemon that already runs; `stop` only stops daemons
+# that this script started (it records their pids in /run/virtlet-dev/).
+set -euo pipefail
+RUN=/run/virtlet-dev
+mkdir -p "$RUN"
+
+running() { pgrep -x "$1" >/dev/null 2>&1; }
+
+start() {
+  if ! running virtlogd; then
+    virtlogd -d
+    pgrep -x virtlogd > "$RUN/virtlogd.started"
+  fi
+  if ! running libvirtd; then
+    libvirtd -d
+    pgrep -x libvirtd > "$RUN/libvirtd.started"
+  fi
+  for _ in $(seq 1 100); do
+    if virsh -c qemu:///system version >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "libvirtd did not answer on qemu:///system" >&2
+  return 1
+}
+
+stop() {
+  for d in libvirtd virtlogd; do
+    if [ -f "$RUN/$d.started" ]; then
+      kill "$(cat "$RUN/$d.started")" 2>/dev/null || true
+      rm -f "$RUN/$d.started"
+    fi
+  done
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
