@@ -1,0 +1,98 @@
+"""The proxy's servicer against fake CRI backends (in-process gRPC servers on unix sockets): a hung secondary
+is cut off by the list deadline, v1alpha2-only backends are spoken to in v1alpha2, events are merged."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from virtlet.cri import versions
+from virtlet.cri.gen import api_pb2 as api
+from virtlet.proxy import config
+from virtlet.proxy.main import ProxyServer
+
+
+class FakeRuntime:
+    """A CRI backend that knows one sandbox and one event; ``hang`` makes ListPodSandbox block."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.seen: list[str] = []
+
+    def Version(self, request: Any, context: Any) -> api.VersionResponse:
+        return api.VersionResponse(runtime_name=self.name, runtime_api_version="v1")
+
+    def ListPodSandbox(self, request: api.ListPodSandboxRequest, context: Any) -> api.ListPodSandboxResponse:
+        self.seen.append(request.filter.id)
+        if self.hang.is_set():
+            self.release.wait(10)
+        return api.ListPodSandboxResponse(items=[api.PodSandbox(id=f"{self.name}-sb")])
+
+    def GetContainerEvents(self, request: Any, context: Any) -> Iterator[api.ContainerEventResponse]:
+        yield api.ContainerEventResponse(container_id=f"{self.name}-c",
+                                         pod_sandbox_status=api.PodSandboxStatus(id=f"{self.name}-sb"))
+        self.release.wait(10)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Any, FakeRuntime, FakeRuntime]]:
+    servers = []
+    fakes = []
+    for name, vers in (("primary", versions.VERSIONS), ("vm", ("v1alpha2",))):
+        fake = FakeRuntime(name)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        versions.add_servicers(server, fake, None, versions=vers)
+        server.add_insecure_port(f"unix://{tmp_path}/{name}.sock")
+        server.start()
+        servers.append(server)
+        fakes.append(fake)
+    cfg = config.from_mapping({"listen": str(tmp_path / "proxy.sock"),
+                               "primary": str(tmp_path / "primary.sock"),
+                               "secondaries": {"virtlet.cloud": str(tmp_path / "vm.sock")},
+                               "list_timeout": 0.5})
+    proxy = ProxyServer(cfg, workers=4)
+    proxy.start()
+    channel = grpc.insecure_channel(f"unix://{tmp_path}/proxy.sock")
+    try:
+        yield channel, fakes[0], fakes[1]
+    finally:
+        for fake in fakes:
+            fake.release.set()
+        channel.close()
+        proxy.stop(grace=1)
+        for server in servers:
+            server.stop(0).wait()
+
+
+def test_lists_merge_and_narrow(world: tuple[Any, FakeRuntime, FakeRuntime]) -> None:
+    channel, primary, vm = world
+    rt = versions.runtime_stub(channel, "v1alpha2")
+    ids = [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=5).items]
+    assert ids == ["primary-sb", "virtlet.cloud__vm-sb"]
+    narrowed = api.ListPodSandboxRequest(filter=api.PodSandboxFilter(id="virtlet.cloud__x"))
+    rt.ListPodSandbox(narrowed, timeout=5)
+    assert vm.seen[-1] == "x" and len(primary.seen) == 1  # only the secondary was asked, without the prefix
+
+
+def test_hung_secondary_is_cut_off_by_the_list_deadline(world: tuple[Any, FakeRuntime, FakeRuntime]) -> None:
+    channel, _, vm = world
+    vm.hang.set()
+    rt = versions.runtime_stub(channel)
+    # the proxy's own deadline for the secondary (0.5 s) ends the wait, well inside the caller's 5 s
+    assert [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=5).items] == ["primary-sb"]
+
+
+def test_events_are_merged_and_prefixed(world: tuple[Any, FakeRuntime, FakeRuntime]) -> None:
+    channel, _, _ = world
+    stream = versions.runtime_stub(channel).GetContainerEvents(api.GetEventsRequest(), timeout=10)
+    got = {next(stream).container_id for _ in range(2)}
+    stream.cancel()
+    assert got == {"primary-c", "virtlet.cloud__vm-c"}
