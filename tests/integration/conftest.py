@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -121,7 +122,8 @@ def libvirt_daemons() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_image() -> Path:
-    return guest_image("tiny")
+    override = os.environ.get("VIRTLET_TINY_IMAGE")  # a prebuilt image, for quick local runs
+    return Path(override) if override else guest_image("tiny")
 
 
 @pytest.fixture

@@ -1,0 +1,406 @@
+"""VM containers: CreateContainer/Start/Stop/Remove/Status as domain operations on libvirt domains.
+
+One VM per sandbox.  Files of a container live in ``<state_dir>/containers/<id>/`` (root overlay, config drive,
+raw console log, log-writer state); its console socket in ``<run_dir>/console/<id>.sock``.  The record is
+committed first and deleted last, so start-up recovery can always tell what is ours: a domain or directory that
+belongs to no record is removed.
+
+Exit codes: guest powered off -> 0 ``Completed``; stopped by StopContainer -> 0 ``Completed``; QEMU killed or
+crashed (or the domain destroyed behind our back) -> 1 ``Error`` with libvirt's reason in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import libvirt
+
+from virtlet import errors, failpoints
+from virtlet.state import store as st
+from virtlet.vm import designer
+from virtlet.vm import libvirt_host as lh
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What CreateContainer gives the VM manager, free of protobuf types."""
+
+    sandbox_id: str
+    name: str
+    attempt: int
+    image: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    envs: list[tuple[str, str]] = field(default_factory=list)
+    log_path: str = ""  # relative to the sandbox's log_directory
+    memory_limit_bytes: int = 0
+    cpu: Any = None  # virtlet.vm.annotations.CpuResources
+    tty: bool = False
+    stdin: bool = False
+    config: bytes = b""
+
+
+class VmParts(Protocol):
+    """The pieces the manager composes (designed/validated elsewhere); see ``virtlet.vm.parts``."""
+
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, cdir: Path,
+                console_sock: Path) -> tuple[str, dict[str, Any]]: ...
+
+    def taps_before_start(self, sandbox: st.SandboxRecord) -> None: ...
+
+    def after_start(self, sandbox: st.SandboxRecord) -> None: ...
+
+    def after_exit(self, sandbox: st.SandboxRecord) -> None: ...
+
+    def log_writer(self, raw: Path, cri_log: Path, state: Path) -> Any: ...
+
+    def image_status(self, name: str) -> Any: ...
+
+
+class VmManager:
+    def __init__(self, store: st.StateStore, host: lh.LibvirtHost, parts: VmParts, state_dir: Path,
+                 run_dir: Path) -> None:
+        self.store = store
+        self.host = host
+        self.parts = parts
+        self.containers_dir = state_dir / "containers"
+        self.console_dir = run_dir / "console"
+        self.containers_dir.mkdir(parents=True, exist_ok=True)
+        self.containers_dir.chmod(0o755)
+        self.console_dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._writers: dict[str, Any] = {}
+        self._stop_requested: set[str] = set()
+        self._exited = threading.Condition()
+        host.subscribe(self._on_event)
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _lock(self, cid: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks.setdefault(cid, threading.RLock())
+
+    def container_dir(self, cid: str) -> Path:
+        return self.containers_dir / cid
+
+    def console_socket(self, cid: str) -> Path:
+        return self.console_dir / f"{cid}.sock"
+
+    @staticmethod
+    def domain_name(cid: str) -> str:
+        return designer.domain_name(cid)
+
+    @staticmethod
+    def _cid_of_domain(name: str) -> str | None:
+        return designer.container_id_of(name)
+
+    def _cri_log_path(self, sandbox: st.SandboxRecord, rec_log_path: str) -> Path | None:
+        from virtlet.cri.gen import api_pb2 as api
+
+        log_dir = api.PodSandboxConfig.FromString(sandbox.config).log_directory if sandbox.config else ""
+        if not rec_log_path:
+            return None
+        return Path(log_dir) / rec_log_path if log_dir else Path(rec_log_path)
+
+    # -- CreateContainer ------------------------------------------------------------------------------
+    def create(self, spec: ContainerSpec) -> st.ContainerRecord:
+        sandbox = self.store.require_sandbox(spec.sandbox_id)
+        if sandbox.state != st.SANDBOX_READY:
+            raise errors.FailedPrecondition(
+                f"pod sandbox {spec.sandbox_id} is not ready (state {sandbox.state}); cannot create a VM in it")
+        if not spec.image:
+            raise errors.InvalidArgument("container config: image.image is required")
+        image = self.parts.image_status(spec.image)
+        if image is None:
+            raise errors.NotFound(f"image {spec.image!r} is not present; pull it first (PullImage)")
+        cid = str(uuid.uuid4())
+        cdir = self.container_dir(cid)
+        rec = st.ContainerRecord(
+            id=cid, sandbox_id=spec.sandbox_id, name=spec.name, attempt=spec.attempt, state=st.CONTAINER_CREATED,
+            created_at=st.now_ns(), image=spec.image, image_ref=image.digest, log_path=spec.log_path,
+            labels=dict(spec.labels), annotations=dict(spec.annotations), config=spec.config,
+            extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path)})
+        with self._lock(cid):
+            self.store.add_container(rec)  # checks: sandbox READY, no other live container
+            try:
+                cdir.mkdir(parents=True)
+                cdir.chmod(0o755)
+                xml, extra = self.parts.prepare(cid, spec, sandbox, cdir, self.console_socket(cid))
+                self._undefine_exited_domains(spec.sandbox_id)
+                failpoints.hit("container.before_define")
+                self.host.define(xml)
+                rec = self.store.update_container(cid, extra={**rec.extra, **extra})
+            except BaseException:
+                self._destroy_everything(cid)
+                self.store.delete_container(cid)
+                raise
+        log.info("container %s created in sandbox %s (domain %s)", cid, spec.sandbox_id, self.domain_name(cid))
+        return rec
+
+    def _undefine_exited_domains(self, sandbox_id: str) -> None:
+        """A restarted container reuses the pod's domain UUID (= SMBIOS UUID): the exited one's domain must go
+        first.  Its record, files and log stay until the kubelet removes the container."""
+        for old in self.store.list_containers(sandbox_id):
+            if old.state != st.CONTAINER_EXITED:
+                continue
+            dom = self.host.lookup(self.domain_name(old.id))
+            if dom is not None and not dom.isActive():
+                try:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+                except libvirt.libvirtError as exc:
+                    log.warning("cannot undefine exited domain of %s: %s", old.id, exc)
+
+    # -- StartContainer -------------------------------------------------------------------------------
+    def start(self, cid: str) -> None:
+        with self._lock(cid):
+            rec = self.store.require_container(cid)
+            if rec.state == st.CONTAINER_RUNNING:
+                return
+            if rec.state != st.CONTAINER_CREATED:
+                raise errors.FailedPrecondition(f"container {cid} is {rec.state}; only a CREATED container starts")
+            sandbox = self.store.require_sandbox(rec.sandbox_id)
+            dom = self.host.lookup(self.domain_name(cid))
+            if dom is None:
+                raise errors.FailedPrecondition(f"container {cid}: its libvirt domain is gone; remove it")
+            self._start_log_writer(rec, sandbox)
+            self.parts.taps_before_start(sandbox)
+            try:
+                dom.create()
+            except libvirt.libvirtError as exc:
+                self.parts.after_exit(sandbox)
+                self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(),
+                                            exit_code=EXIT_ERROR, reason="StartError",
+                                            message=f"libvirt could not start the VM: {exc}")
+                self._stop_log_writer(cid)
+                raise errors.Internal(f"container {cid}: libvirt could not start the VM: {exc}") from exc
+            self.parts.after_start(sandbox)
+            rec = self.store.update_container(cid, state=st.CONTAINER_RUNNING, started_at=st.now_ns())
+            # an exit event may have raced with the update above: make the state agree with libvirt
+            self._reconcile(cid)
+
+    # -- StopContainer --------------------------------------------------------------------------------
+    def stop(self, cid: str, timeout: int) -> None:
+        with self._lock(cid):
+            rec = self.store.get_container(cid)
+            if rec is None or rec.state in (st.CONTAINER_EXITED,):
+                return
+            if rec.state == st.CONTAINER_CREATED:
+                self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(),
+                                            exit_code=EXIT_OK, reason="Completed", message="never started")
+                return
+            self._stop_requested.add(cid)
+            dom = self.host.lookup(self.domain_name(cid))
+            if dom is not None and dom.isActive():
+                try:
+                    dom.shutdown()  # ACPI power button
+                except libvirt.libvirtError as exc:
+                    log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
+                deadline = time.monotonic() + max(timeout, 0)
+                while time.monotonic() < deadline and self._domain_active(cid):
+                    with self._exited:
+                        self._exited.wait(0.5)
+                if self._domain_active(cid):
+                    log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
+                    try:
+                        dom.destroy()
+                    except libvirt.libvirtError as exc:
+                        if self._domain_active(cid):
+                            raise errors.Internal(f"cannot destroy VM of container {cid}: {exc}") from exc
+            self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
+
+    def _domain_active(self, cid: str) -> bool:
+        dom = self.host.lookup(self.domain_name(cid))
+        try:
+            return bool(dom is not None and dom.isActive())
+        except libvirt.libvirtError:
+            return False
+
+    # -- RemoveContainer ------------------------------------------------------------------------------
+    def remove(self, cid: str) -> None:
+        with self._lock(cid):
+            rec = self.store.get_container(cid)
+            if rec is None:
+                self._destroy_everything(cid)  # idempotent: leftovers of an unknown id go too
+                return
+            self._stop_requested.add(cid)
+            self._destroy_everything(cid)
+            if rec.state in (st.CONTAINER_RUNNING, st.CONTAINER_CREATED):
+                self._mark_exited(cid, EXIT_OK, "Completed", "removed")
+                sandbox = self.store.get_sandbox(rec.sandbox_id)
+                if sandbox is not None:
+                    self.parts.after_exit(sandbox)
+            self.store.delete_container(cid)
+            self._stop_requested.discard(cid)
+
+    def remove_all_in_sandbox(self, sandbox_id: str) -> None:
+        for rec in self.store.list_containers(sandbox_id):
+            self.remove(rec.id)
+
+    def stop_all_in_sandbox(self, sandbox_id: str) -> None:
+        for rec in self.store.list_containers(sandbox_id):
+            if rec.state in (st.CONTAINER_RUNNING, st.CONTAINER_CREATED):
+                self.stop(rec.id, 10)
+
+    def _destroy_everything(self, cid: str) -> None:
+        """Destroy + undefine the domain, stop the log writer, delete files.  Safe to repeat."""
+        dom = self.host.lookup(self.domain_name(cid))
+        if dom is not None:
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError as exc:
+                log.warning("destroy of %s: %s", cid, exc)
+            try:
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            except libvirt.libvirtError as exc:
+                if self.host.lookup(self.domain_name(cid)) is not None:
+                    raise errors.Internal(f"cannot undefine VM of container {cid}: {exc}") from exc
+        self._stop_log_writer(cid)
+        shutil.rmtree(self.container_dir(cid), ignore_errors=True)
+        try:
+            self.console_socket(cid).unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- state from libvirt ---------------------------------------------------------------------------
+    def _on_event(self, ev: lh.DomainEvent) -> None:
+        cid = self._cid_of_domain(ev.name)
+        if cid is None or ev.event != lh.STOPPED:
+            return
+        threading.Thread(target=self._handle_stopped, args=(cid, ev.detail), daemon=True,
+                         name=f"exit-{cid[:8]}").start()
+
+    def _handle_stopped(self, cid: str, detail: int) -> None:
+        with self._exited:
+            self._exited.notify_all()
+        with self._lock(cid):
+            rec = self.store.get_container(cid)
+            if rec is None or rec.state != st.CONTAINER_RUNNING:
+                return
+            if cid in self._stop_requested:
+                return  # StopContainer/RemoveContainer record the outcome themselves
+            code, reason, message = self._exit_from_detail(detail)
+            self._mark_exited(cid, code, reason, message)
+            sandbox = self.store.get_sandbox(rec.sandbox_id)
+            if sandbox is not None:
+                self.parts.after_exit(sandbox)
+
+    @staticmethod
+    def _exit_from_detail(detail: int) -> tuple[int, str, str]:
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
+            return EXIT_OK, "Completed", "the guest powered off"
+        return EXIT_ERROR, "Error", f"the VM stopped: {lh.describe_stopped_detail(detail)}"
+
+    @staticmethod
+    def _exit_from_reason(reason: int) -> tuple[int, str, str]:
+        if reason == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN:
+            return EXIT_OK, "Completed", "the guest powered off"
+        return EXIT_ERROR, "Error", f"the VM stopped: {lh.describe_shutoff_reason(reason)}"
+
+    def _mark_exited(self, cid: str, code: int, reason: str, message: str) -> None:
+        rec = self.store.get_container(cid)
+        if rec is None or rec.state == st.CONTAINER_EXITED:
+            return
+        self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(), exit_code=code,
+                                    reason=reason, message=message)
+        self._stop_log_writer(cid)
+        log.info("container %s exited: %d %s (%s)", cid, code, reason, message)
+
+    def _reconcile(self, cid: str) -> None:
+        """Make a RUNNING record agree with libvirt (after start, and at start-up recovery)."""
+        rec = self.store.get_container(cid)
+        if rec is None or rec.state != st.CONTAINER_RUNNING:
+            return
+        dom = self.host.lookup(self.domain_name(cid))
+        if dom is None:
+            self._mark_exited(cid, EXIT_ERROR, "Error", "the VM's libvirt domain disappeared")
+            return
+        state, reason = dom.state()
+        if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            code, why, message = self._exit_from_reason(reason)
+            self._mark_exited(cid, code, why, message)
+            sandbox = self.store.get_sandbox(rec.sandbox_id)
+            if sandbox is not None:
+                self.parts.after_exit(sandbox)
+
+    # -- logs -----------------------------------------------------------------------------------------
+    def _start_log_writer(self, rec: st.ContainerRecord, sandbox: st.SandboxRecord) -> None:
+        cri_log = self._cri_log_path(sandbox, rec.log_path)
+        if cri_log is None or rec.id in self._writers:
+            return
+        cdir = self.container_dir(rec.id)
+        cri_log.parent.mkdir(parents=True, exist_ok=True)
+        writer = self.parts.log_writer(cdir / "console.raw", cri_log, cdir / "console-log.state")
+        writer.start()
+        self._writers[rec.id] = writer
+
+    def _stop_log_writer(self, cid: str) -> None:
+        writer = self._writers.pop(cid, None)
+        if writer is not None:
+            writer.stop()
+
+    def reopen_log(self, cid: str) -> None:
+        rec = self.store.require_container(cid)
+        if rec.state != st.CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(f"container {cid} is not running; its log is closed")
+        writer = self._writers.get(cid)
+        if writer is not None:
+            writer.reopen()
+
+    # -- queries --------------------------------------------------------------------------------------
+    def qemu_pid(self, cid: str) -> int:
+        pidfile = Path("/run/libvirt/qemu") / f"{self.domain_name(cid)}.pid"
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def domain_xml(self, cid: str) -> str:
+        dom = self.host.lookup(self.domain_name(cid))
+        return dom.XMLDesc(0) if dom is not None else ""
+
+    # -- start-up recovery ----------------------------------------------------------------------------
+    def recover(self) -> None:
+        known = {rec.id: rec for rec in self.store.list_containers()}
+        for name in self.host.domain_names():
+            cid = self._cid_of_domain(name)
+            if cid is not None and cid not in known:
+                log.warning("removing domain %s: it belongs to no known container", name)
+                self._destroy_everything(cid)
+        for path in self.containers_dir.iterdir():
+            if path.name not in known:
+                log.warning("removing %s: it belongs to no known container", path)
+                shutil.rmtree(path, ignore_errors=True)
+        for sock in self.console_dir.glob("*.sock"):
+            if sock.stem not in known:
+                sock.unlink(missing_ok=True)
+        for rec in known.values():
+            if rec.state == st.CONTAINER_RUNNING:
+                self._reconcile(rec.id)
+                rec = self.store.require_container(rec.id)
+                sandbox = self.store.get_sandbox(rec.sandbox_id)
+                if rec.state == st.CONTAINER_RUNNING and sandbox is not None:
+                    self._start_log_writer(rec, sandbox)
+                    self.parts.after_start(sandbox)  # idempotent: taps a killed virtletd left in the host netns
+                    log.info("container %s found running again", rec.id)
+            elif rec.state == st.CONTAINER_CREATED and self.host.lookup(self.domain_name(rec.id)) is None:
+                self._mark_exited(rec.id, EXIT_ERROR, "Error", "the VM's libvirt domain disappeared")
+
+    def shutdown(self) -> None:
+        """virtletd is stopping: flush the log writers; the VMs keep running."""
+        for cid in list(self._writers):
+            self._stop_log_writer(cid)
+
+

@@ -1,0 +1,101 @@
+"""The parts of a VM container, composed: image -> overlay -> config drive -> domain XML, and the network
+hooks around a VM's start and exit.  ``VmManager`` calls these; each call does one thing and can be undone by
+deleting the container directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from virtlet import cloudinit
+from virtlet.network.model import PodNetworkInfo
+from virtlet.state import store as st
+from virtlet.vm import designer, overlay
+from virtlet.vm import domain_xml as dx
+from virtlet.vm.annotations import CpuResources, parse_vm_options
+from virtlet.vm.console_log import ConsoleLogWriter
+from virtlet.vm.manager import ContainerSpec
+
+
+def _network_info(sandbox: st.SandboxRecord) -> PodNetworkInfo | None:
+    return PodNetworkInfo.from_dict(sandbox.network) if sandbox.network.get("nics") is not None else None
+
+
+class VmParts:
+    """Default parts of virtletd.  ``images`` is the image store, ``network`` the PodNetwork (or None)."""
+
+    def __init__(self, images: Any, network: Any, domain_type: str, emulator: str,
+                 host_cpus: int | None = None) -> None:
+        self.images = images
+        self.network = network
+        self.domain_type = domain_type
+        self.emulator = emulator
+        self.host_cpus = host_cpus or os.cpu_count() or 1
+
+    def image_status(self, name: str) -> Any:
+        return self.images.status(name)
+
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, cdir: Path,
+                console_sock: Path) -> tuple[str, dict[str, Any]]:
+        # validate everything first: a bad annotation must leave nothing behind
+        pod_annotations = {**spec.annotations, **sandbox.annotations}
+        options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
+                                   sandbox.uid, self.host_cpus)
+        cloudinit.parse_cloudinit_options(pod_annotations)
+        image = self.images.status(spec.image)
+        if image is None:
+            from virtlet import errors
+
+            raise errors.NotFound(f"image {spec.image!r} is not present; pull it first (PullImage)")
+        root = cdir / "root.qcow2"
+        overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
+        info = _network_info(sandbox)
+        nics = info.nics if info is not None else []
+        hostname = (info.hostname if info is not None and info.hostname else "") or _hostname(sandbox)
+        seed = cdir / "config.iso"
+        cloudinit.build_seed_iso(cloudinit.CloudInitRequest(
+            pod_name=sandbox.name, pod_namespace=sandbox.namespace, pod_uid=sandbox.uid, hostname=hostname,
+            annotations=pod_annotations, env=list(spec.envs),
+            nics=[cloudinit.NicConfig(
+                mac=n.mac, mtu=n.mtu or None, addresses=([f"{n.ip}/{n.prefix}"] if n.ip else []) + list(n.ipv6),
+                gateway=n.gateway or None, routes=[(r.dst, r.gw) for r in n.routes]) for n in nics],
+            dns_servers=list(info.dns_servers) if info else [],
+            dns_search=list(info.dns_searches) if info else []), seed)
+        domain = designer.design_domain(designer.DomainRequest(
+            container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
+            pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
+            console_socket=console_sock, console_log=cdir / "console.raw", emulator=self.emulator,
+            nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
+            extra_metadata={"image": spec.image, "image-ref": image.digest}))
+        extra = {"root": str(root), "config_drive": str(seed), "vcpus": options.vcpus,
+                 "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
+        return dx.to_string(domain), extra
+
+    def taps_before_start(self, sandbox: st.SandboxRecord) -> None:
+        info = _network_info(sandbox)
+        if self.network is not None and info is not None and info.nics:
+            self.network.host_taps_for_start(info)
+
+    def after_start(self, sandbox: st.SandboxRecord) -> None:
+        info = _network_info(sandbox)
+        if self.network is not None and info is not None and info.nics:
+            self.network.attach_after_start(info)
+
+    def after_exit(self, sandbox: st.SandboxRecord) -> None:
+        info = _network_info(sandbox)
+        if self.network is not None and info is not None and info.nics:
+            self.network.release_taps(info)
+
+    def log_writer(self, raw: Path, cri_log: Path, state: Path) -> ConsoleLogWriter:
+        return ConsoleLogWriter(raw, cri_log, state)
+
+
+def _hostname(sandbox: st.SandboxRecord) -> str:
+    from virtlet.cri.gen import api_pb2 as api
+
+    if sandbox.config:
+        cfg = api.PodSandboxConfig.FromString(sandbox.config)
+        if cfg.hostname:
+            return cfg.hostname
+    return sandbox.name
