@@ -174,3 +174,30 @@ def test_invalid_config_stops_with_named_key(world_dir: Path) -> None:
     proc = subprocess.run(d.cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--kvm" in proc.stderr and "auto, on, off" in proc.stderr
+
+
+def test_kvm_auto_falls_back_to_tcg_and_says_so(world_dir: Path, bridge_cni: Path) -> None:
+    """On these machines /dev/kvm opens but guests hang: auto must pick TCG and say so in Status; on must
+    refuse to start.  (On a node with working KVM, auto picks KVM and the message says that instead.)"""
+    from virtlet.vm import kvm
+
+    probe = kvm.probe_kvm()
+    base = world_dir / "auto"
+    base.mkdir()
+    d = VirtletdProcess(base, ["--libvirt-uri", "test:///default", "--kvm", "auto", "--cni-conf-dir",
+                               str(bridge_cni), "--image-dir", str(base / "images")])
+    d.start(timeout=60)
+    try:
+        conds = {c.type: c for c in d.runtime().Status(api.StatusRequest()).status.conditions}
+        message = conds["RuntimeReady"].message
+        if probe.ok:
+            assert "KVM works" in message
+        else:
+            assert "TCG" in message and "KVM does not work" in message, message
+            assert "KVM does not work" in d.log()
+    finally:
+        d.stop()
+    if not probe.ok:
+        on = VirtletdProcess(base, ["--libvirt-uri", "test:///default", "--kvm", "on"])
+        proc = subprocess.run(on.cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "KVM does not work here" in proc.stderr, proc.stderr
