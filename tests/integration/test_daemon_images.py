@@ -1,0 +1,90 @@
+"""The CRI ImageService of the real virtletd over a real HTTP server: pull, status, list, remove, fs info, and a
+SIGKILL in the middle of a large download."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from virtlet.cri.gen import api_pb2 as api
+
+
+def _spec(name: str) -> api.ImageSpec:
+    return api.ImageSpec(image=name)
+
+
+def test_image_rpcs(virtletd: VirtletdProcess, image_server: Any) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image_server.root / "a.qcow2"), "16M"],
+                   check=True)
+    name = image_server.url("files/a.qcow2").removeprefix("http://")
+    img = virtletd.image()
+    assert img.ImageStatus(api.ImageStatusRequest(image=_spec(name))).HasField("image") is False  # absent: empty
+    with pytest.raises(grpc.RpcError) as exc:
+        img.PullImage(api.PullImageRequest(image=_spec(name)), timeout=60)  # default scheme https: no TLS here
+    assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+    (virtletd.base / "translations").mkdir(exist_ok=True)
+    (virtletd.base / "translations" / "local.yaml").write_text(
+        f"translations:\n  - name: images.test/a.qcow2\n    url: {image_server.url('files/a.qcow2')}\n")
+    ref = img.PullImage(api.PullImageRequest(image=_spec("virtlet.cloud/images.test/a.qcow2:latest")),
+                        timeout=60).image_ref
+    assert ref.startswith("images.test/a.qcow2@sha256:")
+    digest = ref.split("@")[1]
+    status = img.ImageStatus(api.ImageStatusRequest(image=_spec("images.test/a.qcow2"), verbose=True))
+    assert status.image.id == digest and status.image.repo_tags == ["images.test/a.qcow2"]
+    assert '"format": "qcow2"' in status.info["info"]
+    listed = img.ListImages(api.ListImagesRequest()).images
+    assert [i.id for i in listed] == [digest]
+    assert img.ListImages(api.ListImagesRequest(filter=api.ImageFilter(image=_spec("nope/x")))).images == []
+    assert [i.id for i in img.ListImages(api.ListImagesRequest(
+        filter=api.ImageFilter(image=_spec(digest)))).images] == [digest]
+    fs = img.ImageFsInfo(api.ImageFsInfoRequest()).image_filesystems[0]
+    assert fs.used_bytes.value > 0 and fs.inodes_used.value > 0 and fs.fs_id.mountpoint.startswith("/")
+    img.RemoveImage(api.RemoveImageRequest(image=_spec("images.test/a.qcow2")))
+    img.RemoveImage(api.RemoveImageRequest(image=_spec("images.test/a.qcow2")))  # idempotent
+    assert img.ListImages(api.ListImagesRequest()).images == []
+    with pytest.raises(grpc.RpcError) as exc:
+        img.PullImage(api.PullImageRequest(image=_spec("")))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sigkill_during_download(virtletd: VirtletdProcess, image_server: Any) -> None:
+    big = image_server.root / "big.raw"
+    with open(big, "wb") as f:  # raw image with non-text content, 24 MiB, served at 256 KiB/s
+        f.write(b"\x00\x01" * (12 << 20))
+    image_server.slow_rate = 256 * 1024
+    (virtletd.base / "translations").mkdir(exist_ok=True)
+    (virtletd.base / "translations" / "big.yaml").write_text(
+        f"translations:\n  - name: big\n    url: {image_server.url('slow/big.raw')}\n"
+        f"  - name: big-fast\n    url: {image_server.url('files/big.raw')}\n")
+    img = virtletd.image()
+    errors: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            img.PullImage(api.PullImageRequest(image=_spec("big")), timeout=300)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=pull, daemon=True)
+    t.start()
+    tmp_dir = virtletd.base / "images" / "tmp"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.stat().st_size > 0 for p in tmp_dir.glob("*")):
+        time.sleep(0.2)
+    assert any(tmp_dir.iterdir()), "the download never started"
+    virtletd.kill()
+    t.join(30)
+    virtletd.start()
+    assert list(tmp_dir.iterdir()) == []  # the partial download is gone
+    assert list((virtletd.base / "images" / "data").iterdir()) == []
+    ref = virtletd.image().PullImage(api.PullImageRequest(image=_spec("big-fast")), timeout=300).image_ref
+    assert ref.startswith("big-fast@sha256:")
+    assert len(list((virtletd.base / "images" / "data").iterdir())) == 1
+    assert Path(virtletd.base / "images" / "tmp").exists()
