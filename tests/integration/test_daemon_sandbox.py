@@ -3,6 +3,7 @@ restarts (SIGTERM and SIGKILL) and the errors the kubelet gets for bad input."""
 
 from __future__ import annotations
 
+import json
 import signal
 import stat
 import subprocess
@@ -102,22 +103,36 @@ def test_sigkill_after_run_is_consistent(virtletd: VirtletdProcess) -> None:
     assert status.state == api.SANDBOX_READY and netns.exists(sid)
 
 
-def test_sigkill_during_run_rolls_back(virtletd: VirtletdProcess) -> None:
-    """Frozen at a failpoint right after the netns was made, then SIGKILLed: restart removes both."""
+@pytest.mark.parametrize("failpoint", ["sandbox.after_netns", "sandbox.after_network"])
+def test_sigkill_during_run_rolls_back(virtletd: VirtletdProcess, bridge_cni: Path, failpoint: str) -> None:
+    """Frozen at a failpoint (netns made; or CNI ADD done, bridge, DHCP server running), then SIGKILLed: the
+    restart removes everything, and the kubelet's Stop/Remove of what it knows still succeed."""
     virtletd.stop()
-    virtletd.env = {"VIRTLET_FAILPOINT": "sandbox.after_netns"}
+    virtletd.env = {"VIRTLET_FAILPOINT": failpoint}
     virtletd.start()
     before = set(netns.list_names())
     with pytest.raises(grpc.RpcError) as exc:
-        virtletd.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config()), timeout=3)
+        virtletd.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config()), timeout=10)
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     made = set(netns.list_names()) - before
     assert len(made) == 1  # the namespace exists while the record says CREATING
+    sandbox_id = made.pop()
+    net = json.loads((bridge_cni / "10-bridge.conflist").read_text())["name"]
+    reservations = Path("/var/lib/cni/networks") / net
+    if failpoint == "sandbox.after_network":
+        assert [p for p in reservations.iterdir() if p.name[0].isdigit()]
     virtletd.stop(signal.SIGKILL)
     virtletd.env = {}
     virtletd.start()
-    assert not (set(netns.list_names()) & made)
-    assert virtletd.runtime().ListPodSandbox(api.ListPodSandboxRequest()).items == []
+    rt = virtletd.runtime()
+    rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
+    rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
+    assert not netns.exists(sandbox_id)
+    assert rt.ListPodSandbox(api.ListPodSandboxRequest()).items == []
+    left = [p.name for p in reservations.iterdir() if p.name[0].isdigit()] if reservations.exists() else []
+    assert left == [], f"host-local reservations left: {left}"
+    dhcp = subprocess.run(["pgrep", "-f", f"dhcp_server.*{sandbox_id}"], capture_output=True, text=True).stdout
+    assert dhcp.strip() == "", "a DHCP server of the rolled-back sandbox is still running"
 
 
 def _code_and_message(call: object, *args: object) -> tuple[grpc.StatusCode, str]:
