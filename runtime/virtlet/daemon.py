@@ -25,6 +25,7 @@ from virtlet.network.pod_network import PodNetwork
 from virtlet.sandbox.manager import SandboxManager
 from virtlet.sandbox.network_hook import PodNetworkHook
 from virtlet.state.store import StateStore
+from virtlet.stream.service import StreamingService
 from virtlet.vm import kvm
 from virtlet.vm.libvirt_host import LibvirtHost
 from virtlet.vm.manager import VmManager
@@ -67,6 +68,8 @@ class Virtletd:
         self.sandboxes.before_stop.append(self.vms.stop_all_in_sandbox)
         self.runtime = RuntimeServicer(self.sandboxes, self.status_conditions, self.status_info)
         self.runtime.containers = self.vms
+        self.streaming = StreamingService(cfg.stream_address, self.store, self.vms.console_dir)  # issue 9
+        self.runtime.streaming = self.streaming
         self.images = ImageServicer(self.image_store)
         self.server = CriServer(cfg.listen, self.runtime, self.images)
         self._stopping = threading.Event()
@@ -94,6 +97,7 @@ class Virtletd:
         self.sandboxes.recover()
         self.image_store.cleanup_at_start()
         self._recover_vms()
+        self.streaming.start()
         self.server.start()
 
     def _recover_vms(self) -> None:
@@ -119,6 +123,7 @@ class Virtletd:
         log.info("stopping: no new calls; waiting up to %.0fs for calls in flight (VMs keep running)", grace)
         self._stopping.set()
         self.server.stop(grace)
+        self.streaming.stop()
         self.vms.shutdown()
         self.image_store.close()
         self.libvirt.close()

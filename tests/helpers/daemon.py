@@ -35,7 +35,8 @@ class VirtletdProcess:
     @property
     def cmd(self) -> list[str]:
         return [sys.executable, "-m", "virtlet.daemon", "--listen", str(self.socket),
-                "--state-dir", str(self.state_dir), "--run-dir", str(self.run_dir), *self.args]
+                "--state-dir", str(self.state_dir), "--run-dir", str(self.run_dir),
+                "--stream-address", "127.0.0.1:0", *self.args]
 
     def start(self, timeout: float = 30.0) -> VirtletdProcess:
         env = {**os.environ, **self.env}

@@ -264,6 +264,26 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         raise errors.Unimplemented(
             "exec into a VM pod is not supported yet (no guest agent); use `virtletctl ssh <pod>` instead")
 
+    # -- streaming (added for issue 9: URLs of virtlet.stream.service.StreamingService, set by the daemon) --
+    streaming: Any = None
+
+    def _streaming(self) -> Any:
+        if self.streaming is None:
+            raise errors.Unavailable("virtletd runs without a streaming server; attach and port-forward are off")
+        return self.streaming
+
+    def Attach(self, request: api.AttachRequest, context: grpc.ServicerContext) -> api.AttachResponse:
+        _require_id(request.container_id, "container_id")
+        url = self._streaming().attach_url(request.container_id, stdin=request.stdin, stdout=request.stdout,
+                                           stderr=request.stderr, tty=request.tty)
+        return api.AttachResponse(url=url)
+
+    def PortForward(self, request: api.PortForwardRequest,
+                    context: grpc.ServicerContext) -> api.PortForwardResponse:
+        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        return api.PortForwardResponse(url=self._streaming().port_forward_url(request.pod_sandbox_id,
+                                                                              list(request.port)))
+
     def _log_dir(self, sandbox_id: str) -> str:
         rec = self.store.get_sandbox(sandbox_id)
         if rec is None or not rec.config:

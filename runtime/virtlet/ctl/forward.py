@@ -1,0 +1,88 @@
+"""Local TCP listeners that carry each accepted connection somewhere else.
+
+``PortForwardListener`` sends them through a CRI port-forward URL (one SPDY connection, a stream pair per
+local connection: how ``virtletctl ssh`` reaches port 22 of the VM); ``TcpRelay`` to a plain host address
+(the VNC display libvirt opened on the node's loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+from virtlet.stream.client import PortForwardClient
+
+
+class _Listener:
+    def __init__(self, handle: Callable[[socket.socket], None], local_port: int = 0,
+                 host: str = "127.0.0.1") -> None:
+        self._handle = handle
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, local_port))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="local-listener")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+
+
+class PortForwardListener(_Listener):
+    """``127.0.0.1:<port>`` forwarded to ``remote_port`` of a pod through ``url`` (a CRI PortForward URL)."""
+
+    def __init__(self, url: str, remote_port: int, local_port: int = 0) -> None:
+        self.client = PortForwardClient(url)
+        super().__init__(lambda c: self.client.serve_local(c, remote_port), local_port)
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while chunk := src.recv(65536):
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+class TcpRelay(_Listener):
+    """``127.0.0.1:<port>`` relayed to ``target`` (host, port)."""
+
+    def __init__(self, target: tuple[str, int], local_port: int = 0) -> None:
+        self.target = target
+        super().__init__(self._relay, local_port)
+
+    def _relay(self, conn: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+        except OSError:
+            conn.close()
+            return
+        upstream.settimeout(None)
+        t = threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)
+        t.start()
+        _pipe(conn, upstream)
+        t.join()
+        conn.close()
+        upstream.close()

@@ -1,0 +1,158 @@
+"""virtletd's side of the streaming server: VM consoles for attach, the pod network for port-forward, and the
+checks a CRI ``Attach``/``PortForward`` call makes before it hands out a URL.
+
+Consoles: QEMU's serial socket takes one client, so one ``ConsoleHub`` per container is shared by all attach
+sessions and closed when the last one leaves (``virsh console`` can connect again then).
+
+Port-forward: the VM owns the pod IP, so a forwarded port is reached at the pod IP.  The connection is made
+from inside the pod network namespace (no fork: ``socket_in_netns``); when the pod namespace has no route to
+the pod IP (virtlet moves the address from the namespace to the VM), it is made from the host namespace, where
+the CNI network routes pod IPs.  A refused or timed-out connection is an error for that stream only.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from virtlet import errors
+from virtlet.network.nssocket import socket_in_netns
+from virtlet.state import store as st
+from virtlet.stream.model import AttachRequest, PortForwardRequest
+from virtlet.vm.console_attach import ConsoleHub, ConsoleSession
+
+log = logging.getLogger(__name__)
+
+_NO_ROUTE = {errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH, errno.EINVAL}
+
+
+class _CountedSession:
+    """A console session that releases its hub's reference when closed."""
+
+    def __init__(self, backend: VirtletBackend, cid: str, session: ConsoleSession) -> None:
+        self._backend = backend
+        self._cid = cid
+        self._session = session
+        self._closed = False
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        return self._session.read(timeout)
+
+    def write(self, data: bytes) -> None:
+        self._session.write(data)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._session.close()
+            self._backend._release(self._cid)
+
+
+class VirtletBackend:
+    """Attach and port-forward for the containers and sandboxes in ``store``."""
+
+    def __init__(self, store: st.StateStore, console_dir: Path, *, host_fallback: bool = True) -> None:
+        self.store = store
+        self.console_dir = Path(console_dir)
+        self.host_fallback = host_fallback
+        self._lock = threading.Lock()
+        self._hubs: dict[str, tuple[ConsoleHub, int]] = {}
+
+    # -- checks at CRI time ---------------------------------------------------------------------------
+    def check_attach(self, req: AttachRequest) -> None:
+        """NOT_FOUND / FAILED_PRECONDITION / INVALID_ARGUMENT before a URL is issued."""
+        if not req.container_id:
+            raise errors.InvalidArgument("Attach: container_id is required")
+        if not (req.stdin or req.stdout or req.stderr):
+            raise errors.InvalidArgument("Attach: at least one of stdin, stdout and stderr is required")
+        rec = self.store.require_container(req.container_id)
+        if rec.state != st.CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {req.container_id} is {rec.state}: only a running VM has a console to attach to")
+
+    def check_port_forward(self, req: PortForwardRequest) -> None:
+        if not req.sandbox_id:
+            raise errors.InvalidArgument("PortForward: pod_sandbox_id is required")
+        for port in req.ports:
+            if not 0 < port < 65536:
+                raise errors.InvalidArgument(f"PortForward: port {port} is not in 1-65535")
+        rec = self.store.require_sandbox(req.sandbox_id)
+        if rec.state != st.SANDBOX_READY:
+            raise errors.FailedPrecondition(
+                f"pod sandbox {req.sandbox_id} is {rec.state}: ports can only be forwarded to a ready pod")
+
+    # -- attach -----------------------------------------------------------------------------------------
+    def open_console(self, container_id: str) -> _CountedSession:
+        rec = self.store.require_container(container_id)
+        if rec.state != st.CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(f"container {container_id} is {rec.state}; its VM is not running")
+        with self._lock:
+            hub, count = self._hubs.get(container_id, (None, 0))
+            if hub is None or not hub.connected:
+                hub = ConsoleHub(self.console_dir / f"{container_id}.sock")
+                hub.start(timeout=5.0)
+                count = 0
+            self._hubs[container_id] = (hub, count + 1)
+            session = hub.attach()
+        return _CountedSession(self, container_id, session)
+
+    def _release(self, container_id: str) -> None:
+        with self._lock:
+            hub, count = self._hubs.get(container_id, (None, 0))
+            if hub is None:
+                return
+            if count <= 1:
+                del self._hubs[container_id]
+            else:
+                self._hubs[container_id] = (hub, count - 1)
+                return
+        hub.close()
+
+    def close(self) -> None:
+        with self._lock:
+            hubs, self._hubs = [h for h, _ in self._hubs.values()], {}
+        for hub in hubs:
+            hub.close()
+
+    # -- port-forward -----------------------------------------------------------------------------------
+    def pod_ip(self, rec: st.SandboxRecord) -> str:
+        ips = [str(ip).split("/")[0] for ip in rec.network.get("pod_ips", []) if ip]
+        if not ips:
+            raise errors.FailedPrecondition(f"pod sandbox {rec.id} has no IP address; nothing to forward to")
+        v4 = [ip for ip in ips if ipaddress.ip_address(ip).version == 4]
+        return (v4 or ips)[0]
+
+    def dial(self, sandbox_id: str, port: int, timeout: float = 10.0) -> socket.socket:
+        rec = self.store.require_sandbox(sandbox_id)
+        if rec.state != st.SANDBOX_READY:
+            raise errors.FailedPrecondition(f"pod sandbox {sandbox_id} is {rec.state}")
+        ip = self.pod_ip(rec)
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        attempts: list[Any] = [rec.netns] if rec.netns else []
+        if self.host_fallback:
+            attempts.append(None)
+        last: OSError | None = None
+        for netns in attempts:
+            sock = socket_in_netns(netns, family, socket.SOCK_STREAM) if netns else socket.socket(
+                family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect((ip, port))
+            except OSError as exc:
+                sock.close()
+                last = exc
+                if exc.errno in _NO_ROUTE and netns:
+                    log.debug("pod netns %s has no route to %s (%s); trying the host namespace", netns, ip, exc)
+                    continue
+                break
+            sock.settimeout(None)
+            return sock
+        assert last is not None
+        reason = "connection refused (nothing listens on it in the VM?)" if isinstance(
+            last, ConnectionRefusedError) else str(last) or type(last).__name__
+        raise errors.Unavailable(f"cannot connect to {ip}:{port}: {reason}")

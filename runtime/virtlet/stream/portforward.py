@@ -1,0 +1,203 @@
+"""The Kubernetes port-forward protocol, over SPDY streams or WebSocket channels.
+
+SPDY (``portforward.k8s.io``): the client opens a pair of streams per forwarded connection, ``streamtype``
+``error`` and ``data``, with the same ``requestid`` and the target ``port`` in their headers; many pairs may
+be open at once on one connection.  WebSocket: the ports come from ``?port=`` in the URL; port *i* uses
+channel 2*i for data and 2*i+1 for errors, and the server first sends the port (2 bytes, little-endian) on
+both channels.  Either way a port that cannot be reached gets a message on its error stream/channel; other
+streams go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+
+from virtlet.stream.model import Backend, PortForwardRequest
+from virtlet.stream.spdy_conn import SpdyConnection, SpdyStream, StreamClosed
+from virtlet.stream.websocket import ChannelSocket
+
+log = logging.getLogger(__name__)
+
+SPDY_PROTOCOLS = ("portforward.k8s.io",)
+WS_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "portforward.k8s.io", "channel.k8s.io",
+                "base64.channel.k8s.io")
+RECV = 64 * 1024
+
+
+def _error_text(req: PortForwardRequest, port: int, exc: BaseException) -> str:
+    return f"error forwarding port {port} to pod {req.sandbox_id}: {exc}"
+
+
+def parse_port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {text!r} is not in 1-65535")
+    return port
+
+
+# -- SPDY -----------------------------------------------------------------------------------------------------
+class _SpdyPairs:
+    """Matches data and error streams by request id and forwards each complete pair in its own thread."""
+
+    def __init__(self, req: PortForwardRequest, backend: Backend) -> None:
+        self.req = req
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, SpdyStream]] = {}
+        self.threads: list[threading.Thread] = []
+
+    def on_stream(self, stream: SpdyStream) -> None:
+        kind = stream.header("streamtype")
+        if kind not in ("data", "error"):
+            stream.abort()
+            return
+        rid = stream.header("requestid")
+        if not rid:  # clients before request ids: the error stream is created right before its data stream
+            rid = str(stream.id if kind == "error" else stream.id - 2)
+        with self._lock:
+            pair = self._pending.setdefault(rid, {})
+            if kind in pair:
+                stream.abort()
+                return
+            pair[kind] = stream
+            if len(pair) < 2:
+                return
+            del self._pending[rid]
+        t = threading.Thread(target=self.forward, args=(pair["data"], pair["error"]), daemon=True,
+                             name=f"portforward-{rid}")
+        self.threads = [x for x in self.threads if x.is_alive()] + [t]
+        t.start()
+
+    def forward(self, data: SpdyStream, error: SpdyStream) -> None:
+        port_text = data.header("port")
+        try:
+            port = parse_port(port_text)
+            sock = self.backend.dial(self.req.sandbox_id, port)
+        except Exception as exc:
+            msg = _error_text(self.req, int(port_text) if port_text.isdigit() else 0, exc)
+            log.info("%s", msg)
+            with contextlib.suppress(StreamClosed, OSError):
+                error.write(msg.encode())
+            error.close()
+            data.close()
+            return
+        try:
+            upstream = threading.Thread(target=_stream_to_socket, args=(data, sock), daemon=True)
+            upstream.start()
+            while True:
+                try:
+                    chunk = sock.recv(RECV)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                try:
+                    data.write(chunk)
+                except StreamClosed:
+                    break
+            data.close()
+            upstream.join()
+        finally:
+            sock.close()
+            error.close()
+
+
+def _stream_to_socket(stream: SpdyStream, sock: socket.socket) -> None:
+    while True:
+        chunk = stream.read()
+        if not chunk:
+            break
+        try:
+            sock.sendall(chunk)
+        except OSError:
+            break
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+
+
+def serve_spdy(sock: socket.socket, initial: bytes, req: PortForwardRequest, backend: Backend) -> None:
+    """Serve port-forward streams until the client closes the connection (the 101 was already sent)."""
+    pairs = _SpdyPairs(req, backend)
+    conn = SpdyConnection(sock, server=True, on_stream=pairs.on_stream, initial=initial).start()
+    conn.closed.wait()
+    for t in list(pairs.threads):
+        t.join(5)
+    conn.close()
+
+
+# -- WebSocket ----------------------------------------------------------------------------------------------
+def ws_ports(query: dict[str, list[str]], req: PortForwardRequest) -> list[int]:
+    """Ports of a WebSocket port-forward: ``?port=`` (comma lists allowed), else those of the CRI request."""
+    texts = query.get("port", []) + query.get("ports", [])
+    if not texts:
+        return list(req.ports)
+    return [parse_port(p) for t in texts for p in t.split(",")]
+
+
+def serve_websocket(ws: ChannelSocket, ports: list[int], req: PortForwardRequest, backend: Backend) -> None:
+    """Serve a WebSocket port-forward for ``ports`` (the 101 was already sent)."""
+    socks: dict[int, socket.socket] = {}
+    lock = threading.Lock()
+    remaining = [len(ports)]
+
+    def done() -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            ws.close()
+
+    def pump(i: int, sock: socket.socket) -> None:
+        try:
+            while True:
+                try:
+                    chunk = sock.recv(RECV)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                ws.send(2 * i, chunk)
+        except OSError:
+            pass
+        finally:
+            done()
+
+    try:
+        for i, port in enumerate(ports):
+            prefix = struct.pack("<H", port)
+            ws.send(2 * i, prefix)
+            ws.send(2 * i + 1, prefix)
+        for i, port in enumerate(ports):
+            try:
+                sock = backend.dial(req.sandbox_id, port)
+            except Exception as exc:
+                msg = _error_text(req, port, exc)
+                log.info("%s", msg)
+                ws.send(2 * i + 1, msg.encode())
+                done()
+                continue
+            socks[i] = sock
+            threading.Thread(target=pump, args=(i, sock), daemon=True, name=f"portforward-ws-{port}").start()
+        while True:
+            msg = ws.receive()
+            if msg is None:
+                break
+            channel, data = msg
+            sock = socks.get(channel // 2) if channel % 2 == 0 else None
+            if sock is not None and data:
+                try:
+                    sock.sendall(data)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    finally:
+        for sock in socks.values():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        ws.close()
