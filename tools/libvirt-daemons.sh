@@ -10,6 +10,12 @@ mkdir -p "$RUN"
 running() { pgrep -x "$1" >/dev/null 2>&1; }
 
 start() {
+  # What udev does on a normal Debian host: /dev/kvm belongs to group kvm (libvirt-qemu is a member), mode
+  # 0660.  Without it libvirtd probes QEMU as root *with* KVM, then finds KVM "not available now" for the
+  # libvirt-qemu user, throws its capability cache away and probes again on every define (30-80 s each here).
+  if [ -e /dev/kvm ] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+  fi
   if ! running virtlogd; then
     virtlogd -d
     pgrep -x virtlogd > "$RUN/virtlogd.started"
