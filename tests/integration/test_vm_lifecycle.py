@@ -174,6 +174,12 @@ def test_vm_pod_lifecycle(vm_virtletd: VirtletdProcess, world_dir: Path, served_
     # a tick may share its line with the getty's "login: " prompt
     ticks = [int(line.split("tick-")[1].split()[0]) for line in pod.log_lines() if "tick-" in line]
     assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), ticks
+    # log rotation as the kubelet does it: rename, then ReopenContainerLog; new lines go to a fresh file
+    rotated = pod.log_path.with_suffix(".log.1")
+    pod.log_path.rename(rotated)
+    pod.rt.ReopenContainerLog(api.ReopenContainerLogRequest(container_id=pod.container_id))
+    pod.wait_log(f"tick-{ticks[-1] + 3}")
+    assert any(f"tick-{ticks[-1]}" in line for line in read_cri_lines(rotated))
     # stop: ACPI power button -> guest powers off -> EXITED 0
     pod.rt.StopContainer(api.StopContainerRequest(container_id=pod.container_id, timeout=60), timeout=120)
     st = pod.status().status
@@ -224,6 +230,29 @@ def _error(call: Any, request: Any) -> tuple[grpc.StatusCode, str]:
     return exc.value.code(), exc.value.details()
 
 
+def test_orphans_removed_at_start(vm_virtletd: VirtletdProcess, libvirt_daemons: None) -> None:
+    """A domain and a container directory that belong to no known container are removed at start-up."""
+    import uuid
+
+    cid = str(uuid.uuid4())
+    name = f"virtlet-{cid}"
+    orphan_dir = vm_virtletd.state_dir / "containers" / cid
+    orphan_dir.mkdir(parents=True)
+    (orphan_dir / "root.qcow2").write_bytes(b"")
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+           "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
+    subprocess.run(["virsh", "-c", "qemu:///system", "define", "/dev/stdin"], input=xml, text=True, check=True,
+                   capture_output=True)
+    try:
+        vm_virtletd.stop()
+        vm_virtletd.start()
+        assert name not in _virsh_domains()
+        assert not orphan_dir.exists()
+        assert f"removing domain {name}" in vm_virtletd.log()
+    finally:
+        subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name], capture_output=True)
+
+
 def test_bad_container_input(vm_virtletd: VirtletdProcess, world_dir: Path, served_tiny: str) -> None:
     _pull(vm_virtletd, served_tiny)
     pod = Pod(vm_virtletd, world_dir, "vm-bad", image=served_tiny)
@@ -235,6 +264,7 @@ def test_bad_container_input(vm_virtletd: VirtletdProcess, world_dir: Path, serv
         ({"VirtletDiskDriver": "floppy"}, 0, "VirtletDiskDriver"),
         ({"VirtletRootVolumeSize": "lots"}, 0, "VirtletRootVolumeSize"),
         ({"VirtletCloudInitUserData": "[not, a, map"}, 0, "VirtletCloudInitUserData"),
+        ({"VirtletCloudInitUserData": "- a list\n- not a map\n"}, 0, "VirtletCloudInitUserData"),
         ({"VirtletCloudInitImageType": "floppy"}, 0, "VirtletCloudInitImageType"),
         ({"VirtletSSHKeys": "not a key"}, 0, "VirtletSSHKeys"),
         ({}, 16 << 20, "memory"),
