@@ -376,7 +376,7 @@ class VmManager:
         known = {rec.id: rec for rec in self.store.list_containers()}
         for name in self.host.domain_names():
             cid = self._cid_of_domain(name)
-            if cid is not None and cid not in known:
+            if cid is not None and cid not in known and self._is_ours(name):
                 log.warning("removing domain %s: it belongs to no known container", name)
                 self._destroy_everything(cid)
         for path in self.containers_dir.iterdir():
@@ -397,6 +397,26 @@ class VmManager:
                     log.info("container %s found running again", rec.id)
             elif rec.state == st.CONTAINER_CREATED and self.host.lookup(self.domain_name(rec.id)) is None:
                 self._mark_exited(rec.id, EXIT_ERROR, "Error", "the VM's libvirt domain disappeared")
+
+    def _is_ours(self, name: str) -> bool:
+        """A virtlet domain is this virtletd's when its files live under our containers dir (or it carries no
+        virtlet metadata at all, as a half-made domain may not).  Another virtletd with its own state dir on the
+        same libvirt (tests, a second instance) keeps its domains."""
+        dom = self.host.lookup(name)
+        if dom is None:
+            return False
+        try:
+            meta = designer.virtlet_metadata(dom.XMLDesc(0))
+        except (libvirt.libvirtError, ValueError) as exc:
+            log.warning("cannot read domain %s: %s", name, exc)
+            return False
+        overlay = (meta or {}).get("overlay", "")
+        if not overlay:
+            return True
+        if Path(overlay).parent.parent == self.containers_dir:
+            return True
+        log.info("leaving domain %s alone: its files are under %s, not %s", name, overlay, self.containers_dir)
+        return False
 
     def shutdown(self) -> None:
         """virtletd is stopping: flush the log writers; the VMs keep running."""
