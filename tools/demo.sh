@@ -22,6 +22,7 @@ down() {
     rm -f "$RUN/$p.pid"
   done
   ip link del virtlet-demo0 2>/dev/null || true
+  rm -rf /var/lib/cni/networks/virtlet-demo
   bash tools/libvirt-daemons.sh stop
   echo "demo stopped (state kept in $DEMO)"
 }
