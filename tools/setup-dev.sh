@@ -13,6 +13,8 @@ APT_PACKAGES=(
   containerd runc
   # guest image builds (tiny: mtools/syslinux/cpio/kmod; full: debootstrap/grub/e2fsprogs)
   mtools syslinux syslinux-common fdisk cpio kmod debootstrap grub-pc-bin e2fsprogs busybox-static
+  # molecule: rootful podman nodes running systemd (iptables: podman's netavark needs it)
+  podman
   # test clients and tools
   curl openssh-client sqlite3 procps psmisc openssl python3-venv
 )

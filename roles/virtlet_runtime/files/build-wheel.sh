@@ -13,7 +13,7 @@ cd "$src"
 tar --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' -cf - pyproject.toml runtime \
     $(test -f README.md && echo README.md) | tar -C "$stage" -xf -
 test -f "$stage/README.md" || echo "virtlet" > "$stage/README.md"
-SOURCE_DATE_EPOCH=$(find pyproject.toml runtime -type f ! -name '*.pyc' -printf '%T@\n' | sort -n | tail -1 | cut -d. -f1)
+SOURCE_DATE_EPOCH=$(find pyproject.toml runtime -type f ! -name '*.pyc' ! -path '*.egg-info/*' -printf '%T@\n' | sort -n | tail -1 | cut -d. -f1)
 export SOURCE_DATE_EPOCH
 isolation=--no-build-isolation
 "$python" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 68)' 2>/dev/null \
