@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ class Node:
     def sandbox_config(self, name: str, vm: bool, annotations: dict[str, str]) -> api.PodSandboxConfig:
         uid = f"{name}-uid"
         log_dir = LOG_ROOT / f"default_{name}_{uid}"
+        # A fresh directory: logs of an earlier pod with this name (a re-used node) must not count as this one's.
+        shutil.rmtree(log_dir, ignore_errors=True)
         log_dir.mkdir(parents=True, exist_ok=True)
         if vm:
             annotations = {"kubernetes.io/target-runtime": "virtlet.cloud", **annotations}
