@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -216,3 +217,19 @@ def test_kvm_auto_falls_back_to_tcg_and_says_so(world_dir: Path, bridge_cni: Pat
         on = VirtletdProcess(base, ["--libvirt-uri", "test:///default", "--kvm", "on"])
         proc = subprocess.run(on.cmd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "KVM does not work here" in proc.stderr, proc.stderr
+
+
+def test_loopback_only_network_is_refused_clearly(world_dir: Path, loopback_cni: Path, netns_guard: Any) -> None:
+    """A CNI network that gives the pod only `lo` cannot carry a VM: FAILED_PRECONDITION naming why, nothing left."""
+    base = world_dir / "lo-only"
+    base.mkdir()
+    d = VirtletdProcess(base, ["--libvirt-uri", "test:///default", "--kvm", "off", "--cni-conf-dir",
+                               str(loopback_cni), "--image-dir", str(base / "images")])
+    netns_guard.logs.append(d.log_path)
+    d.start()
+    try:
+        code, msg = _code_and_message(d.runtime().RunPodSandbox, api.RunPodSandboxRequest(config=_config()))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no interface inside the pod network" in msg, msg
+        assert d.runtime().ListPodSandbox(api.ListPodSandboxRequest()).items == []
+    finally:
+        d.stop()

@@ -84,6 +84,12 @@ def test_parse_result_100() -> None:
     assert res.dns["nameservers"] == ["10.88.0.53"]
 
 
+def test_loopback_is_not_a_sandbox_interface() -> None:
+    res = CniResult.parse({"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "sandbox": "/var/run/netns/x"}],
+                               "ips": [{"address": "127.0.0.1/8", "interface": 0}]})
+    assert res.sandbox_interfaces() == []
+
+
 def test_parse_result_040_with_ip_versions() -> None:
     raw = dict(RESULT_100, cniVersion="0.4.0",
                ips=[{"version": "4", "interface": 2, "address": "10.88.0.5/24", "gateway": "10.88.0.1"}])

@@ -150,9 +150,10 @@ class CniResult:
                    dns=dict(dns), raw=raw)
 
     def sandbox_interfaces(self) -> list[tuple[int, dict[str, Any]]]:
-        """(index in ``interfaces``, interface) for interfaces inside the pod netns, in result order."""
+        """(index in ``interfaces``, interface) for interfaces inside the pod netns, in result order.  The
+        loopback plugin reports ``lo`` as a sandbox interface; it can never become a VM NIC."""
         return [(i, itf) for i, itf in enumerate(self.interfaces)
-                if isinstance(itf, dict) and itf.get("sandbox")]
+                if isinstance(itf, dict) and itf.get("sandbox") and itf.get("name") != "lo"]
 
     def ips_of(self, index: int) -> list[dict[str, Any]]:
         return [ip for ip in self.ips if ip.get("interface") == index]
