@@ -1,15 +1,18 @@
 """CRI call latency of virtletd: p50/p99 of Version, ListPodSandbox and PodSandboxStatus with N sandboxes.
 
 Usage: .venv/bin/python bench/cri_latency.py [--sandboxes 100] [--calls 500]
-Starts a real virtletd (libvirt test driver, loopback-only CNI network) in a temp dir, creates the sandboxes,
-measures, removes everything and prints a table.  No goal is asserted; compare runs by their medians.
+Starts a real virtletd (libvirt test driver, a real bridge + host-local CNI network on a bench-only bridge) in
+a temp dir, creates the sandboxes, measures, removes everything and prints a table.  No goal is asserted;
+compare runs by their medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,14 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.stats import percentile
 from tests.helpers.daemon import VirtletdProcess
 
 from virtlet.cri.gen import api_pb2 as api
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def main() -> int:
@@ -35,8 +34,12 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="virtlet-bench-", dir="/var/tmp"))
     conf = base / "cni"
     conf.mkdir()
-    (conf / "10-lo.conflist").write_text(
-        '{"cniVersion": "1.0.0", "name": "virtlet-bench-lo", "plugins": [{"type": "loopback"}]}\n')
+    net, bridge = f"virtlet-bench-{base.name[-6:]}", f"vtbench{base.name[-6:]}"[:15]
+    (conf / "10-bench.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": net, "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.98.0.0/16"}]]}},
+            {"type": "loopback"}]}))
     daemon = VirtletdProcess(base, ["--libvirt-uri", "test:///default", "--kvm", "off", "--cni-conf-dir", str(conf),
                                     "--image-dir", str(base / "images"), "--log-level", "warning"])
     ids: list[str] = []
@@ -63,7 +66,7 @@ def main() -> int:
                 start = time.perf_counter()
                 call()
                 samples.append((time.perf_counter() - start) * 1000)
-            rows.append((name, statistics.median(samples), _percentile(samples, 0.99)))
+            rows.append((name, statistics.median(samples), percentile(samples, 0.99)))
         print(f"virtletd CRI latency, {args.calls} calls each, {args.sandboxes} sandboxes "
               f"(created in {create_s:.1f} s)")
         print(f"{'call':<28}{'p50 ms':>10}{'p99 ms':>10}")
@@ -77,6 +80,8 @@ def main() -> int:
                 rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
         finally:
             daemon.stop()
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+            shutil.rmtree(Path("/var/lib/cni/networks") / net, ignore_errors=True)
             shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -23,16 +23,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.stats import percentile
 from tests.helpers.containerd import ContainerdProcess
 from tests.helpers.daemon import VirtletdProcess
 
 from virtlet.cri import versions
 from virtlet.cri.gen import api_pb2 as api
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def _start_proxy(base: Path, primary: str, virtlet: str) -> tuple[subprocess.Popen[bytes], grpc.Channel]:
@@ -99,8 +95,8 @@ def main() -> int:
                     t0 = time.perf_counter()
                     call(rt)
                     samples[label].append((time.perf_counter() - t0) * 1000)
-            d50, p50 = _percentile(samples["direct"], 0.5), _percentile(samples["proxy"], 0.5)
-            d99, p99 = _percentile(samples["direct"], 0.99), _percentile(samples["proxy"], 0.99)
+            d50, p50 = percentile(samples["direct"], 0.5), percentile(samples["proxy"], 0.5)
+            d99, p99 = percentile(samples["direct"], 0.99), percentile(samples["proxy"], 0.99)
             rows.append((name, d50, d99, p50, p99, p50 - d50, p50 / d50 if d50 else float("nan")))
         print(f"virtlet-criproxy added latency, {args.calls} calls each (containerd 1.6 direct vs through "
               "the proxy, which also asks virtletd for lists)")
