@@ -17,6 +17,7 @@ import virtlet
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
+from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
 
@@ -286,9 +287,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def _log_dir(self, sandbox_id: str) -> str:
         rec = self.store.get_sandbox(sandbox_id)
-        if rec is None or not rec.config:
-            return ""
-        return api.PodSandboxConfig.FromString(rec.config).log_directory
+        return podconfig.log_directory(rec) if rec is not None else ""
 
     def statuses_for_sandbox(self, sandbox_id: str) -> list[api.ContainerStatus]:
         log_dir = self._log_dir(sandbox_id)
@@ -307,9 +306,7 @@ def _container_state(state: str) -> int:
 
 
 def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStatus:
-    log_path = rec.log_path
-    if log_dir and log_path and not log_path.startswith("/"):
-        log_path = f"{log_dir.rstrip('/')}/{log_path}"
+    log_path = podconfig.container_log_path(log_dir, rec.log_path)
     return api.ContainerStatus(
         id=rec.id, metadata=api.ContainerMetadata(name=rec.name, attempt=rec.attempt),
         state=_container_state(rec.state), created_at=rec.created_at, started_at=rec.started_at,

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import libvirt
 
 from virtlet import errors, failpoints
+from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer
 from virtlet.vm import libvirt_host as lh
@@ -55,7 +56,7 @@ class ContainerSpec:
 class VmParts(Protocol):
     """The pieces the manager composes (designed/validated elsewhere); see ``virtlet.vm.parts``."""
 
-    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, cdir: Path,
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: Any, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]: ...
 
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None: ...
@@ -106,13 +107,10 @@ class VmManager:
     def _cid_of_domain(name: str) -> str | None:
         return designer.container_id_of(name)
 
-    def _cri_log_path(self, sandbox: st.SandboxRecord, rec_log_path: str) -> Path | None:
-        from virtlet.cri.gen import api_pb2 as api
-
-        log_dir = api.PodSandboxConfig.FromString(sandbox.config).log_directory if sandbox.config else ""
-        if not rec_log_path:
-            return None
-        return Path(log_dir) / rec_log_path if log_dir else Path(rec_log_path)
+    @staticmethod
+    def _cri_log_path(sandbox: st.SandboxRecord, rec_log_path: str) -> Path | None:
+        path = podconfig.container_log_path(podconfig.log_directory(sandbox), rec_log_path)
+        return Path(path) if path else None
 
     # -- CreateContainer ------------------------------------------------------------------------------
     def create(self, spec: ContainerSpec) -> st.ContainerRecord:
@@ -137,7 +135,7 @@ class VmManager:
             try:
                 cdir.mkdir(parents=True)
                 cdir.chmod(0o755)
-                xml, extra = self.parts.prepare(cid, spec, sandbox, cdir, self.console_socket(cid))
+                xml, extra = self.parts.prepare(cid, spec, sandbox, image, cdir, self.console_socket(cid))
                 self._undefine_exited_domains(spec.sandbox_id)
                 failpoints.hit("container.before_define")
                 self.host.define(xml)

@@ -10,6 +10,7 @@ from typing import Any
 
 from virtlet import cloudinit
 from virtlet.network.model import PodNetworkInfo
+from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer, overlay
 from virtlet.vm import domain_xml as dx
@@ -36,23 +37,19 @@ class VmParts:
     def image_status(self, name: str) -> Any:
         return self.images.status(name)
 
-    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, cdir: Path,
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: Any, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]:
+        """``image`` is the store's record of ``spec.image`` (the manager looked it up already)."""
         # validate everything first: a bad annotation must leave nothing behind
         pod_annotations = {**spec.annotations, **sandbox.annotations}
         options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
                                    sandbox.uid, self.host_cpus)
         cloudinit.parse_cloudinit_options(pod_annotations)
-        image = self.images.status(spec.image)
-        if image is None:
-            from virtlet import errors
-
-            raise errors.NotFound(f"image {spec.image!r} is not present; pull it first (PullImage)")
         root = cdir / "root.qcow2"
         overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
         info = _network_info(sandbox)
         nics = info.nics if info is not None else []
-        hostname = (info.hostname if info is not None and info.hostname else "") or _hostname(sandbox)
+        hostname = (info.hostname if info is not None and info.hostname else "") or podconfig.hostname(sandbox)
         seed = cdir / "config.iso"
         cloudinit.build_seed_iso(cloudinit.CloudInitRequest(
             pod_name=sandbox.name, pod_namespace=sandbox.namespace, pod_uid=sandbox.uid, hostname=hostname,
@@ -90,12 +87,3 @@ class VmParts:
     def log_writer(self, raw: Path, cri_log: Path, state: Path) -> ConsoleLogWriter:
         return ConsoleLogWriter(raw, cri_log, state)
 
-
-def _hostname(sandbox: st.SandboxRecord) -> str:
-    from virtlet.cri.gen import api_pb2 as api
-
-    if sandbox.config:
-        cfg = api.PodSandboxConfig.FromString(sandbox.config)
-        if cfg.hostname:
-            return cfg.hostname
-    return sandbox.name
