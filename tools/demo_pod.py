@@ -3,6 +3,8 @@ the kubelet would, and shows its console log, IP and an SSH command.  A second r
 shows it again.  Used by tools/demo.sh (the README's first command).
 
 usage: python tools/demo_pod.py --socket /run/virtlet.sock --image NAME --key KEY.pub --log-dir DIR [--remove]
+                                [--ssh-via "podman exec -it NODE"]
+Also run inside the local node of tools/local-node.sh, against the node's CRI proxy socket.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ def load_example() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", default="/run/virtlet.sock")
-    parser.add_argument("--image", required=True, help="image name as virtletd gets it (no virtlet.cloud/)")
+    parser.add_argument("--image", required=True,
+                        help="image name as the socket takes it (virtletd: no virtlet.cloud/; the CRI proxy: with it)")
     parser.add_argument("--key", required=True, type=Path, help="SSH public key for the VM's root")
     parser.add_argument("--log-dir", required=True, type=Path)
     parser.add_argument("--remove", action="store_true", help="stop and remove the demo pod")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--ssh-via", default="", help="command prefix that reaches the pod network (shown only)")
     args = parser.parse_args()
     pod = load_example()
     name = pod["metadata"]["name"]
@@ -103,7 +107,8 @@ def main() -> int:
     print("--------------------------------------")
     print(f"pod {name}: sandbox {sandbox_id}, VM container {cid}, state RUNNING, pod IP {ip}")
     key = args.key.with_suffix("")
-    print(f"SSH into it:  ssh -i {key} -o StrictHostKeyChecking=no root@{ip}")
+    via = f"{args.ssh_via} " if args.ssh_via else ""
+    print(f"SSH into it:  {via}ssh -i {key} -o StrictHostKeyChecking=no root@{ip}")
     return 0
 
 

@@ -3,8 +3,9 @@
 #
 # Like kind does for Kubernetes nodes, the "node" is a privileged podman container running systemd (image from
 # molecule/shared/build-node-image.sh).  It gets containerd first (the stand-in for a kubeadm node, as in
-# molecule), then `ansible-playbook -i inventories/local site.yml`, then a VM pod from the "tiny" guest image
-# through the node's CRI proxy socket.  It prints the VM's console log, its IP and the command to SSH into it.
+# molecule), then `ansible-playbook -i inventories/local site.yml`, then the example VM pod (examples/vm-pod.yaml,
+# the "tiny" guest image served inside the node) through the node's CRI proxy socket.  It prints the VM's console
+# log, its IP and the command to SSH into it.  The machine itself needs only what tools/setup-dev.sh installs.
 # A second run reuses the container, skips site.yml when nothing it depends on changed, and reuses the pod.
 #
 # Usage: tools/local-node.sh [up]      create/reuse the node and the VM pod (default)
@@ -17,7 +18,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 node=${VIRTLET_LOCAL_NODE:-virtlet-local-node}
 state=$repo/.cache/local-node
-pod=local-tiny
+image_name=images.example.com/tiny.qcow2
 export PATH=$repo/.venv/bin:$PATH ANSIBLE_CONFIG=$repo/ansible.cfg
 python_on_node=/opt/virtlet/venv/bin/python
 
@@ -71,7 +72,7 @@ virtlet_runtime_wheelhouse: $wheelhouse
 virtlet_runtime_image_translations:
   - name: local-node
     translations:
-      - name: tiny
+      - name: $image_name
         url: http://127.0.0.1:18080/tiny.qcow2
 EOF
   local hash
@@ -92,47 +93,45 @@ EOF
   echo "$hash" >"$state/provisioned"
 }
 
+# The example pod (examples/vm-pod.yaml) is started by the same script as tools/demo.sh, run inside the node
+# with virtletd's virtualenv, through the node's CRI proxy socket (the kubelet's endpoint after site.yml).
+demo_pod() {
+  in_node "$python_on_node" /root/virtlet-demo/tools/demo_pod.py --socket /run/criproxy.sock \
+    --image "virtlet.cloud/$image_name" --key /root/virtlet-demo/id_ed25519.pub --log-dir /var/log/pods \
+    --ssh-via "podman exec -it $node" "$@"
+}
+
 start_pod() {
   guest-images/build.sh tiny >&2
-  say "serving the tiny image inside the node and starting VM pod $pod"
-  in_node mkdir -p /root/images
+  say "serving the tiny image inside the node (as $image_name)"
+  in_node mkdir -p /root/images /root/virtlet-demo/tools /root/virtlet-demo/examples
   podman cp .cache/guest-images/tiny.qcow2 "$node:/root/images/tiny.qcow2"
+  podman cp tools/demo_pod.py "$node:/root/virtlet-demo/tools/demo_pod.py"
+  podman cp examples/vm-pod.yaml "$node:/root/virtlet-demo/examples/vm-pod.yaml"
   in_node systemctl is-active --quiet virtlet-local-images \
     || in_node systemd-run --unit=virtlet-local-images --collect \
          python3 -m http.server 18080 --bind 127.0.0.1 --directory /root/images >/dev/null
-  in_node test -f /root/virtlet-local-key \
-    || in_node ssh-keygen -q -t ed25519 -N "" -C virtlet-local-node -f /root/virtlet-local-key
-  podman cp molecule/shared/files/cri-pods.py "$node:/root/cri-pods.py"
-  in_node "$python_on_node" /root/cri-pods.py up-vm "$pod" --ssh-key /root/virtlet-local-key.pub \
-    --ssh-identity /root/virtlet-local-key >"$state/pod.json"
-}
-
-show() {
-  local info ip log
-  info=$(in_node "$python_on_node" /root/cri-pods.py status "$pod")
-  ip=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["ip"])' "$info")
-  log=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["log_path"])' "$info")
-  say "console log of VM pod $pod ($log, last 25 lines)"
-  # CRI log lines: "<time> <stream> <P|F> <text>"; show the text.
-  in_node tail -n 25 "$log" | cut -d' ' -f4-
-  say "VM pod $pod"
-  echo "pod IP:  $ip"
-  echo "ssh:     podman exec -it $node ssh -i /root/virtlet-local-key -o StrictHostKeyChecking=no root@$ip"
-  echo "status:  tools/local-node.sh status      remove: tools/local-node.sh down"
+  in_node test -f /root/virtlet-demo/id_ed25519 \
+    || in_node ssh-keygen -q -t ed25519 -N "" -C virtlet-local-node -f /root/virtlet-demo/id_ed25519
+  say "the example VM pod (examples/vm-pod.yaml) through the node's CRI proxy"
+  demo_pod
+  echo "status: tools/local-node.sh status      remove: tools/local-node.sh down"
 }
 
 down() {
   if podman container exists "$node"; then
-    in_node "$python_on_node" /root/cri-pods.py down 2>/dev/null || true
+    if [ "$(podman container inspect -f '{{.State.Running}}' "$node")" = true ]; then
+      demo_pod --remove || true
+    fi
     podman rm --force --volumes "$node" >/dev/null
     say "removed $node"
   fi
-  rm -f "$state/provisioned" "$state/pod.json"
+  rm -f "$state/provisioned"
 }
 
 case ${1:-up} in
-  up) start_node; provision; start_pod; show ;;
-  status) show ;;
+  up) bash tools/setup-dev.sh >&2; start_node; provision; start_pod ;;
+  status) demo_pod ;;
   down) down ;;
   *) sed -n '2,/^set -e/p' "$0" | sed 's/^# \{0,1\}//' | head -n -1 >&2; exit 2 ;;
 esac
