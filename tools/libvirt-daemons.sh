@@ -7,7 +7,18 @@ set -euo pipefail
 RUN=/run/virtlet-dev
 mkdir -p "$RUN"
 
-running() { pgrep -x "$1" >/dev/null 2>&1; }
+# A daemon runs when its pid file (in this mount namespace's /run) names a live process.  `pgrep -x` is not
+# enough: it also sees the libvirtd/virtlogd of containers (molecule nodes) that serve no socket here.
+running() { [ -f "/run/$1.pid" ] && kill -0 "$(cat "/run/$1.pid")" 2>/dev/null; }
+
+wait_pidfile() {
+  for _ in $(seq 1 50); do
+    if running "$1"; then return 0; fi
+    sleep 0.1
+  done
+  echo "$1 did not write /run/$1.pid" >&2
+  return 1
+}
 
 start() {
   # What udev does on a normal Debian host: /dev/kvm belongs to group kvm (libvirt-qemu is a member), mode
@@ -18,11 +29,11 @@ start() {
   fi
   if ! running virtlogd; then
     virtlogd -d
-    pgrep -x virtlogd > "$RUN/virtlogd.started"
+    wait_pidfile virtlogd && cat /run/virtlogd.pid > "$RUN/virtlogd.started"
   fi
   if ! running libvirtd; then
     libvirtd -d
-    pgrep -x libvirtd > "$RUN/libvirtd.started"
+    wait_pidfile libvirtd && cat /run/libvirtd.pid > "$RUN/libvirtd.started"
   fi
   for _ in $(seq 1 100); do
     if virsh -c qemu:///system version >/dev/null 2>&1; then return 0; fi

@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 import virtlet
 from virtlet import errors
+from virtlet.cri import stats_pb
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.sandbox import podconfig
@@ -248,6 +249,35 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
                 annotations=rec.annotations))
         return api.ListContainersResponse(containers=items)
 
+    # -- stats (numbers explained in virtlet.vm.stats) ---------------------------------------------------
+    def ContainerStats(self, request: api.ContainerStatsRequest,
+                       context: grpc.ServicerContext) -> api.ContainerStatsResponse:
+        _require_id(request.container_id, "container_id")
+        rec = self.store.require_container(request.container_id)
+        return api.ContainerStatsResponse(stats=stats_pb.container_stats(self._vms().container_stats(rec)))
+
+    def ListContainerStats(self, request: api.ListContainerStatsRequest,
+                           context: grpc.ServicerContext) -> api.ListContainerStatsResponse:
+        flt = request.filter
+        records = _select(self.store.list_containers(flt.pod_sandbox_id or None), flt.id, dict(flt.label_selector))
+        vms = self._vms()
+        return api.ListContainerStatsResponse(
+            stats=[stats_pb.container_stats(vms.container_stats(rec)) for rec in records])
+
+    def PodSandboxStats(self, request: api.PodSandboxStatsRequest,
+                        context: grpc.ServicerContext) -> api.PodSandboxStatsResponse:
+        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        rec = self.store.require_sandbox(request.pod_sandbox_id)
+        return api.PodSandboxStatsResponse(stats=stats_pb.sandbox_stats(self._vms().sandbox_stats(rec)))
+
+    def ListPodSandboxStats(self, request: api.ListPodSandboxStatsRequest,
+                            context: grpc.ServicerContext) -> api.ListPodSandboxStatsResponse:
+        flt = request.filter
+        live = [r for r in self.store.list_sandboxes() if r.state != st.SANDBOX_CREATING]
+        records = _select(live, flt.id, dict(flt.label_selector))
+        vms = self._vms()
+        return api.ListPodSandboxStatsResponse(stats=[stats_pb.sandbox_stats(vms.sandbox_stats(r)) for r in records])
+
     def UpdateContainerResources(self, request: api.UpdateContainerResourcesRequest,
                                  context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
         # A VM's vCPUs and memory are fixed at CreateContainer; accept the kubelet's call and say so.
@@ -313,6 +343,13 @@ def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStat
         finished_at=rec.finished_at, exit_code=rec.exit_code, reason=rec.reason, message=rec.message,
         image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref, image_id=rec.image_ref, labels=rec.labels,
         annotations=rec.annotations, log_path=log_path)
+
+
+def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> list[Any]:
+    """The records a stats filter picks: id prefix and labels, matched like ListContainers/ListPodSandbox."""
+    if selector:
+        validate_label_selector(selector)
+    return [r for r in records if r.id.startswith(id_prefix) and all(r.labels.get(k) == v for k, v in selector.items())]
 
 
 def _require_id(value: str, name: str) -> None:

@@ -227,3 +227,19 @@ def list_links(prefix: str = "", ns: str | None = None) -> list[str]:
     with ipr(ns) as sock:
         names = [link.get_attr("IFLA_IFNAME") for link in sock.get_links()]
     return sorted(n for n in names if n and n.startswith(prefix))
+
+
+def link_counters(name: str, ns: str | None = None) -> dict[str, int]:
+    """rx/tx byte and error counters of a link (the kernel's 64-bit ``IFLA_STATS64``).
+
+    Read over netlink, not from ``/sys/class/net``: sysfs shows the links of the namespace that *mounted* it, so
+    even a thread that entered the pod netns would read the host's counters there."""
+    with ipr(ns) as sock:
+        idx = _index(sock, name)
+        if idx is None:
+            raise LinkNotFound(f"interface {name} not found in {ns or 'the host namespace'}")
+        link = sock.get_links(idx)[0]
+        stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
+        if stats is None:
+            raise PlumbingError(f"the kernel gave no counters for {name} in {ns or 'the host namespace'}")
+        return {key: int(stats[key]) for key in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")}

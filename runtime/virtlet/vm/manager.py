@@ -27,6 +27,7 @@ from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer
 from virtlet.vm import libvirt_host as lh
+from virtlet.vm import stats as vmstats
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class VmManager:
         self._writers: dict[str, Any] = {}
         self._stop_requested: set[str] = set()
         self._exited = threading.Condition()
+        self.stats = vmstats.StatsSampler(lambda cid: self.host.lookup(self.domain_name(cid)))
         host.subscribe(self._on_event)
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -241,6 +243,7 @@ class VmManager:
                     self.parts.after_exit(sandbox)
             self.store.delete_container(cid)
             self._stop_requested.discard(cid)
+            self.stats.forget(cid)
 
     def remove_all_in_sandbox(self, sandbox_id: str) -> None:
         for rec in self.store.list_containers(sandbox_id):
@@ -364,6 +367,12 @@ class VmManager:
             return int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return 0
+
+    def container_stats(self, rec: st.ContainerRecord) -> vmstats.ContainerSample:
+        return self.stats.container(rec)
+
+    def sandbox_stats(self, rec: st.SandboxRecord) -> vmstats.SandboxSample:
+        return self.stats.sandbox(rec, self.store.list_containers(rec.id))
 
     def domain_xml(self, cid: str) -> str:
         dom = self.host.lookup(self.domain_name(cid))
