@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on one machine: installs what virtlet needs, builds the tiny guest image, starts libvirt's
+# The main job without podman or Ansible (README's first command, tools/local-node.sh, does it on a node made
+# with site.yml): installs what virtlet needs, builds the tiny guest image, starts libvirt's
 # daemons and virtletd (unless they run already), then starts the example VM pod (examples/vm-pod.yaml)
 # through CRI, the way the kubelet would, and shows its console log, its pod IP and an SSH command.
 # A second run reuses everything that exists.   Stop it all:  bash tools/demo.sh --down

@@ -1,10 +1,10 @@
 """Starts the example VM pod (examples/vm-pod.yaml) on this machine through virtletd's CRI socket, the way
 the kubelet would, and shows its console log, IP and an SSH command.  A second run finds the running pod and
-shows it again.  Used by tools/demo.sh (the README's first command).
+shows it again.  Used by tools/demo.sh and, inside its podman node against the node's CRI proxy socket, by
+tools/local-node.sh (README's first command).
 
 usage: python tools/demo_pod.py --socket /run/virtlet.sock --image NAME --key KEY.pub --log-dir DIR [--remove]
                                 [--ssh-via "podman exec -it NODE"]
-Also run inside the local node of tools/local-node.sh, against the node's CRI proxy socket.
 """
 
 from __future__ import annotations

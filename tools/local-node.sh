@@ -56,9 +56,10 @@ start_node() {
 }
 
 # A hash of everything site.yml's result depends on: when it is unchanged, site.yml would change nothing.
+# (Not the egg-info: wheel builds rewrite it.)
 inputs_hash() {
   { find roles playbooks inventories/local site.yml runtime pyproject.toml -type f \
-      ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
+      ! -name '*.pyc' ! -path '*/__pycache__/*' ! -path '*.egg-info/*' -print0 | sort -z | xargs -0 sha256sum
     cat "$state/vars.yml"; } | sha256sum | cut -c1-16
 }
 
@@ -126,6 +127,7 @@ down() {
     podman rm --force --volumes "$node" >/dev/null
     say "removed $node"
   fi
+  molecule/shared/files/podman-bridge-cleanup.sh >/dev/null
   rm -f "$state/provisioned"
 }
 
