@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -65,20 +66,31 @@ def loopback_cni(world_dir: Path) -> Path:
     return conf
 
 
-@pytest.fixture
-def virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard) -> Iterator[VirtletdProcess]:
-    """virtletd on a temp socket and state dir, with libvirt's in-process test driver (no VMs) and a real
-    CNI bridge network."""
+@contextlib.contextmanager
+def running_virtletd(world_dir: Path, netns_guard: NetnsGuard, cni_conf: Path, flags: list[str],
+                     guard: DomainGuard | None = None) -> Iterator[VirtletdProcess]:
+    """virtletd on a temp socket and state dir with the world's image dirs; on the way out every sandbox it
+    still has is removed before it stops (leak checks then see only what the test itself lost)."""
     daemon = VirtletdProcess(world_dir, [
-        "--libvirt-uri", "test:///default", "--kvm", "off", "--cni-conf-dir", str(bridge_cni),
-        "--image-dir", str(world_dir / "images"), "--image-translations-dir", str(world_dir / "translations")])
+        *flags, "--cni-conf-dir", str(cni_conf), "--image-dir", str(world_dir / "images"),
+        "--image-translations-dir", str(world_dir / "translations")])
     netns_guard.logs.append(daemon.log_path)
+    if guard is not None:
+        guard.logs.append(daemon.log_path)
     daemon.start()
     try:
         yield daemon
     finally:
         _remove_all_sandboxes(daemon)
         daemon.stop()
+
+
+@pytest.fixture
+def virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard) -> Iterator[VirtletdProcess]:
+    """virtletd with libvirt's in-process test driver (no VMs) and a real CNI bridge network."""
+    with running_virtletd(world_dir, netns_guard, bridge_cni, ["--libvirt-uri", "test:///default", "--kvm", "off"]) \
+            as daemon:
+        yield daemon
 
 
 def _remove_all_sandboxes(daemon: VirtletdProcess) -> None:
@@ -184,18 +196,12 @@ def vm_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard, libv
     import subprocess
 
     guard = DomainGuard()
-    daemon = VirtletdProcess(world_dir, [
-        "--kvm", "off", "--cni-conf-dir", str(bridge_cni), "--image-dir", str(world_dir / "images"),
-        "--image-translations-dir", str(world_dir / "translations"), "--image-default-scheme", "http",
-        "--log-level", "debug"])
-    netns_guard.logs.append(daemon.log_path)
-    guard.logs.append(daemon.log_path)
-    daemon.start()
     try:
-        yield daemon
+        with running_virtletd(world_dir, netns_guard, bridge_cni,
+                              ["--kvm", "off", "--image-default-scheme", "http", "--log-level", "debug"],
+                              guard) as daemon:
+            yield daemon
     finally:
-        _remove_all_sandboxes(daemon)
-        daemon.stop()
         leaked = guard.leaked()
         for name in leaked:
             subprocess.run(["virsh", "destroy", name], capture_output=True)
