@@ -23,19 +23,23 @@ KVER=$(ls "$X/lib/modules" | head -1)
 # -- initramfs tree -----------------------------------------------------------------------------------------
 R="$WORK/root"
 mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,run,tmp,root/.ssh,var/log,lib/modules,usr/bin,usr/sbin,etc/dropbear}
+ln -s ../run "$R/var/run"  # qemu-ga keeps its pid file and state in /var/run
 cp "$X/bin/busybox" "$R/bin/busybox"
 for applet in $("$R/bin/busybox" --list); do
   [ "$applet" = busybox ] || { ln -sf busybox "$R/bin/$applet"; ln -sf ../bin/busybox "$R/sbin/$applet"; }
 done
-# dropbear and the shared libraries it needs (resolved against the unpacked tree)
+# dropbear, the QEMU guest agent and the shared libraries they need (resolved against the unpacked tree; a
+# library missing there is an error: add its package to packages.txt rather than copy the host's)
 cp "$X/usr/sbin/dropbear" "$R/usr/sbin/"
 cp "$X/usr/bin/dropbearkey" "$R/usr/bin/"
+cp "$X/usr/sbin/qemu-ga" "$R/usr/sbin/"
 mkdir -p "$R/lib64" "$R/lib/x86_64-linux-gnu"
 cp -L "$X/lib64/ld-linux-x86-64.so.2" "$R/lib64/" 2>/dev/null || cp -L "$X/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$R/lib64/"
-for bin in "$R/usr/sbin/dropbear" "$R/usr/bin/dropbearkey"; do
+for bin in "$R/usr/sbin/dropbear" "$R/usr/bin/dropbearkey" "$R/usr/sbin/qemu-ga"; do
   for lib in $(LD_LIBRARY_PATH="$X/lib/x86_64-linux-gnu:$X/usr/lib/x86_64-linux-gnu" ldd "$bin" | awk '/=>/ {print $1}'); do
     src=$(find "$X/lib/x86_64-linux-gnu" "$X/usr/lib/x86_64-linux-gnu" -name "$lib" 2>/dev/null | head -1)
-    [ -n "$src" ] && cp -L "$src" "$R/lib/x86_64-linux-gnu/"
+    [ -n "$src" ] || die "tiny: $lib (needed by ${bin##*/}) is in none of the packages of packages.txt"
+    cp -L "$src" "$R/lib/x86_64-linux-gnu/"
   done
 done
 # kernel modules for virtio/SCSI/IDE disks, CD-ROMs, ISO9660/FAT config drives, NICs, the ACPI power button

@@ -68,7 +68,8 @@ class Virtletd:
         self.sandboxes.before_stop.append(self.vms.stop_all_in_sandbox)
         self.runtime = RuntimeServicer(self.sandboxes, self.status_conditions, self.status_info)
         self.runtime.containers = self.vms
-        self.streaming = StreamingService(cfg.stream_address, self.store, self.vms.console_dir)  # issue 9
+        self.streaming = StreamingService(cfg.stream_address, self.store, self.vms.console_dir,  # issue 9
+                                          agents=self.vms.guest_agent)
         self.runtime.streaming = self.streaming
         self.images = ImageServicer(self.image_store)
         self.server = CriServer(cfg.listen, self.runtime, self.images)

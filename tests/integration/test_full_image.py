@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers.daemon import VirtletdProcess
 from tests.integration.conftest import guest_image
+from tests.integration.test_vm_exec import _exec, _wait_for_agent
 from tests.integration.test_vm_lifecycle import Pod, _pull
 from tests.integration.test_vm_network import pod_ip, ssh, wait_ssh
 from tests.integration.test_vm_network import ssh_key as ssh_key
@@ -51,4 +52,8 @@ def test_full_image_real_cloud_init(vm_virtletd: VirtletdProcess, world_dir: Pat
     # the root filesystem was grown to the 4Gi root volume by cloud-init
     size_kb = int(ssh(ssh_key[0], ip, "df -k --output=size / | tail -1").strip())
     assert size_kb > 3 * 1024 * 1024, size_kb
+    # exec probes: the guest agent is started by systemd when udev sees its virtio-serial port
+    _wait_for_agent(pod)
+    res = _exec(pod, "cat", "/etc/hostname")
+    assert (res.exit_code, res.stdout) == (0, b"full-vm\n"), res
     pod.stop_and_remove()

@@ -71,6 +71,8 @@ CASES = [
                                         dx.EthernetInterface("t1", "52:54:00:00:00:02", 9000)]),
     ("serial console on socket with raw log", request(),
      lambda d: d.devices.serials == [dx.UnixSerial("/run/virtlet/c.sock", "/var/log/virtlet/c.raw", True)]),
+    ("guest agent channel, path left to libvirt", request(),
+     lambda d: d.devices.channels == [dx.GuestAgentChannel("org.qemu.guest_agent.0")]),
     ("vnc on loopback only", request(), lambda d: d.devices.graphics == [dx.VncGraphics("127.0.0.1", True)]),
     ("power policy", request(),
      lambda d: (d.on_poweroff, d.on_reboot, d.on_crash, d.features) == ("destroy", "restart", "destroy",

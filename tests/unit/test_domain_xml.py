@@ -88,6 +88,7 @@ def full_domain() -> dx.Domain:
             controllers=[dx.Controller()],
             interfaces=[dx.EthernetInterface(target_dev="tap0", mac="52:54:00:12:34:56", mtu=1500)],
             serials=[dx.UnixSerial(path="/run/c.sock", log_file="/log/c.raw")],
+            channels=[dx.GuestAgentChannel()],
             graphics=[dx.VncGraphics()], memballoon=dx.MemBalloon(), rng=dx.Rng()),
         metadata=[dx.Metadata(uri=NS, prefix="vt", root="container",
                               fields={"container-id": "abc", "pod": "p"})],
@@ -128,6 +129,7 @@ def test_domain_xml_structure() -> None:
           <target port='0'/></serial>
         <console type='unix'><source mode='bind' path='/run/c.sock'/><log file='/log/c.raw' append='on'/>
           <target type='serial' port='0'/></console>
+        <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
         <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/>
         </graphics>
         <memballoon model='virtio'/>
@@ -179,6 +181,10 @@ def test_from_string_reads_libvirt_style_xml() -> None:
           <target type='isa-serial' port='0'><model name='isa-serial'/></target><alias name='serial0'/>
         </serial>
         <console type='unix'><source mode='bind' path='/s'/><target type='serial' port='0'/></console>
+        <channel type='unix'><source mode='bind'
+          path='/var/lib/libvirt/qemu/channel/target/domain-7-virtlet-x/org.qemu.guest_agent.0'/>
+          <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/><alias name='channel0'/>
+          <address type='virtio-serial' controller='0' bus='0' port='1'/></channel>
         <input type='mouse' bus='ps2'/>
         <graphics type='vnc' port='5900' autoport='yes' listen='127.0.0.1'><listen type='address'
           address='127.0.0.1'/></graphics>
@@ -191,6 +197,7 @@ def test_from_string_reads_libvirt_style_xml() -> None:
     assert domain.devices.interfaces == [dx.EthernetInterface(target_dev="tapx", mac="52:54:00:aa:bb:cc")]
     assert domain.devices.serials == [dx.UnixSerial(path="/s", log_file="/l")]
     assert domain.devices.graphics == [dx.VncGraphics()]
+    assert domain.devices.channels == [dx.GuestAgentChannel()]
 
 
 @pytest.mark.parametrize("xml", ["<domain", "<network/>", "<domain><name>x</name></domain>",

@@ -150,8 +150,11 @@ def test_token_reuse_unknown_path_and_protocol_mismatch(server: StreamServer) ->
         AttachClient(url, stdin=False)
     assert exc.value.status == 403
     with pytest.raises(UpgradeError) as exc:
-        upgrade(server.base_url + "/exec/x", ["v4.channel.k8s.io"])
+        upgrade(server.base_url + "/run/x", ["v4.channel.k8s.io"])
     assert exc.value.status == 404
+    with pytest.raises(UpgradeError) as exc:
+        upgrade(server.base_url + "/exec/x", ["v4.channel.k8s.io"])
+    assert exc.value.status == 403
     with pytest.raises(UpgradeError) as exc:
         upgrade(server.attach_url(AttachRequest("c")), ["v99.channel.k8s.io"])
     assert exc.value.status == 403

@@ -288,12 +288,35 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return api.UpdateContainerResourcesResponse()
 
     def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:
-        raise errors.Unimplemented(
-            "exec into a VM pod is not supported yet (no guest agent); use `virtletctl ssh <pod>` instead")
+        # Runs through the QEMU guest agent (virtlet.vm.guest_agent): exit code and output of a finished command;
+        # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).
+        _require_id(request.container_id, "container_id")
+        if not request.cmd or not request.cmd[0]:
+            raise errors.InvalidArgument("ExecSync: cmd is required (the program and its arguments)")
+        self._require_running(request.container_id)
+        agent = self._vms().guest_agent(request.container_id)
+        result = agent.exec(list(request.cmd), None, timeout=float(request.timeout) or None, alive=context.is_active)
+        return api.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:
-        raise errors.Unimplemented(
-            "exec into a VM pod is not supported yet (no guest agent); use `virtletctl ssh <pod>` instead")
+        _require_id(request.container_id, "container_id")
+        if request.tty:
+            raise errors.FailedPrecondition(
+                "interactive exec with a terminal is not supported for VM pods; use `kubectl attach -it` for the "
+                "console or `virtletctl ssh`")
+        if not request.cmd or not request.cmd[0]:
+            raise errors.InvalidArgument("Exec: cmd is required (the program and its arguments)")
+        if not (request.stdin or request.stdout or request.stderr):
+            raise errors.InvalidArgument("Exec: at least one of stdin, stdout and stderr is required")
+        url = self._streaming().exec_url(request.container_id, list(request.cmd), stdin=request.stdin,
+                                         stdout=request.stdout, stderr=request.stderr)
+        return api.ExecResponse(url=url)
+
+    def _require_running(self, container_id: str) -> None:
+        rec = self.store.require_container(container_id)
+        if rec.state != st.CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {container_id} is {rec.state}: commands run only in a running VM")
 
     # -- streaming (added for issue 9: URLs of virtlet.stream.service.StreamingService, set by the daemon) --
     streaming: Any = None

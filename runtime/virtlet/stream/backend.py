@@ -1,5 +1,5 @@
-"""virtletd's side of the streaming server: VM consoles for attach, the pod network for port-forward, and the
-checks a CRI ``Attach``/``PortForward`` call makes before it hands out a URL.
+"""virtletd's side of the streaming server: VM consoles for attach, the guest agent for exec, the pod network for
+port-forward, and the checks a CRI ``Attach``/``Exec``/``PortForward`` call makes before it hands out a URL.
 
 Consoles: QEMU's serial socket takes one client, so one ``ConsoleHub`` per container is shared by all attach
 sessions and closed when the last one leaves (``virsh console`` can connect again then).
@@ -17,13 +17,14 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from virtlet import errors
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
-from virtlet.stream.model import AttachRequest, PortForwardRequest
+from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
 from virtlet.vm.console_attach import ConsoleHub, ConsoleSession
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,13 @@ class _CountedSession:
 
 
 class VirtletBackend:
-    """Attach and port-forward for the containers and sandboxes in ``store``."""
+    """Attach, exec and port-forward for the containers and sandboxes in ``store``.  ``agents`` gives the guest
+    agent of a container (``VmManager.guest_agent``); without it exec answers UNAVAILABLE."""
 
-    def __init__(self, store: st.StateStore, console_dir: Path, *, host_fallback: bool = True) -> None:
+    def __init__(self, store: st.StateStore, console_dir: Path, *, host_fallback: bool = True,
+                 agents: Callable[[str], Any] | None = None) -> None:
         self.store = store
+        self.agents = agents
         self.console_dir = Path(console_dir)
         self.host_fallback = host_fallback
         self._lock = threading.Lock()
@@ -74,6 +78,16 @@ class VirtletBackend:
         if rec.state != st.CONTAINER_RUNNING:
             raise errors.FailedPrecondition(
                 f"container {req.container_id} is {rec.state}: only a running VM has a console to attach to")
+
+    def check_exec(self, req: ExecRequest) -> None:
+        if not req.container_id:
+            raise errors.InvalidArgument("Exec: container_id is required")
+        if not req.cmd or not req.cmd[0]:
+            raise errors.InvalidArgument("Exec: cmd is required (the program and its arguments)")
+        rec = self.store.require_container(req.container_id)
+        if rec.state != st.CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {req.container_id} is {rec.state}: commands run only in a running VM")
 
     def check_port_forward(self, req: PortForwardRequest) -> None:
         if not req.sandbox_id:
@@ -118,6 +132,17 @@ class VirtletBackend:
             hubs, self._hubs = [h for h, _ in self._hubs.values()], {}
         for hub in hubs:
             hub.close()
+
+    # -- exec -------------------------------------------------------------------------------------------
+    def run_exec(self, container_id: str, cmd: tuple[str, ...], stdin: bytes | None,
+                 alive: Callable[[], bool]) -> Any:
+        """Run ``cmd`` in the VM through its guest agent, without a time limit (a client that leaves ends it)."""
+        if self.agents is None:
+            raise errors.Unavailable("virtletd runs without a VM manager; exec is unavailable")
+        rec = self.store.require_container(container_id)
+        if rec.state != st.CONTAINER_RUNNING:
+            raise errors.FailedPrecondition(f"container {container_id} is {rec.state}; its VM is not running")
+        return self.agents(container_id).exec(list(cmd), stdin, timeout=None, alive=alive)
 
     # -- port-forward -----------------------------------------------------------------------------------
     def pod_ip(self, rec: st.SandboxRecord) -> str:

@@ -1,6 +1,7 @@
 """A small SPDY client for streaming URLs: what ``virtletctl`` (and the tests) use to attach and forward ports.
 
 ``upgrade(url, protocols)`` does the HTTP upgrade; ``AttachClient`` opens the remote-command streams;
+``ExecClient`` runs one command (stdin sent whole, output read to its end, the Status with its exit code);
 ``PortForwardClient`` opens one (error, data) stream pair per forwarded connection on one SPDY connection
 (the URL's token is single-use, so one connection carries every forwarded connection).
 """
@@ -130,22 +131,82 @@ class AttachClient:
 
     def status(self, timeout: float = 10.0) -> dict[str, Any] | str:
         """What the server wrote on the error stream at the end (v4: decoded JSON Status)."""
-        chunks = []
-        while True:
-            data = self.error.read(timeout)
-            if not data:
-                break
-            chunks.append(data)
-        text = b"".join(chunks).decode(errors="replace")
-        if self.protocol.startswith(("v4.", "v5.")) and text:
-            return json.loads(text)
-        return text
+        return _read_status(self.error, self.protocol, timeout)
 
     def close(self) -> None:
         for s in (self.stdin, self.stdout, self.resize):
             if s is not None:
                 s.close()
         self.conn.close(grace=1.0)
+
+
+class ExecClient:
+    """SPDY remote-command client for an exec URL: ``run()`` sends stdin, reads stdout and stderr to their end
+    and returns them with the Status (v4: decoded JSON; exit code in ``exit_code(status)``)."""
+
+    PROTOCOLS = AttachClient.PROTOCOLS
+
+    def __init__(self, url: str, *, stdin: bool = False, stderr: bool = True, protocols: list[str] | None = None,
+                 timeout: float = 10.0) -> None:
+        up = upgrade(url, protocols or self.PROTOCOLS, timeout=timeout)
+        self.protocol = up.protocol
+        self.conn = SpdyConnection(up.sock, server=False, initial=up.rest).start()
+        self.error = self.conn.open_stream({"streamType": "error"}, timeout)
+        self.error.close()
+        self.stdin = self.conn.open_stream({"streamType": "stdin"}, timeout) if stdin else None
+        self.stdout = self.conn.open_stream({"streamType": "stdout"}, timeout)
+        self.stderr = self.conn.open_stream({"streamType": "stderr"}, timeout) if stderr else None
+
+    def run(self, stdin: bytes = b"", timeout: float = 60.0) -> tuple[bytes, bytes, dict[str, Any] | str]:
+        if self.stdin is not None:
+            if stdin:
+                self.stdin.write(stdin)
+            self.stdin.close()  # EOF: the command runs now
+        got: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+
+        def drain(name: str, stream: SpdyStream) -> None:
+            while chunk := stream.read(timeout):
+                got[name] += chunk
+
+        threads = [threading.Thread(target=drain, args=(n, s), daemon=True)
+                   for n, s in (("stdout", self.stdout), ("stderr", self.stderr)) if s is not None]
+        for t in threads:
+            t.start()
+        status = _read_status(self.error, self.protocol, timeout)
+        for t in threads:
+            t.join(timeout)
+        return got["stdout"], got["stderr"], status
+
+    @staticmethod
+    def exit_code(status: dict[str, Any] | str) -> int:
+        """0 for Success; the ExitCode cause of a NonZeroExitCode Status; 1 for any other failure."""
+        if isinstance(status, str):
+            return 1 if status else 0
+        if status.get("status") == "Success":
+            return 0
+        for cause in (status.get("details") or {}).get("causes") or []:
+            if cause.get("reason") == "ExitCode":
+                return int(cause.get("message", "1"))
+        return 1
+
+    def close(self) -> None:
+        for s in (self.stdin, self.stdout, self.stderr):
+            if s is not None:
+                s.close()
+        self.conn.close(grace=1.0)
+
+
+def _read_status(error: SpdyStream, protocol: str, timeout: float) -> dict[str, Any] | str:
+    chunks = []
+    while True:
+        data = error.read(timeout)
+        if not data:
+            break
+        chunks.append(data)
+    text = b"".join(chunks).decode(errors="replace")
+    if protocol.startswith(("v4.", "v5.")) and text:
+        return json.loads(text)
+    return text
 
 
 class PortForwardClient:

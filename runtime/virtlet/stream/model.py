@@ -7,6 +7,7 @@ behind them and virtletd puts its VMs (``backend.VirtletBackend``).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +18,18 @@ class AttachRequest:
     stdin: bool = False
     stdout: bool = True
     stderr: bool = False
+    tty: bool = False
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    """A non-interactive command (no TTY: refused at the CRI ``Exec`` call)."""
+
+    container_id: str
+    cmd: tuple[str, ...]
+    stdin: bool = False
+    stdout: bool = True
+    stderr: bool = True
     tty: bool = False
 
 
@@ -34,11 +47,21 @@ class ConsoleSessionLike(Protocol):
     def close(self) -> None: ...
 
 
+class ExecResultLike(Protocol):
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
 class Backend(Protocol):
-    """Where attach and port-forward lead."""
+    """Where attach, exec and port-forward lead."""
 
     def open_console(self, container_id: str) -> ConsoleSessionLike:
         """A session on the container's console (raise a ``VirtletError`` saying why not)."""
+
+    def run_exec(self, container_id: str, cmd: tuple[str, ...], stdin: bytes | None,
+                 alive: Callable[[], bool]) -> ExecResultLike:
+        """Run ``cmd`` to its end (raise a ``VirtletError`` saying why it cannot run)."""
 
     def dial(self, sandbox_id: str, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP connection to ``port`` of the pod (raise ``OSError``/``VirtletError`` saying why not)."""

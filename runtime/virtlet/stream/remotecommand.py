@@ -1,4 +1,8 @@
-"""The Kubernetes remote-command protocol for ``attach``, over SPDY streams or WebSocket channels.
+"""The Kubernetes remote-command protocol for ``attach`` and ``exec``, over SPDY streams or WebSocket channels.
+
+The transport code (stream set-up, the stdin/stdout/stderr/error plumbing, the final Status) is shared; what
+differs is the session: ``run_attach`` (below) or ``run_exec`` (``virtlet.stream.execute``), both called as
+``session(read_stdin, write_stdout, write_stderr, gone) -> Outcome``.
 
 Attach copies the VM's serial console: guest output to stdout, stdin to the guest.  A TTY resize is accepted
 and ignored (a serial console has no window size).  The session ends when the console ends (the VM stopped or
@@ -6,7 +10,9 @@ virtletd lost the console: a Success status is sent on the error stream/channel)
 opened (a Failure status), or when the client goes away (nothing more can be sent).  The client's stdin EOF
 does not end the session: ``echo cmd | kubectl attach -i`` must still see the output.
 
-Status on the error stream: v4/v5 send a JSON ``metav1.Status``; older versions send only failures, as text.
+Status on the error stream: v4/v5 send a JSON ``metav1.Status`` (a non-zero exit of an exec as reason
+``NonZeroExitCode`` with an ``ExitCode`` cause, which ``kubectl exec`` turns into its own exit code); older
+versions send only failures, as text.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from virtlet.stream.model import AttachRequest, Backend, ConsoleSessionLike
 from virtlet.stream.spdy_conn import SpdyConnection, SpdyStream, StreamClosed
@@ -36,18 +44,38 @@ STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
 STREAM_CREATION_TIMEOUT = 30.0
 
 
-def json_status(error: str | None) -> bytes:
+@dataclass(frozen=True)
+class Outcome:
+    """How a session ended: ``error`` (a failure to report), else ``exit_code`` (non-zero: the command failed)."""
+
+    error: str | None = None
+    exit_code: int = 0
+
+
+Reader = Callable[[], bytes]
+Writer = Callable[[bytes], None]
+Session = Callable[[Reader | None, Writer | None, Writer | None, threading.Event], Outcome]
+
+
+def json_status(error: str | None, exit_code: int = 0) -> bytes:
     """The v4 ``metav1.Status`` for a session's end."""
-    if error is None:
-        return json.dumps({"metadata": {}, "status": "Success"}).encode()
-    return json.dumps({"metadata": {}, "status": "Failure", "message": error, "reason": "InternalError",
-                       "details": {"causes": [{"message": error}]}, "code": 500}).encode()
+    if error is not None:
+        return json.dumps({"metadata": {}, "status": "Failure", "message": error, "reason": "InternalError",
+                           "details": {"causes": [{"message": error}]}, "code": 500}).encode()
+    if exit_code:
+        return json.dumps({"metadata": {}, "status": "Failure",
+                           "message": f"command terminated with non-zero exit code: exit status {exit_code}",
+                           "reason": "NonZeroExitCode",
+                           "details": {"causes": [{"reason": "ExitCode", "message": str(exit_code)}]}}).encode()
+    return json.dumps({"metadata": {}, "status": "Success"}).encode()
 
 
-def status_bytes(protocol: str, error: str | None) -> bytes:
+def status_bytes(protocol: str, error: str | None, exit_code: int = 0) -> bytes:
     if protocol.startswith(("v4.", "v5.")):
-        return json_status(error)
-    return error.encode() if error else b""
+        return json_status(error, exit_code)
+    if error:
+        return error.encode()
+    return f"command terminated with non-zero exit code: exit status {exit_code}".encode() if exit_code else b""
 
 
 def normalize(req: AttachRequest) -> AttachRequest:
@@ -106,10 +134,18 @@ def serve_spdy(sock: socket.socket, initial: bytes, protocol: str, req: AttachRe
                creation_timeout: float = STREAM_CREATION_TIMEOUT) -> None:
     """Serve one attach over an upgraded SPDY connection (the 101 was already sent)."""
     req = normalize(req)
+    serve_spdy_session(sock, initial, protocol, _flags(req), f"attach {req.container_id}",
+                       _attach_session(backend, req), creation_timeout)
+
+
+def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags: tuple[bool, bool, bool, bool],
+                       label: str, session: Session, creation_timeout: float = STREAM_CREATION_TIMEOUT) -> None:
+    """Wait for the client's streams (``flags`` = stdin, stdout, stderr, tty), run ``session``, send the Status."""
+    stdin_on, stdout_on, stderr_on, tty = flags
     arrived: queue.Queue[SpdyStream] = queue.Queue()
     conn = SpdyConnection(sock, server=True, on_stream=arrived.put, initial=initial).start()
     resize_ok = protocol not in ("", "channel.k8s.io", "v2.channel.k8s.io")
-    expected = 1 + req.stdin + req.stdout + req.stderr + (req.tty and resize_ok)
+    expected = 1 + stdin_on + stdout_on + stderr_on + (tty and resize_ok)
     streams: dict[str, SpdyStream] = {}
     deadline = time.monotonic() + creation_timeout
     try:
@@ -117,7 +153,7 @@ def serve_spdy(sock: socket.socket, initial: bytes, protocol: str, req: AttachRe
             try:
                 stream = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                log.info("attach %s: client did not create its streams in time", req.container_id)
+                log.info("%s: client did not create its streams in time", label)
                 return
             kind = stream.header("streamtype")
             if kind not in ("error", "stdin", "stdout", "stderr", "resize") or kind in streams:
@@ -128,11 +164,11 @@ def serve_spdy(sock: socket.socket, initial: bytes, protocol: str, req: AttachRe
             streams[kind] = stream
         gone = threading.Event()
         threading.Thread(target=lambda: (conn.closed.wait(), gone.set()), daemon=True).start()
-        stdin, stdout = streams.get("stdin"), streams.get("stdout")
-        error = run_attach(backend, req, _stream_reader(stdin) if stdin else None,
-                           stdout.write if stdout else None, gone)
+        stdin, stdout, stderr = streams.get("stdin"), streams.get("stdout"), streams.get("stderr")
+        outcome = session(_stream_reader(stdin) if stdin else None, stdout.write if stdout else None,
+                          stderr.write if stderr else None, gone)
         if not conn.closed.is_set():
-            data = status_bytes(protocol, error)
+            data = status_bytes(protocol, outcome.error, outcome.exit_code)
             with contextlib.suppress(StreamClosed, OSError):
                 if data:
                     streams["error"].write(data)
@@ -140,6 +176,17 @@ def serve_spdy(sock: socket.socket, initial: bytes, protocol: str, req: AttachRe
         for s in streams.values():
             s.close()
         conn.close()
+
+
+def _flags(req: Any) -> tuple[bool, bool, bool, bool]:
+    return bool(req.stdin), bool(req.stdout), bool(req.stderr), bool(req.tty)
+
+
+def _attach_session(backend: Backend, req: AttachRequest) -> Session:
+    def session(read_stdin: Reader | None, write_stdout: Writer | None, _write_stderr: Writer | None,
+                gone: threading.Event) -> Outcome:
+        return Outcome(error=run_attach(backend, req, read_stdin, write_stdout, gone))
+    return session
 
 
 def _stream_reader(stream: SpdyStream) -> Callable[[], bytes]:
@@ -155,8 +202,16 @@ def _stream_reader(stream: SpdyStream) -> Callable[[], bytes]:
 def serve_websocket(ws: ChannelSocket, req: AttachRequest, backend: Backend) -> None:
     """Serve one attach over an upgraded WebSocket (the 101 was already sent)."""
     req = normalize(req)
+    serve_websocket_session(ws, _flags(req), _attach_session(backend, req))
+
+
+def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bool], session: Session) -> None:
+    """Run ``session`` over the channels of ``ws`` (``flags`` = stdin, stdout, stderr, tty), send the Status.
+
+    stdin ends (``b""``) with v5's close-channel message or when the client goes away."""
+    stdin_on, stdout_on, stderr_on, _tty = flags
     # Kubernetes tells the client the connection is up with an empty message on the lowest writable channel.
-    first = STDOUT if req.stdout else STDERR if req.stderr else ERROR
+    first = STDOUT if stdout_on else STDERR if stderr_on else ERROR
     gone = threading.Event()
     stdin_q: queue.Queue[bytes] = queue.Queue()
     try:
@@ -170,7 +225,7 @@ def serve_websocket(ws: ChannelSocket, req: AttachRequest, backend: Backend) -> 
             if msg is None:
                 break
             channel, data = msg
-            if channel == STDIN and req.stdin and data:
+            if channel == STDIN and stdin_on and data:
                 stdin_q.put(data)
             elif channel == CLOSE_CHANNEL and ws.protocol.startswith("v5.") and data[:1] == bytes([STDIN]):
                 stdin_q.put(b"")
@@ -178,16 +233,16 @@ def serve_websocket(ws: ChannelSocket, req: AttachRequest, backend: Backend) -> 
         gone.set()
         stdin_q.put(b"")
 
-    reader = threading.Thread(target=receive, daemon=True, name="attach-ws-reader")
+    reader = threading.Thread(target=receive, daemon=True, name="remotecommand-ws-reader")
     reader.start()
 
-    def write_stdout(data: bytes) -> None:
-        ws.send(STDOUT, data)
+    def writer(channel: int) -> Writer:
+        return lambda data: ws.send(channel, data)
 
-    error = run_attach(backend, req, stdin_q.get if req.stdin else None, write_stdout if req.stdout else None,
-                       gone)
+    outcome = session(stdin_q.get if stdin_on else None, writer(STDOUT) if stdout_on else None,
+                      writer(STDERR) if stderr_on else None, gone)
     if not gone.is_set():
-        data = status_bytes(ws.protocol, error)
+        data = status_bytes(ws.protocol, outcome.error, outcome.exit_code)
         with contextlib.suppress(OSError):
             if data:
                 ws.send(ERROR, data)

@@ -1,9 +1,10 @@
-"""The streaming HTTP server: single-use URLs for CRI ``Attach``/``PortForward``, upgraded to SPDY or WebSocket.
+"""The streaming HTTP server: single-use URLs for CRI ``Attach``/``Exec``/``PortForward``, upgraded to SPDY or
+WebSocket.
 
-Paths are ``/attach/<token>`` and ``/portforward/<token>``.  A request is checked in this order, and each
-failure ends the connection without opening anything: well-formed head (400), known path (404), GET/POST
-(405), an ``Upgrade`` of ``SPDY/3.1`` or ``websocket`` with the headers it needs (400), a live token of the
-right kind (403: unknown, expired or already used), a subprotocol both sides speak (403 for SPDY, as
+Paths are ``/attach/<token>``, ``/exec/<token>`` and ``/portforward/<token>``.  A request is checked in this
+order, and each failure ends the connection without opening anything: well-formed head (400), known path (404),
+GET/POST (405), an ``Upgrade`` of ``SPDY/3.1`` or ``websocket`` with the headers it needs (400), a live token
+of the right kind (403: unknown, expired or already used), a subprotocol both sides speak (403 for SPDY, as
 Kubernetes answers; 400 for WebSocket).  Each connection has its own thread; a failing one never stops
 the others or the server.
 """
@@ -17,9 +18,9 @@ import threading
 from typing import Any
 
 from virtlet import errors
-from virtlet.stream import portforward, remotecommand
+from virtlet.stream import execute, portforward, remotecommand
 from virtlet.stream.httpio import BadRequest, Request, read_request, respond
-from virtlet.stream.model import AttachRequest, Backend, PortForwardRequest
+from virtlet.stream.model import AttachRequest, Backend, ExecRequest, PortForwardRequest
 from virtlet.stream.tokens import DEFAULT_TTL, TokenStore
 from virtlet.stream.websocket import ChannelSocket, accept_key
 
@@ -114,6 +115,9 @@ class StreamServer:
     def attach_url(self, req: AttachRequest) -> str:
         return f"{self.base_url}/attach/{self.tokens.issue('attach', req)}"
 
+    def exec_url(self, req: ExecRequest) -> str:
+        return f"{self.base_url}/exec/{self.tokens.issue('exec', req)}"
+
     def port_forward_url(self, req: PortForwardRequest) -> str:
         return f"{self.base_url}/portforward/{self.tokens.issue('portforward', req)}"
 
@@ -153,8 +157,9 @@ class StreamServer:
         if req is None:
             return
         parts = req.path.strip("/").split("/")
-        if len(parts) != 2 or parts[0] not in ("attach", "portforward") or not parts[1]:
-            respond(conn, 404, f"{req.path} not found (streaming URLs are /attach/TOKEN and /portforward/TOKEN)\n")
+        if len(parts) != 2 or parts[0] not in ("attach", "exec", "portforward") or not parts[1]:
+            respond(conn, 404, f"{req.path} not found (streaming URLs are /attach/TOKEN, /exec/TOKEN and "
+                               f"/portforward/TOKEN)\n")
             return
         kind, token = parts
         if req.method not in ("GET", "POST"):
@@ -179,6 +184,8 @@ class StreamServer:
             return
         if kind == "attach":
             self._attach(conn, req, transport, request)
+        elif kind == "exec":
+            self._exec(conn, req, transport, request)
         else:
             self._port_forward(conn, req, transport, request)
 
@@ -218,6 +225,19 @@ class StreamServer:
         ws = self._upgrade_ws(conn, req, remotecommand.WS_PROTOCOLS)
         if ws is not None:
             remotecommand.serve_websocket(ws, request, self.backend)
+
+    def _exec(self, conn: socket.socket, req: Request, transport: str, request: ExecRequest) -> None:
+        flags = (request.stdin, request.stdout, request.stderr, False)
+        session = execute.exec_session(self.backend, request)
+        if transport == "spdy":
+            protocol = self._upgrade_spdy(conn, req, remotecommand.SPDY_PROTOCOLS)
+            if protocol is not None:
+                remotecommand.serve_spdy_session(conn, req.rest, protocol, flags, f"exec {request.container_id}",
+                                                 session)
+            return
+        ws = self._upgrade_ws(conn, req, remotecommand.WS_PROTOCOLS)
+        if ws is not None:
+            remotecommand.serve_websocket_session(ws, flags, session)
 
     def _port_forward(self, conn: socket.socket, req: Request, transport: str,
                       request: PortForwardRequest) -> None:

@@ -1,19 +1,20 @@
-"""What virtletd composes: the streaming server with the VM backend, and the two CRI calls that issue URLs.
+"""What virtletd composes: the streaming server with the VM backend, and the three CRI calls that issue URLs.
 
-A streaming address that cannot be bound does not stop virtletd (VMs and CRI keep working); ``Attach`` and
-``PortForward`` then answer UNAVAILABLE naming the address and the reason.
+A streaming address that cannot be bound does not stop virtletd (VMs and CRI keep working); ``Attach``,
+``Exec`` and ``PortForward`` then answer UNAVAILABLE naming the address and the reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from virtlet import errors
 from virtlet.state import store as st
 from virtlet.stream.backend import VirtletBackend
-from virtlet.stream.model import AttachRequest, PortForwardRequest
+from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
 from virtlet.stream.remotecommand import normalize
 from virtlet.stream.server import StreamServer
 
@@ -21,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class StreamingService:
-    """``start()``/``stop()`` with the daemon; ``attach_url``/``port_forward_url`` for the CRI servicer."""
+    """``start()``/``stop()`` with the daemon; ``attach_url``/``exec_url``/``port_forward_url`` for the CRI
+    servicer.  ``agents`` gives a container's guest agent (for exec)."""
 
-    def __init__(self, address: str, store: st.StateStore, console_dir: Path, *, ttl: float = 60.0) -> None:
+    def __init__(self, address: str, store: st.StateStore, console_dir: Path, *, ttl: float = 60.0,
+                 agents: Callable[[str], Any] | None = None) -> None:
         self.address = address
-        self.backend = VirtletBackend(store, console_dir)
+        self.backend = VirtletBackend(store, console_dir, agents=agents)
         self.server = StreamServer(address, self.backend, ttl=ttl)
         self.error = ""
         self.running = False
@@ -53,6 +56,12 @@ class StreamingService:
         self.backend.check_attach(req)
         self._require_running()
         return self.server.attach_url(req)
+
+    def exec_url(self, container_id: str, cmd: list[str], *, stdin: bool, stdout: bool, stderr: bool) -> str:
+        req = ExecRequest(container_id, tuple(cmd), stdin, stdout, stderr)
+        self.backend.check_exec(req)
+        self._require_running()
+        return self.server.exec_url(req)
 
     def port_forward_url(self, sandbox_id: str, ports: Iterable[int]) -> str:
         req = PortForwardRequest(sandbox_id, tuple(int(p) for p in ports))

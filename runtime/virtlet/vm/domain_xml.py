@@ -261,6 +261,30 @@ class UnixSerial:
                    port=int(target.get("port", "0")) if target is not None else 0)
 
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+@dataclass
+class GuestAgentChannel:
+    """The virtio-serial port the QEMU guest agent listens on, named ``org.qemu.guest_agent.0``.
+
+    The host side is a unix socket whose path libvirt picks (no ``path``): libvirt itself connects to it and
+    relays ``virDomainQemuAgentCommand``, so virtletd never opens the socket and needs no name for it.
+    """
+
+    name: str = GUEST_AGENT_CHANNEL
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("channel", type="unix")
+        _sub(el, "source", mode="bind")
+        _sub(el, "target", type="virtio", name=self.name)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> GuestAgentChannel:
+        return cls(name=_req(el, "target").get("name", ""))
+
+
 @dataclass
 class VncGraphics:
     """VNC for debugging; listens on loopback only by default (VNC has no real authentication)."""
@@ -314,6 +338,7 @@ class Devices:
     controllers: list[Controller] = field(default_factory=list)
     interfaces: list[EthernetInterface] = field(default_factory=list)
     serials: list[UnixSerial] = field(default_factory=list)
+    channels: list[GuestAgentChannel] = field(default_factory=list)
     graphics: list[VncGraphics] = field(default_factory=list)
     memballoon: MemBalloon | None = None
     rng: Rng | None = None
@@ -325,7 +350,7 @@ class Devices:
             el.append(item.to_xml())
         if self.serials:
             el.append(self.serials[0].console_xml())
-        for item in self.graphics:
+        for item in [*self.channels, *self.graphics]:
             el.append(item.to_xml())
         if self.memballoon:
             el.append(self.memballoon.to_xml())
@@ -344,6 +369,8 @@ class Devices:
             interfaces=[EthernetInterface.from_xml(i) for i in el.findall("interface")
                         if i.get("type") == "ethernet"],
             serials=[UnixSerial.from_xml(s) for s in el.findall("serial") if s.get("type") == "unix"],
+            channels=[GuestAgentChannel.from_xml(c) for c in el.findall("channel")
+                      if c.get("type") == "unix" and c.find("target[@type='virtio']") is not None],
             graphics=[VncGraphics.from_xml(g) for g in el.findall("graphics") if g.get("type") == "vnc"],
             memballoon=MemBalloon.from_xml(balloon) if balloon is not None else None,
             rng=Rng.from_xml(rng) if rng is not None else None,

@@ -26,6 +26,7 @@ from virtlet import errors, failpoints
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer
+from virtlet.vm import guest_agent as ga
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
 
@@ -373,6 +374,20 @@ class VmManager:
 
     def sandbox_stats(self, rec: st.SandboxRecord) -> vmstats.SandboxSample:
         return self.stats.sandbox(rec, self.store.list_containers(rec.id))
+
+    def guest_agent(self, cid: str) -> ga.GuestAgent:
+        """The guest agent of a running VM (``FailedPrecondition`` when its domain is not running)."""
+        rec = self.store.require_container(cid)
+        sandbox = self.store.get_sandbox(rec.sandbox_id)
+        pod = f"{sandbox.namespace}/{sandbox.name}" if sandbox is not None else rec.name
+        dom = self.host.lookup(self.domain_name(cid))
+        try:
+            active = dom is not None and dom.isActive()
+        except libvirt.libvirtError:
+            active = False
+        if not active:
+            raise errors.FailedPrecondition(f"VM pod {pod}: the VM of container {cid} is not running")
+        return ga.GuestAgent(ga.libvirt_transport(dom), pod)
 
     def domain_xml(self, cid: str) -> str:
         dom = self.host.lookup(self.domain_name(cid))
