@@ -17,10 +17,9 @@ import threading
 from virtlet.stream.model import Backend, ExecRequest
 from virtlet.stream.remotecommand import Outcome, Reader, Session, Writer
 from virtlet.stream.spdy_conn import StreamClosed
+from virtlet.vm.guest_agent import MAX_INPUT as MAX_STDIN
 
 log = logging.getLogger(__name__)
-
-MAX_STDIN = 1 << 20  # the guest agent's input-data travels in one JSON message
 
 
 def exec_session(backend: Backend, req: ExecRequest) -> Session:
