@@ -64,6 +64,7 @@ def test_vm_pod_and_container_pod_through_the_proxy(vm_proxy: ProxyProcess, worl
     states = {c.id: c.state for c in rt.ListContainers(api.ListContainersRequest()).containers}
     assert states[plain_c] == api.CONTAINER_RUNNING and states[vm_c] == api.CONTAINER_RUNNING
     assert {vm, plain} <= {s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest()).items}
+    _kubelet_polls_through_the_proxy(rt, vm, vm_c, plain_c)
     for cid, sid in ((vm_c, vm), (plain_c, plain)):
         rt.StopContainer(api.StopContainerRequest(container_id=cid, timeout=10), timeout=120)
         rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=120)
@@ -71,3 +72,28 @@ def test_vm_pod_and_container_pod_through_the_proxy(vm_proxy: ProxyProcess, worl
         rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
     assert rt.ListPodSandbox(api.ListPodSandboxRequest(filter=api.PodSandboxFilter(
         label_selector={"test": "criproxy"}))).items == []
+
+
+def _kubelet_polls_through_the_proxy(rt: Any, vm: str, vm_c: str, plain_c: str) -> None:
+    """What the kubelet asks of running pods besides their state: stats from both runtimes merged under the
+    proxy's ids, and exec probes answered by the VM's guest agent."""
+    import time
+
+    import grpc
+
+    stats = {s.attributes.id: s for s in rt.ListContainerStats(api.ListContainerStatsRequest(), timeout=30).stats}
+    assert {vm_c, plain_c} <= stats.keys()
+    assert stats[vm_c].writable_layer.used_bytes.value > 0 and stats[vm_c].cpu.usage_core_nano_seconds.value > 0
+    pod_stats = rt.PodSandboxStats(api.PodSandboxStatsRequest(pod_sandbox_id=vm), timeout=30).stats
+    assert pod_stats.attributes.id == vm and [c.attributes.id for c in pod_stats.linux.containers] == [vm_c]
+    deadline = time.monotonic() + 60  # qemu-ga starts after the boot marker
+    while True:
+        try:
+            probe = rt.ExecSync(api.ExecSyncRequest(container_id=vm_c, cmd=["sh", "-c", "echo ready; exit 3"],
+                                                    timeout=10), timeout=40)
+            break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    assert (probe.exit_code, probe.stdout) == (3, b"ready\n")
