@@ -8,6 +8,7 @@ the daemon at start with a message naming the key.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from virtlet import errors
+from virtlet import errors, quantity
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 KVM_MODES = ("auto", "on", "off")
@@ -67,6 +68,40 @@ def _host_port(key: str, value: Any) -> str:
     return text
 
 
+def _size(key: str, value: Any) -> int:
+    try:
+        return quantity.parse_bytes(str(value) if isinstance(value, int) else value, 2**63 - 1)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: expected a size such as 64Gi: {exc}") from exc
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _cidr_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ConfigError(f"{key}: expected a list of CIDRs or a comma-separated string, got {value!r}")
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {item!r} is not an address or CIDR such as 127.0.0.0/8") from exc
+    return tuple(out)
+
+
 def _listen(key: str, value: Any) -> str:
     text = _str(key, value)
     return text.removeprefix("unix://")
@@ -97,6 +132,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image_translations_dir", Path("/etc/virtlet/images"), _path,
             "directory of image name translation YAML files"),
     Setting("image_default_scheme", "https", _choice(SCHEMES), "scheme for untranslated image names"),
+    Setting("image_source_allow", (), _cidr_list,
+            "addresses (CIDRs, comma-separated) image downloads may reach although the deny list covers them "
+            "(loopback, link-local, metadata); see docs/security.md"),
+    Setting("image_max_size", 64 * 2**30, _size, "largest image download, in bytes or a quantity such as 64Gi"),
+    Setting("image_name_fallback", True, _bool,
+            "true: an image name no translation matches is fetched as <default scheme>://<name>; false: refused"),
+    Setting("max_root_volume_size", 2**40, _size,
+            "largest VirtletRootVolumeSize a pod may ask for, in bytes or a quantity such as 1Ti"),
     Setting("cni_bin_dir", (Path("/opt/cni/bin"), Path("/usr/lib/cni")), _path_list,
             "CNI plugin directories (list, or colon-separated)"),
     Setting("cni_conf_dir", Path("/etc/cni/net.d"), _path, "CNI network configuration directory"),
@@ -118,6 +161,10 @@ class Config:
     image_dir: Path = Path("/var/lib/virtlet/images")
     image_translations_dir: Path = Path("/etc/virtlet/images")
     image_default_scheme: str = "https"
+    image_source_allow: tuple[str, ...] = ()
+    image_max_size: int = 64 * 2**30
+    image_name_fallback: bool = True
+    max_root_volume_size: int = 2**40
     cni_bin_dir: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     stream_address: str = "127.0.0.1:10010"
@@ -191,7 +238,12 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def markdown_table() -> str:
     rows = ["| key (YAML) | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
-        default = ":".join(str(p) for p in s.default) if isinstance(s.default, tuple) else str(s.default)
+        if s.parse is _size:
+            default = quantity.format_bytes(s.default)
+        elif isinstance(s.default, tuple):
+            default = ("," if s.parse is _cidr_list else ":").join(str(p) for p in s.default)
+        else:
+            default = str(s.default).lower() if isinstance(s.default, bool) else str(s.default)
         rows.append(f"| `{s.key}` | `{s.flag}` | `{s.env}` | `{default}` | {s.help} |")
     return "\n".join(rows)
 
