@@ -19,6 +19,7 @@ from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.image_service import ImageServicer
 from virtlet.cri.runtime_service import RuntimeServicer
 from virtlet.cri.server import CriServer
+from virtlet.images.policy import SourcePolicy
 from virtlet.images.store import ImageStore
 from virtlet.network.cni import CniConfigStore, CniRunner
 from virtlet.network.pod_network import PodNetwork
@@ -58,7 +59,8 @@ class Virtletd:
         self.store = StateStore(cfg.state_dir / "virtlet.db")
         self.libvirt = LibvirtHost(cfg.libvirt_uri)
         self.image_store = ImageStore(cfg.image_dir, cfg.image_translations_dir, cfg.image_default_scheme,
-                                      in_use=self._images_in_use)
+                                      in_use=self._images_in_use, policy=SourcePolicy.build(
+                                          cfg.image_source_allow, cfg.image_max_size, cfg.image_name_fallback))
         self.cni_config = CniConfigStore(cfg.cni_conf_dir, cfg.cni_bin_dir)
         self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net")
         self.sandboxes = SandboxManager(self.store, PodNetworkHook(self.pod_network))

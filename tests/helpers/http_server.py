@@ -5,6 +5,8 @@ Routes (``<rel>`` is a path below ``root``)::
     /files/<rel>[?type=<content-type>]   the file (sendfile on plain HTTP), application/octet-stream
     /slow/<rel>                           the file at ``slow_rate`` bytes/s (for kill-mid-download tests)
     /redirect/<rel>                       302 to /files/<rel>
+    /goto?to=<url>                        302 to any URL (redirect-policy tests: https->http, loopback, ...)
+    /nolength/<rel>                       the file without Content-Length, ended by closing (size-cap tests)
     /truncate/<rel>                       Content-Length of the whole file, then half of it and close
     /loop/<x>                             302 to itself, forever
     /stall/<x>                            200, Content-Length 1 MiB, 16 bytes, then silence until stop()
@@ -176,6 +178,8 @@ def _handler_class(server: ImageHttpServer) -> type[BaseHTTPRequestHandler]:
                     return self._redirect(parts.path)
                 if kind == "redirect":
                     return self._redirect(f"/files/{rel}")
+                if kind == "goto":
+                    return self._redirect(query.get("to", ["/"])[0])
                 if kind == "html":
                     return self._send(200, HTML_PAGE, "text/html; charset=utf-8")
                 if kind == "stall":
@@ -187,6 +191,8 @@ def _handler_class(server: ImageHttpServer) -> type[BaseHTTPRequestHandler]:
                 path = self._file(rel)
                 if kind == "truncate" and path is not None:
                     return self._truncated(path)
+                if kind == "nolength" and path is not None:
+                    return self._no_length(path)
                 if kind in ("files", "slow") and path is not None:
                     ctype = query.get("type", ["application/octet-stream"])[0]
                     return self._serve(path, ctype, slow=kind == "slow")
@@ -229,6 +235,15 @@ def _handler_class(server: ImageHttpServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data[:len(data) // 2])
             self.close_connection = True
+
+        def _no_length(self, path: Path) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, self.wfile, 1 << 20)
 
         def _serve(self, path: Path, ctype: str, slow: bool) -> None:
             size = path.stat().st_size

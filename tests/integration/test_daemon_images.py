@@ -27,8 +27,9 @@ def test_image_rpcs(virtletd: VirtletdProcess, image_server: Any) -> None:
     img = virtletd.image()
     assert img.ImageStatus(api.ImageStatusRequest(image=_spec(name))).HasField("image") is False  # absent: empty
     with pytest.raises(grpc.RpcError) as exc:
-        img.PullImage(api.PullImageRequest(image=_spec(name)), timeout=60)  # default scheme https: no TLS here
-    assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+        img.PullImage(api.PullImageRequest(image=_spec(name)), timeout=60)  # untranslated loopback: denied
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED, exc.value.details()
+    assert "image source policy" in exc.value.details()
     (virtletd.base / "translations").mkdir(exist_ok=True)
     (virtletd.base / "translations" / "local.yaml").write_text(
         f"translations:\n  - name: images.test/a.qcow2\n    url: {image_server.url('files/a.qcow2')}\n")

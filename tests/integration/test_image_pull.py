@@ -21,8 +21,10 @@ import yaml
 from tests.helpers.http_server import ImageHttpServer, Pki, free_port, make_pki
 from virtlet import errors
 from virtlet.images import ImageStore
+from virtlet.images.policy import SourcePolicy
 
 REPO = Path(__file__).resolve().parents[2]
+LOOPBACK = SourcePolicy.build(allow=["127.0.0.0/8"])  # the servers here are on loopback, denied by default
 
 
 def qemu_img(*args: str) -> None:
@@ -56,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ImageStore]:
-    s = ImageStore(tmp_path / "images", tmp_path / "translations", default_scheme="http")
+    s = ImageStore(tmp_path / "images", tmp_path / "translations", default_scheme="http", policy=LOOPBACK)
     try:
         yield s
     finally:
@@ -147,7 +149,8 @@ def test_truncated_download(store: ImageStore, server: ImageHttpServer) -> None:
 
 def test_progress_is_logged(tmp_path: Path, server: ImageHttpServer,
                             caplog: pytest.LogCaptureFixture) -> None:
-    s = ImageStore(tmp_path / "images", tmp_path / "tr", default_scheme="http", progress_interval=0.3)
+    s = ImageStore(tmp_path / "images", tmp_path / "tr", default_scheme="http", progress_interval=0.3,
+                   policy=LOOPBACK)
     try:
         with caplog.at_level(logging.INFO, logger="virtlet.images.pull"):
             s.pull(server.name("slow/disk.raw"))  # 1 MiB at 512 KiB/s: about 2 s
@@ -181,7 +184,7 @@ def test_disk_full(tmp_path: Path, server: ImageHttpServer) -> None:
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "virtlet-test-img", str(mnt)], check=True)
     try:
-        s = ImageStore(mnt / "images", tmp_path / "translations", default_scheme="http")
+        s = ImageStore(mnt / "images", tmp_path / "translations", default_scheme="http", policy=LOOPBACK)
         try:
             fails(s, server.name("files/big.raw"), errors.ResourceExhausted, "no space left")
             assert s.pull(server.name("files/disk.raw")).format == "raw"  # still usable
@@ -237,7 +240,9 @@ def test_https_client_certificate(store: ImageStore, www: Path, pki: Pki) -> Non
 def test_sigkill_during_download(tmp_path: Path, server: ImageHttpServer) -> None:
     image_dir, tr = tmp_path / "images", tmp_path / "translations"
     code = (f"from pathlib import Path; from virtlet.images import ImageStore; "
-            f"ImageStore(Path({str(image_dir)!r}), Path({str(tr)!r}), default_scheme='http')"
+            f"from virtlet.images.policy import SourcePolicy; "
+            f"ImageStore(Path({str(image_dir)!r}), Path({str(tr)!r}), default_scheme='http', "
+            f"policy=SourcePolicy.build(allow=['127.0.0.0/8']))"
             f".pull({server.name('slow/big.raw')!r})")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
@@ -254,7 +259,7 @@ def test_sigkill_during_download(tmp_path: Path, server: ImageHttpServer) -> Non
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     assert list((image_dir / "tmp").glob("*.part")), "expected a partial file to be left by SIGKILL"
-    s = ImageStore(image_dir, tr, default_scheme="http")
+    s = ImageStore(image_dir, tr, default_scheme="http", policy=LOOPBACK)
     try:
         s.cleanup_at_start()
         assert list((image_dir / "tmp").iterdir()) == [] and list((image_dir / "data").iterdir()) == []

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from virtlet import errors
 from virtlet.images import names, validate
 from virtlet.images.fetch import Fetcher, HttpFetcher
+from virtlet.images.policy import SourcePolicy
 from virtlet.images.progress import ProgressLog
 from virtlet.images.sink import HashingFileSink, disk
 from virtlet.images.translate import Source, Translator
@@ -74,16 +75,19 @@ class ImageStore:
 
     def __init__(self, image_dir: Path, translations_dir: Path, default_scheme: str = "https",
                  in_use: Callable[[], set[str]] = lambda: set(),
-                 fetchers: Mapping[str, Fetcher] | None = None, progress_interval: float = 5.0) -> None:
+                 fetchers: Mapping[str, Fetcher] | None = None, progress_interval: float = 5.0,
+                 policy: SourcePolicy | None = None) -> None:
         self.image_dir = Path(image_dir)
         self.data_dir = self.image_dir / "data"
         self.tmp_dir = self.image_dir / "tmp"
         self.in_use = in_use
         self.progress_interval = progress_interval
-        http = HttpFetcher()
+        self.policy = policy or SourcePolicy()
+        http = HttpFetcher(self.policy)
         self.fetchers: dict[str, Fetcher] = dict(fetchers) if fetchers is not None else {"http": http,
                                                                                           "https": http}
-        self.translator = Translator(Path(translations_dir), default_scheme, schemes=tuple(self.fetchers))
+        self.translator = Translator(Path(translations_dir), default_scheme, schemes=tuple(self.fetchers),
+                                     fallback=self.policy.name_fallback)
         for d in (self.image_dir, self.data_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()

@@ -61,6 +61,7 @@ class Source:
     url: str
     transport: TransportProfile
     origin: str
+    trusted: bool = False  # True: the URL is the first URL of an admin-written translation (not checked)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ def _expand(template: str, m: re.Match[str]) -> str:
     return _GROUP_REF.sub(sub, template)
 
 
+def _host_is_fixed(template: str) -> bool:
+    """True when a translation URL template's scheme and host contain no ``$`` group reference."""
+    try:
+        parts = urlsplit(template)
+    except ValueError:
+        return False
+    return "$" not in parts.scheme and "$" not in parts.netloc
+
+
 class ConfigError(ValueError):
     pass
 
@@ -107,12 +117,13 @@ class Translator:
     """Resolves names; thread-safe; cheap per call (one directory scan, re-parse only on change)."""
 
     def __init__(self, directory: Path, default_scheme: str = "https",
-                 schemes: Collection[str] = ("http", "https")) -> None:
+                 schemes: Collection[str] = ("http", "https"), fallback: bool = True) -> None:
         if default_scheme not in ("http", "https"):
             raise ValueError(f"default scheme must be http or https, not {default_scheme!r}")
         self.directory = Path(directory)
         self.default_scheme = default_scheme
         self.schemes = tuple(schemes)
+        self.fallback = fallback
         self._lock = threading.Lock()
         self._signature: tuple[tuple[str, int, int, int], ...] | None = None
         self._exact: list[_Rule] = []
@@ -129,13 +140,27 @@ class Translator:
         for rule in (*exact, *regexps):
             url = rule.apply(name)
             if url is not None:
-                return self._checked(Source(name, url, rule.transport, rule.origin))
+                # Trusted only when the template fixes the host: "https://$1" lets the name pick it.
+                trusted = _host_is_fixed(rule.url)
+                return self._checked(Source(name, url, rule.transport, rule.origin, trusted=trusted))
+        if not self.fallback:
+            raise errors.NotFound(
+                f"image {name!r}: no image translation matches this name, and names without a translation are "
+                f"not fetched on this node (image_name_fallback is false); the node admin must add a "
+                f"translation for {name!r} to a file in {self.directory}")
         return self._checked(Source(name, f"{self.default_scheme}://{name}", DEFAULT_PROFILE,
                                     f"no translation matched, default scheme {self.default_scheme}"))
 
     def _checked(self, src: Source) -> Source:
-        parts = urlsplit(src.url)
-        if parts.scheme not in self.schemes or not parts.hostname:
+        try:
+            parts = urlsplit(src.url)
+            ok = parts.scheme in self.schemes and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+        except ValueError as exc:
+            raise errors.InvalidArgument(
+                f"image {src.name!r} translates to {src.url!r} ({src.origin}), which is not a valid URL: "
+                f"{exc}") from exc
+        if not ok:
             raise errors.InvalidArgument(
                 f"image {src.name!r} translates to {src.url!r} ({src.origin}); only "
                 f"{' and '.join(self.schemes)} URLs with a host are allowed")
