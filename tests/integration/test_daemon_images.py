@@ -89,3 +89,40 @@ def test_sigkill_during_download(virtletd: VirtletdProcess, image_server: Any) -
     assert ref.startswith("big-fast@sha256:")
     assert len(list((virtletd.base / "images" / "data").iterdir())) == 1
     assert Path(virtletd.base / "images" / "tmp").exists()
+
+
+def test_crafted_vmdk_descriptor_opens_no_host_path(virtletd: VirtletdProcess, image_server: Any,
+                                                    world_dir: Path) -> None:
+    """A VMDK descriptor naming a host path, padded with NULs so it is not refused as text.  Probed by
+    qemu-img, it made qemu-img open that path: a FIFO blocked the pull until the 120 s timeout, and the error
+    told the pod author whether a host file exists.  Now qemu-img gets an explicit format."""
+    import os
+
+    fifo = world_dir / "fifo"
+    os.mkfifo(fifo)
+    targets = {"missing": "/etc/virtlet-no-such-file", "exists": "/etc/hostname", "fifo": str(fifo)}
+    lines = []
+    for key, target in targets.items():
+        body = (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                f'RW 2048 FLAT "{target}" 0\n').encode() + b"\0" * 512
+        (image_server.root / f"{key}.vmdk").write_bytes(body)  # starts with the VMDK magic: refused by name
+        (image_server.root / f"{key}-c.vmdk").write_bytes(b"# a comment qemu's probe skips\n" + body)
+        lines += [f"  - name: vmdk/{key}\n    url: {image_server.url(f'files/{key}.vmdk')}\n",
+                  f"  - name: vmdk/{key}-c\n    url: {image_server.url(f'files/{key}-c.vmdk')}\n"]
+    (virtletd.base / "translations").mkdir(exist_ok=True)
+    (virtletd.base / "translations" / "vmdk.yaml").write_text("translations:\n" + "".join(lines))
+    img = virtletd.image()
+    messages = {}
+    for key in targets:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc:
+            img.PullImage(api.PullImageRequest(image=_spec(f"vmdk/{key}")), timeout=60)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        messages[key] = exc.value.details().replace(key, "KEY")
+        assert "vmdk descriptor image; only qcow2 and raw" in exc.value.details()
+        # the same file behind a comment line: qemu-img is told it is raw, so it opens nothing else
+        ref = img.PullImage(api.PullImageRequest(image=_spec(f"vmdk/{key}-c")), timeout=60).image_ref
+        assert ref.startswith(f"vmdk/{key}-c@sha256:")
+        assert time.monotonic() - t0 < 30, "qemu-img blocked on the FIFO"
+    assert len(set(messages.values())) == 1, messages  # nothing tells a host file's existence
+    assert not any(t in m for t in targets.values() for m in messages.values())

@@ -9,17 +9,26 @@ Raw accepts any bytes, so a raw candidate is refused when it is obviously not a 
 ``text/html``/``application/xhtml+xml``, it starts with an HTML/XML marker, or its first 4 KiB are UTF-8 text
 without a single NUL byte (real disks have zeros in their first sectors: boot code, partition table gaps).
 An empty file is refused too.
+
+``qemu-img`` always gets an explicit format: ``-f qcow2`` after the magic number said qcow2, else ``-f raw``
+once the first bytes are neither qcow2 nor another image format (VMDK, VDI, VHD(X), QED, LUKS, ...; those are
+refused by name).  Without ``-f``, ``qemu-img`` probes, and a crafted VMDK descriptor makes it open any host path
+(a FIFO blocks it until the timeout).  Its error text names host paths and tells whether they exist, so it is
+logged for the admin and never returned to the caller, who gets "not a valid qcow2/raw image".
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from virtlet import errors
+
+log = logging.getLogger(__name__)
 
 QCOW2_MAGIC = b"QFI\xfb"
 SNIFF_BYTES = 4096
@@ -28,6 +37,13 @@ _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _MARKUP = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body", b"<!--")
 _QCOW2_INCOMPAT_DATA_FILE = 1 << 2
 _QCOW2_EXT_DATA_FILE = 0x44415441
+_OTHER_FORMATS = (  # (magic at offset 0, format): images qemu-img would open as something other than raw
+    (b"KDMV", "vmdk"), (b"COWD", "vmdk"), (b"# Disk DescriptorFile", "vmdk descriptor"),
+    (b"<<< ", "vdi"), (b"vhdxfile", "vhdx"), (b"conectix", "vpc/vhd"), (b"QED\0", "qed"),
+    (b"LUKS\xba\xbe", "luks"), (b"WithoutFreeSpace", "parallels"), (b"WithouFreSpacExt", "parallels"),
+    (b"Bochs Virtual HD Image", "bochs"), (b"#!/bin/sh\n#V2.0 Format", "cloop"),
+)
+_VDI_SIGNATURE = b"\x7f\x10\xda\xbe"  # at offset 0x40, little-endian 0xbeda107f
 
 
 @dataclass(frozen=True)
@@ -46,9 +62,18 @@ def inspect(path: Path, content_type: str = "", what: str = "image") -> ImageInf
         _check_qcow2_header(path, what)
         info = _qemu_img_info(path, "qcow2", what)
     else:
+        _check_not_other_format(head, what)
         _check_not_text(head, content_type, what)
-        info = _qemu_img_info(path, None, what)
+        info = _qemu_img_info(path, "raw", what)
     return _check_info(info, what)
+
+
+def _check_not_other_format(head: bytes, what: str) -> None:
+    for magic, fmt in _OTHER_FORMATS:
+        if head.startswith(magic) and (fmt != "vdi" or head[0x40:0x44] == _VDI_SIGNATURE):
+            raise errors.InvalidArgument(
+                f"{what} is a {fmt} image; only qcow2 and raw images are accepted (convert it with "
+                "'qemu-img convert -O qcow2')")
 
 
 def _check_qcow2_header(path: Path, what: str) -> None:
@@ -105,8 +130,8 @@ def _check_not_text(head: bytes, content_type: str, what: str) -> None:
             "only qcow2 and raw images are accepted")
 
 
-def _qemu_img_info(path: Path, fmt: str | None, what: str) -> dict[str, object]:
-    cmd = ["qemu-img", "info", "--output=json", *(["-f", fmt] if fmt else []), str(path)]
+def _qemu_img_info(path: Path, fmt: str, what: str) -> dict[str, object]:
+    cmd = ["qemu-img", "info", "--output=json", "-f", fmt, str(path)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, check=False)
     except FileNotFoundError as exc:
@@ -114,8 +139,17 @@ def _qemu_img_info(path: Path, fmt: str | None, what: str) -> dict[str, object]:
     except subprocess.TimeoutExpired as exc:
         raise errors.InvalidArgument(f"{what}: qemu-img info took over {QEMU_IMG_TIMEOUT_S} s") from exc
     if out.returncode != 0:
-        raise errors.InvalidArgument(f"{what} is not a valid disk image: {out.stderr.strip()}")
-    return json.loads(out.stdout)
+        # The text names paths on this node: for the admin's log only, never for the caller.
+        log.warning("%s: qemu-img info -f %s failed: %s", what, fmt, out.stderr.strip()[:2000])
+        raise errors.InvalidArgument(f"{what} is not a valid {fmt} image (details in the virtletd log)")
+    try:
+        info = json.loads(out.stdout)
+    except json.JSONDecodeError as exc:
+        log.warning("%s: qemu-img info -f %s printed no JSON: %r", what, fmt, out.stdout[:2000])
+        raise errors.InvalidArgument(f"{what} is not a valid {fmt} image (details in the virtletd log)") from exc
+    if not isinstance(info, dict):
+        raise errors.InvalidArgument(f"{what} is not a valid {fmt} image")
+    return info
 
 
 def _check_info(info: dict[str, object], what: str) -> ImageInfo:
@@ -128,4 +162,7 @@ def _check_info(info: dict[str, object], what: str) -> ImageInfo:
     data = specific.get("data", {}) if isinstance(specific, dict) else {}
     if isinstance(data, dict) and data.get("data-file"):
         raise errors.InvalidArgument(f"{what} is a qcow2 with an external data file; refused")
-    return ImageInfo(fmt, int(info.get("virtual-size", 0)))  # type: ignore[call-overload]
+    size = info.get("virtual-size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise errors.InvalidArgument(f"{what} has no usable virtual size")
+    return ImageInfo(fmt, size)
