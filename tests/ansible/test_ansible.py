@@ -166,6 +166,10 @@ def test_runtime_config_is_accepted_by_virtletd(tmp_path: Path) -> None:
     cfg = virtlet_config.load(["--config", str(etc / "virtlet.yaml")], environ={})
     assert cfg.kvm == "off" and cfg.log_level == "debug"
     assert cfg.image_translations_dir == etc / "images"
+    # translation files may hold TLS client keys: root-only
+    assert (etc / "images").stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in (etc / "images").iterdir()} == {
+        "tiny.yaml": 0o600, "regexp.yaml": 0o600}
     tiny = yaml.safe_load((etc / "images" / "tiny.yaml").read_text())
     assert tiny == {"translations": [{"name": "tiny", "url": "http://127.0.0.1:1/tiny.qcow2"}]}
     again = run("ansible-playbook", *common, *extra)

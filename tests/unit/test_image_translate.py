@@ -112,3 +112,45 @@ def test_reload_on_change_only(tmp_path: Path) -> None:
     assert t.resolve("x").url == "http://two/x"
     (tmp_path / "a.yaml").unlink()
     assert t.resolve("x").url == "https://x"
+
+
+def test_readable_file_with_a_client_key_is_warned_about(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from tests.helpers.http_server import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    d = tmp_path / "tr"
+    write(d, "key.yaml", {"translations": [{"name": "a", "url": "https://h/a", "transport": "t"}],
+                          "transports": {"t": {"tls": {"certificates": [
+                              {"cert": pki.pem(pki.client_cert), "key": pki.pem(pki.client_key)}]}}}})
+    write(d, "nokey.yaml", {"translations": [{"name": "b", "url": "https://h/b"}]})
+    (d / "key.yaml").chmod(0o644)
+    (d / "nokey.yaml").chmod(0o644)
+    t = Translator(d)
+    with caplog.at_level("WARNING", logger="virtlet.images.translate"):
+        assert t.resolve("a").url == "https://h/a"  # a warning, not a refusal
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "key.yaml holds a TLS client key but has mode 0644" in warned[0], warned
+    assert "PRIVATE KEY" not in caplog.text
+    caplog.clear()
+    (d / "key.yaml").chmod(0o600)
+    os.utime(d / "key.yaml", ns=(1, 1))  # a change the translator notices: it re-reads the files
+    with caplog.at_level("WARNING", logger="virtlet.images.translate"):
+        t.resolve("a")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_name_fallback_off_is_not_found(tmp_path: Path) -> None:
+    write(tmp_path, "t.yaml", {"translations": [{"name": "known", "url": "https://h/known"}]})
+    t = Translator(tmp_path, fallback=False)
+    assert t.resolve("known").trusted
+    with pytest.raises(errors.NotFound, match="no image translation matches"):
+        t.resolve("h.example/x.img")
+
+
+def test_regexp_that_sets_the_host_is_untrusted(tmp_path: Path) -> None:
+    write(tmp_path, "t.yaml", {"translations": [{"regexp": "any/(.*)", "url": "http://$1"},
+                                                {"regexp": "m/(.*)", "url": "https://mirror/$1"}]})
+    t = Translator(tmp_path)
+    assert not t.resolve("any/h/x").trusted and t.resolve("m/x").trusted
+    assert not t.resolve("plain.example/x").trusted

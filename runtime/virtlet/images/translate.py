@@ -100,6 +100,21 @@ def _expand(template: str, m: re.Match[str]) -> str:
     return _GROUP_REF.sub(sub, template)
 
 
+def _warn_if_key_is_readable(path: Path, rules: list[_Rule]) -> None:
+    """Log a warning when a file holding a TLS client key can be read by others than its owner (the Ansible
+    role writes 0600 in a 0700 directory).  Only a warning: refusing would stop every pull on the node."""
+    if not any(r.transport.tls.client_certs for r in rules):
+        return
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("image translation config %s holds a TLS client key but has mode %04o: anyone in its "
+                    "group or on the node may read the key; chmod 0600 it (and 0700 its directory)",
+                    path, mode)
+
+
 def _host_is_fixed(template: str) -> bool:
     """True when a translation URL template's scheme and host contain no ``$`` group reference."""
     try:
@@ -197,6 +212,7 @@ class Translator:
             except (OSError, yaml.YAMLError, ConfigError) as exc:
                 broken[str(path)] = str(exc).replace("\n", " ")
                 continue
+            _warn_if_key_is_readable(path, rules)
             exact += [r for r in rules if r.exact is not None]
             regexps += [r for r in rules if r.exact is None]
         log.info("image translations loaded from %s: %d names, %d regexps, %d broken files",
