@@ -170,6 +170,22 @@ def test_pinned_and_present_needs_no_download(store: ImageStore, fetcher: FakeFe
     assert store.status("h/alias").digest == d  # type: ignore[union-attr]
 
 
+def test_fallback_off_applies_to_pinned_names_too(tmp_path: Path, fetcher: FakeFetcher) -> None:
+    from virtlet.images.policy import SourcePolicy
+
+    s = ImageStore(tmp_path / "images", tmp_path / "tr", "http", fetchers={"http": fetcher},
+                   policy=SourcePolicy(name_fallback=False))
+    try:
+        (tmp_path / "tr").mkdir()
+        (tmp_path / "tr" / "t.yaml").write_text("translations:\n  - name: known\n    url: http://h/q\n")
+        d = s.pull("known").digest
+        with pytest.raises(errors.NotFound, match="no image translation matches"):
+            s.pull(f"h/alias@{d}")
+        assert s.status("h/alias") is None
+    finally:
+        s.close()
+
+
 def test_pin_mismatch_leaves_nothing(store: ImageStore) -> None:
     with pytest.raises(errors.FailedPrecondition, match="not the pinned"):
         store.pull("h/q@sha256:" + "1" * 64)

@@ -38,6 +38,7 @@ from virtlet.images.policy import SourcePolicy
 from virtlet.images.progress import ProgressLog
 from virtlet.images.sink import HashingFileSink, disk
 from virtlet.images.translate import Source, Translator
+from virtlet.images.transport import TransportProfile
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class ImageStore:
         for d in (self.image_dir, self.data_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._inflight: dict[tuple[str, str | None], Future[str]] = {}
+        self._inflight: dict[tuple[str, bool, TransportProfile, str | None], Future[str]] = {}
         self._db = sqlite3.connect(self.image_dir / "images.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -146,8 +147,8 @@ class ImageStore:
         """Download (or reuse, when pinned and present) the image and index ``name`` -> its digest."""
         parsed = names.parse(name)
         digest = parsed.digest
+        source = self.translator.resolve(parsed.name)  # also when pinned: image_name_fallback applies
         if digest is None or self._record(digest) is None:
-            source = self.translator.resolve(parsed.name)
             digest = self._shared_download(source, parsed.digest)
         self._name(parsed.name, digest)
         record = self._record(digest)
@@ -156,7 +157,9 @@ class ImageStore:
         return record
 
     def _shared_download(self, source: Source, pin: str | None) -> str:
-        key = (source.url, pin)
+        # Only identical requests share a download: an untrusted pull of a URL must not ride on a trusted
+        # (unchecked) download of the same URL, nor on another transport's credentials.
+        key = (source.url, source.trusted, source.transport, pin)
         with self._lock:
             fut = self._inflight.get(key)
             leader = fut is None
