@@ -243,3 +243,44 @@ def test_control_ip_netns_add_breaks_containerd_on_a_fresh_host(
     crt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=plain), timeout=120)
     crt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=plain), timeout=120)
     assert not os.path.exists(plain_ns)
+
+
+def _netns_dir_mount_entries() -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4] == NETNS_DIR]
+
+
+def test_netns_helpers_are_idempotent_and_never_mount_the_directory() -> None:
+    """create/delete on the host itself: what is mounted on /run/netns is the same before and after, a file
+    left by a crash between open and mount is reused, and delete of a missing or unmounted one succeeds."""
+    from virtlet import errors
+
+    dir_mounts = _netns_dir_mount_entries()
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    try:
+        p = netns.create(a)
+        assert netns.exists(a) and netns.create(a) == p
+        lo = subprocess.run(["ip", "-n", a, "-o", "link", "show", "lo"], capture_output=True, text=True,
+                            check=True).stdout
+        assert "UP" in lo.split("<", 1)[1].split(">", 1)[0], lo
+        # a crash after the file was made and before the mount: not a namespace, and create() finishes it
+        netns.NETNS_DIR.joinpath(b).touch()
+        assert not netns.exists(b)
+        netns.create(b)
+        assert netns.exists(b)
+        assert _netns_dir_mount_entries() == dir_mounts
+        netns.delete(a)
+        netns.delete(a)
+        assert not netns.exists(a) and not os.path.exists(p)
+        # an unmounted leftover file is removed too
+        netns.NETNS_DIR.joinpath(a).touch()
+        netns.delete(a)
+        assert not os.path.exists(p)
+        for bad in ("", "..", "a/b", "x\0y"):
+            with pytest.raises(errors.InvalidArgument):
+                netns.create(bad)
+    finally:
+        netns.delete(a)
+        netns.delete(b)
+    assert not os.path.exists(netns.path(b))
+    assert _netns_dir_mount_entries() == dir_mounts
