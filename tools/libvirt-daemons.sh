@@ -2,7 +2,8 @@
 # Start (or stop) virtlogd and libvirtd as plain background processes, for machines without systemd
 # (CI, containers, these development machines).  On real nodes the Ansible `libvirt` role runs them
 # under systemd instead.  `start` is a no-op for a daemon that already runs; `stop` only stops daemons
-# that this script started (it records their pids in /run/virtlet-dev/).
+# that this script started (it records their pids in /run/virtlet-dev/).  `running` exits 0 when both run
+# (tools/test.sh asks first, and stops at the end only daemons that its own run started).
 set -euo pipefail
 RUN=/run/virtlet-dev
 mkdir -p "$RUN"
@@ -55,5 +56,6 @@ stop() {
 case "${1:-start}" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  running) running virtlogd && running libvirtd ;;
+  *) echo "usage: $0 start|stop|running" >&2; exit 2 ;;
 esac

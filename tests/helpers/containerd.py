@@ -4,7 +4,8 @@ Why: the CRI proxy's primary backend is containerd; tests must run ordinary pods
 instance gets its own root, state, socket, CNI config dir (a test-only bridge and subnet) and streaming port,
 so parallel test runs never share anything.  ``stop()`` removes every pod sandbox through CRI (which tears
 down netns and mounts), stops containerd, kills shims that still point at its socket, unmounts leftovers and
-deletes the bridge and the temp dir.
+deletes the bridge and the temp dir.  With ``mount_ns_pid`` it runs inside that process's mount namespace
+(``nsenter --mount``), as the fresh-host test does; leftover mounts are then looked up and removed there.
 
 Machine facts this relies on (``/work/shared/notes/environment.md``): the CRI plugin needs
 ``restrict_oom_score_adj = true`` (no CAP_SYS_RESOURCE), no image can be pulled (``sandbox_image`` must be
@@ -38,7 +39,8 @@ BUSYBOX_IMAGE = "localhost/virtlet-test/busybox:1"
 class ContainerdProcess:
     """One containerd under ``base`` (created when omitted).  Use as a context manager or start()/stop()."""
 
-    def __init__(self, base: Path | None = None, snapshotter: str = "overlayfs") -> None:
+    def __init__(self, base: Path | None = None, snapshotter: str = "overlayfs",
+                 mount_ns_pid: int | None = None) -> None:
         self.base = base or Path(tempfile.mkdtemp(prefix="vtcd-", dir="/var/tmp"))
         self.tag = uuid.uuid4().hex[:8]
         self.socket = self.base / "containerd.sock"
@@ -49,6 +51,7 @@ class ContainerdProcess:
         self.network = f"vtcd-{self.tag}"
         self.subnet = f"10.{200 + int(self.tag[:2], 16) % 50}.{int(self.tag[2:4], 16)}.0/24"
         self.snapshotter = snapshotter
+        self.mount_ns_pid = mount_ns_pid
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
 
@@ -95,8 +98,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Start containerd, wait until its CRI answers, import the pause and busybox images."""
         self._write_config()
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["containerd", "--config", str(self.config_path)], stdout=log,
-                                     stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen([*self._nsenter(), "containerd", "--config", str(self.config_path)],
+                                     stdout=log, stderr=log, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -112,6 +115,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             image = oci_image.build(name, images / f"{name.rpartition('/')[2].replace(':', '-')}.tar")
             oci_image.import_image(image, str(self.socket), snapshotter=self.snapshotter)
         return self
+
+    def _nsenter(self) -> list[str]:
+        """The command prefix that runs a program in this containerd's mount namespace."""
+        if self.mount_ns_pid is None:
+            return []
+        return ["nsenter", f"--mount=/proc/{self.mount_ns_pid}/ns/mnt", "--"]
 
     def _answers(self) -> bool:
         try:
@@ -206,12 +215,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _unmount_leftovers(self) -> None:
         prefix = str(self.base) + "/"
+        table = Path(f"/proc/{self.mount_ns_pid or 'self'}/mounts")
         try:
-            mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+            mounts = [line.split()[1] for line in table.read_text().splitlines()]
         except OSError:
             return
         for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", mount], capture_output=True)
+            subprocess.run([*self._nsenter(), "umount", "-l", mount], capture_output=True)
 
     def log(self) -> str:
         try:

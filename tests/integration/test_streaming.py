@@ -24,6 +24,7 @@ import pytest
 from tests.helpers.daemon import VirtletdProcess
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.network import netns as vnetns
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
 from virtlet.stream.client import AttachClient, PortForwardClient, UpgradeError
@@ -108,12 +109,11 @@ def world(tmp_path: Path) -> Iterator[World]:
     tag = uuid.uuid4().hex[:8]
     netns = f"vstream-{tag}"
     vm_ip = f"10.251.{int(tag[:2], 16)}.{int(tag[2:4], 16) % 250 + 2}"
-    _ip("netns", "add", netns)
+    vnetns.create(netns)  # not `ip netns add`: that remounts /run/netns over other runtimes' namespaces
     stack: list[object] = []
     listener: socket.socket | None = None
     store = st.StateStore(tmp_path / "virtlet.db")
     try:
-        _ip("-n", netns, "link", "set", "lo", "up")
         _ip("-n", netns, "link", "add", "vm0", "type", "veth", "peer", "name", "vm1")  # no dummy module here
         _ip("-n", netns, "addr", "add", f"{vm_ip}/32", "dev", "vm0")
         _ip("-n", netns, "link", "set", "vm0", "up")
@@ -149,8 +149,8 @@ def world(tmp_path: Path) -> Iterator[World]:
         if listener is not None:
             listener.close()
         store.close()
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        vnetns.delete(netns)
+    assert not os.path.exists(vnetns.path(netns))
 
 
 def _echo_server(listener: socket.socket) -> None:
