@@ -2,11 +2,17 @@
 
 A daemon stop never touches VMs: SIGTERM/SIGINT stop accepting calls, let in-flight calls finish and exit; the
 VMs keep running under libvirt and are found again at the next start.
+
+A call that still runs when the grace (``shutdown_grace``) is over is not cut off by closing the state database
+under it (that left a StopPodSandbox half done): virtletd exits at once with code 1 instead, which for the state
+is the same as a SIGKILL at that point.  Every change is committed before the next step, and the next start
+recovers (as after any crash).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -120,17 +126,25 @@ class Virtletd:
 
         threading.Thread(target=retry, name="vm-recovery", daemon=True).start()
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop serving; True when every call finished in time and everything was closed, False when calls
+        still run after the grace (nothing is closed under them then: the caller must exit the process)."""
+        grace = float(self.cfg.shutdown_grace) if grace is None else grace
         log.info("stopping: no new calls; waiting up to %.0fs for calls in flight (VMs keep running)", grace)
         self._stopping.set()
-        self.server.stop(grace)
+        left = self.server.stop(grace)
+        if left:
+            log.error("%d CRI call(s) still running after %.0fs; exiting without waiting for them (the next "
+                      "start recovers what they left, as after a crash)", left, grace)
+            return False
         self.streaming.stop()
         self.vms.shutdown()
         self.image_store.close()
         self.libvirt.close()
         self.store.close()
+        return True
 
-    def serve_until_signalled(self) -> None:
+    def serve_until_signalled(self) -> bool:
         def handle(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s", signal.Signals(signum).name)
             self._stopping.set()
@@ -138,7 +152,7 @@ class Virtletd:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         self._stopping.wait()
-        self.stop()
+        return self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.VirtletError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    daemon.serve_until_signalled()
+    if not daemon.serve_until_signalled():
+        # handler threads still run: a normal interpreter exit would join them (and close nothing under them
+        # either); leave now, like a crash, with every committed change on disk
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped")
     return 0
 

@@ -1,0 +1,145 @@
+"""virtletd as a real process: a SIGTERM during a call, file and directory modes, socket modes, VNC access.
+
+Issue 13: a SIGTERM closed the state database under a call in flight; virtlet.db was 0644 in 0755 directories;
+sockets were created under a process-wide umask; VNC listened on loopback with no password."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import NetnsGuard, running_virtletd
+from virtlet.cri.gen import api_pb2 as api
+from virtlet.network import netns
+
+pytestmark = pytest.mark.network
+
+SLOW_DEL = 6  # seconds the slow CNI plugin spends in DEL: longer than SIGTERM's delivery, shorter than the grace
+
+
+def _config(name: str = "pod1", uid: str = "uid-1") -> api.PodSandboxConfig:
+    return api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name=name, namespace="default", uid=uid, attempt=0), hostname=name,
+        annotations={"kubernetes.io/target-runtime": "virtlet.cloud"})
+
+
+@pytest.fixture
+def slow_cni(world_dir: Path, bridge_cni: Path) -> tuple[Path, Path, Path]:
+    """The bridge network of ``bridge_cni`` behind a wrapper plugin whose DEL takes SLOW_DEL seconds (a real
+    slow step of StopPodSandbox), announcing itself in a marker file.  Returns (conf dir, bin dir, marker)."""
+    bin_dir = world_dir / "cni-bin"
+    bin_dir.mkdir()
+    marker = world_dir / "slow-del-started"
+    plugin = bin_dir / "slowbridge"
+    plugin.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$CNI_COMMAND" = DEL ]; then touch {marker}; sleep {SLOW_DEL}; fi\n'
+        "exec /usr/lib/cni/bridge\n")
+    plugin.chmod(0o755)
+    conf = bridge_cni / "10-bridge.conflist"
+    raw = json.loads(conf.read_text())
+    raw["plugins"][0]["type"] = "slowbridge"
+    conf.write_text(json.dumps(raw))
+    return bridge_cni, bin_dir, marker
+
+
+def _wait_for(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _stop_in_thread(daemon: VirtletdProcess, sid: str, timeout: float) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            daemon.runtime().StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=timeout)
+            result["ok"] = True
+        except grpc.RpcError as exc:
+            result["error"] = exc.code()
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    return caller, result
+
+
+def _new_calls_refused(daemon: VirtletdProcess) -> None:
+    from virtlet.cri import versions
+
+    late = grpc.insecure_channel(f"unix://{daemon.socket}")
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            versions.runtime_stub(late, "v1").ListPodSandbox(api.ListPodSandboxRequest(), timeout=5)
+        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        late.close()
+
+
+@pytest.mark.parametrize("client_timeout", [120, 2], ids=["client-waits", "client-gave-up"])
+def test_sigterm_lets_a_call_in_flight_finish(world_dir: Path, netns_guard: NetnsGuard,
+                                              slow_cni: tuple[Path, Path, Path], client_timeout: float) -> None:
+    """SIGTERM while StopPodSandbox is in its (slow) CNI DEL: the call completes (the client that still waits gets
+    OK; for a client that gave up - the kubelet's own deadline - gRPC considers the call over, but its handler
+    still works and must not lose the state database under it), new calls are refused meanwhile, the daemon
+    exits 0 after the call, and nothing is left half done: netns gone, a restarted daemon finds the sandbox
+    NOTREADY."""
+    conf, bin_dir, marker = slow_cni
+    flags = ["--libvirt-uri", "test:///default", "--kvm", "off", "--cni-bin-dir", f"{bin_dir}:/usr/lib/cni"]
+    with running_virtletd(world_dir, netns_guard, conf, flags) as daemon:
+        sid = daemon.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config())).pod_sandbox_id
+        assert netns.exists(sid)
+        caller, result = _stop_in_thread(daemon, sid, client_timeout)
+        _wait_for(marker.exists, 60, "StopPodSandbox to reach CNI DEL")
+        if client_timeout < SLOW_DEL:
+            caller.join(60)
+            assert result == {"error": grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the daemon has begun stopping (no new calls) while DEL still sleeps
+        _new_calls_refused(daemon)
+        caller.join(120)
+        if client_timeout > SLOW_DEL:
+            assert result == {"ok": True}, f"StopPodSandbox in flight at SIGTERM: {result}\n{daemon.log()}"
+        assert daemon.proc.wait(60) == 0, daemon.log()
+        log = daemon.log()
+        assert "closed database" not in log, log
+        assert not netns.exists(sid), f"StopPodSandbox left its network namespace\n{log}"
+        daemon.start()  # the state must say what was done (and the fixture's cleanup talks to it)
+        status = daemon.runtime().PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+        assert status.state == api.SANDBOX_NOTREADY
+
+
+def test_sigterm_after_the_grace_exits_and_the_next_start_recovers(
+        world_dir: Path, netns_guard: NetnsGuard, slow_cni: tuple[Path, Path, Path]) -> None:
+    """A call longer than ``shutdown_grace``: virtletd exits 1 soon after the grace without closing state under
+    the call; after a restart the kubelet's retry of StopPodSandbox succeeds and leaves nothing behind."""
+    conf, bin_dir, marker = slow_cni
+    flags = ["--libvirt-uri", "test:///default", "--kvm", "off", "--cni-bin-dir", f"{bin_dir}:/usr/lib/cni",
+             "--shutdown-grace", "1"]
+    with running_virtletd(world_dir, netns_guard, conf, flags) as daemon:
+        sid = daemon.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config())).pod_sandbox_id
+        caller, result = _stop_in_thread(daemon, sid, 120)
+        _wait_for(marker.exists, 60, "StopPodSandbox to reach CNI DEL")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(SLOW_DEL + 30) == 1, daemon.log()
+        caller.join(60)
+        assert "error" in result
+        assert "still running after 1s" in daemon.log()
+        time.sleep(SLOW_DEL)  # the orphaned CNI plugin finishes its DEL
+        daemon.start()
+        rt = daemon.runtime()
+        rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+        assert not netns.exists(sid)
+        assert rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status.state == \
+            api.SANDBOX_NOTREADY
