@@ -14,9 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from virtlet import config as cfgmod
@@ -47,6 +50,45 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr, force=True)
 
 
+def qemu_ids_from_capabilities(caps_xml: str, domain_type: str) -> tuple[int, int] | None:
+    """(uid, gid) QEMU runs as: libvirt's DAC base label for ``domain_type`` (``+64055:+64055``), or None when
+    libvirt names none (the test driver; a ``dac`` model absent)."""
+    try:
+        root = ET.fromstring(caps_xml)
+    except ET.ParseError:
+        return None
+    for model in root.iterfind("host/secmodel"):
+        if (model.findtext("model") or "").strip() != "dac":
+            continue
+        for label in model.iterfind("baselabel"):
+            if label.get("type") != domain_type:
+                continue
+            uid, _, gid = (label.text or "").strip().partition(":")
+            try:
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+            except ValueError:
+                return None
+    return None
+
+
+def secure_dir(path: Path, qemu: tuple[int, int] | None) -> None:
+    """Make (or tighten) one of virtletd's own directories: ``0700`` root, or ``0710`` root:<QEMU's group> when
+    QEMU runs as another user, who must reach overlays, ISOs and base images inside (traverse only, no
+    listing; libvirt gives QEMU the files themselves).  Everything below inherits this gate, so per-container
+    directories may stay 0755.  Tightened at every start: an older virtletd left them 0755."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st_ = path.stat()
+    if st_.st_mode & stat.S_ISVTX:  # /tmp, /var/tmp: a shared directory is not ours to lock
+        raise errors.FailedPrecondition(
+            f"{path} is a shared sticky directory (like /tmp); give virtletd a directory of its own")
+    if qemu is None or qemu[0] == 0:
+        os.chmod(path, 0o700)
+    else:
+        if st_.st_gid != qemu[1]:
+            os.chown(path, -1, qemu[1])
+        os.chmod(path, 0o710)
+
+
 def _condition(kind: str, ok: bool, reason: str = "", message: str = "") -> api.RuntimeCondition:
     return api.RuntimeCondition(type=kind, status=ok, reason="" if ok else reason, message=message)
 
@@ -56,13 +98,13 @@ class Virtletd:
 
     def __init__(self, cfg: cfgmod.Config) -> None:
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        self._secure_dirs(None)  # 0700 until libvirt says which user QEMU runs as (below)
         self.kvm = kvm.detect(cfg.kvm)  # `kvm: on` without working KVM stops the start here
         (log.info if self.kvm.domain_type == "kvm" else log.warning)("%s", self.kvm.reason)
         self.kvm_message = self.kvm.reason
         self.store = StateStore(cfg.state_dir / "virtlet.db")
         self.libvirt = LibvirtHost(cfg.libvirt_uri)
+        self._secure_dirs_for_qemu()
         self.image_store = ImageStore(cfg.image_dir, cfg.image_translations_dir, cfg.image_default_scheme,
                                       in_use=self._images_in_use)
         self.cni_config = CniConfigStore(cfg.cni_conf_dir, cfg.cni_bin_dir)
@@ -80,6 +122,26 @@ class Virtletd:
         self.images = ImageServicer(self.image_store)
         self.server = CriServer(cfg.listen, self.runtime, self.images)
         self._stopping = threading.Event()
+
+    def _secure_dirs(self, qemu: tuple[int, int] | None) -> None:
+        for d in (self.cfg.state_dir, self.cfg.run_dir, self.cfg.image_dir):
+            secure_dir(d, qemu)
+
+    def _secure_dirs_for_qemu(self) -> bool:
+        """Open the directories to QEMU's group when QEMU does not run as root; False when libvirt is down."""
+        import libvirt
+
+        try:
+            caps = self.libvirt.connect().getCapabilities()
+        except (errors.Unavailable, libvirt.libvirtError) as exc:
+            log.warning("cannot ask libvirt which user QEMU runs as (%s); directories stay 0700 for now", exc)
+            return False
+        qemu = qemu_ids_from_capabilities(caps, self.kvm.domain_type)
+        self._secure_dirs(qemu)
+        if qemu is not None and qemu[0] != 0:
+            log.info("QEMU runs as uid %d gid %d: state, run and image directories are 0710 with group %d",
+                     *qemu, qemu[1])
+        return True
 
     def _images_in_use(self) -> set[str]:
         return {c.image_ref for c in self.store.list_containers()}
@@ -118,6 +180,7 @@ class Virtletd:
         def retry() -> None:
             while not self._stopping.wait(5):
                 try:
+                    self._secure_dirs_for_qemu()
                     self.vms.recover()
                     log.info("VM recovery done after libvirt came up")
                     return

@@ -6,7 +6,9 @@ sockets were created under a process-wide umask; VNC listened on loopback with n
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -143,3 +145,53 @@ def test_sigterm_after_the_grace_exits_and_the_next_start_recovers(
         assert not netns.exists(sid)
         assert rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status.state == \
             api.SANDBOX_NOTREADY
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_state_files_are_private_even_when_an_older_version_left_them_open(
+        world_dir: Path, netns_guard: NetnsGuard, bridge_cni: Path) -> None:
+    """An older virtletd left the state, run and image directories 0755 and virtlet.db 0644 (annotations and env
+    inside).  A start - under the loosest umask - tightens them: directories 0700 (the test driver runs no QEMU
+    user), database and its -wal/-shm 0600, CRI socket 0660; a sandbox's files stay behind those gates."""
+    import sqlite3
+
+    state, run, images = world_dir / "state", world_dir / "run", world_dir / "images"
+    for d in (state, run, images):
+        d.mkdir(mode=0o755)
+        d.chmod(0o755)
+    db = state / "virtlet.db"
+    sqlite3.connect(db).close()
+    db.chmod(0o644)
+    old = os.umask(0)
+    try:
+        with running_virtletd(world_dir, netns_guard, bridge_cni,
+                              ["--libvirt-uri", "test:///default", "--kvm", "off"]) as daemon:
+            sid = daemon.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config())).pod_sandbox_id
+            modes = {p.name: _mode(p) for p in (state, run, images)}
+            assert modes == {"state": 0o700, "run": 0o700, "images": 0o700}
+            files = {p.name: _mode(p) for p in state.iterdir() if p.name.startswith("virtlet.db")}
+            assert set(files) >= {"virtlet.db", "virtlet.db-wal", "virtlet.db-shm"}
+            assert set(files.values()) == {0o600}, files
+            assert _mode(daemon.socket) == 0o660
+            assert not [p for p in world_dir.iterdir() if p.name.startswith(".sock-")]  # no private dir left
+            daemon.runtime().StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid))
+            daemon.runtime().RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    finally:
+        os.umask(old)
+
+
+def test_a_shared_sticky_directory_is_refused(world_dir: Path) -> None:
+    """``--state-dir /tmp`` must not lock everybody out of /tmp: virtletd stops with a message instead."""
+    import subprocess
+
+    shared = world_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    d = VirtletdProcess(world_dir, ["--libvirt-uri", "test:///default", "--kvm", "off"])
+    cmd = [*d.cmd, "--run-dir", str(shared)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "shared sticky directory" in proc.stderr, proc.stderr
+    assert _mode(shared) == 0o1777
