@@ -195,3 +195,102 @@ def test_a_shared_sticky_directory_is_refused(world_dir: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "shared sticky directory" in proc.stderr, proc.stderr
     assert _mode(shared) == 0o1777
+
+
+def _listening_tcp_inodes_of(pid: int) -> list[str]:
+    """Sockets of ``pid`` listening on TCP (IPv4 and IPv6), as /proc/net/tcp* lines."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                out.append(line)
+    return out
+
+
+@pytest.mark.libvirt
+def test_vnc_only_through_virtletctl_and_private_dirs_with_real_qemu(
+        vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any, tiny_image: Path) -> None:
+    """A real tiny VM: QEMU serves VNC on libvirt's unix socket in the domain's private directory (no TCP port
+    at all); `virtletctl vnc` relays it to a loopback port that answers RFB for root and closes on another
+    user.  The directories QEMU reaches are 0710 with QEMU's group when QEMU is not root (0700 when it is),
+    and the VM runs from them."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
+
+    shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
+    name = image_server.name("files/tiny.qcow2")
+    _pull(vm_virtletd, name)
+    pod = Pod(vm_virtletd, world_dir, "vm-vnc", image=name)
+    try:
+        pod.run_sandbox()
+        pod.create()
+        pod.start()
+        pod.wait_log(MARKER)
+        caps = subprocess.run(["virsh", "-c", "qemu:///system", "capabilities"], capture_output=True, text=True,
+                              check=True).stdout
+        from virtlet.daemon import qemu_ids_from_capabilities
+
+        qemu = qemu_ids_from_capabilities(caps, "qemu")
+        for d in (vm_virtletd.state_dir, vm_virtletd.run_dir, world_dir / "images"):
+            st_ = d.stat()
+            if qemu is None or qemu[0] == 0:
+                assert stat.S_IMODE(st_.st_mode) == 0o700, d
+            else:
+                assert (stat.S_IMODE(st_.st_mode), st_.st_gid) == (0o710, qemu[1]), d
+        dom = f"virtlet-{pod.container_id}"
+        live = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", dom], capture_output=True, text=True,
+                              check=True).stdout
+        listen = ET.fromstring(live).find("devices/graphics[@type='vnc']/listen")
+        assert listen is not None and listen.get("type") == "socket", live
+        vnc_sock = Path(listen.get("socket", ""))
+        parent = vnc_sock.parent.stat()
+        assert parent.st_mode & 0o007 == 0, f"{vnc_sock.parent} is open to other users"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(vnc_sock))
+            assert s.recv(12).startswith(b"RFB 003.00")
+        pid = int(Path(f"/run/libvirt/qemu/{dom}.pid").read_text())
+        assert _listening_tcp_inodes_of(pid) == [], "QEMU listens on a TCP port"
+
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        local = probe.getsockname()[1]
+        probe.close()
+        ctl = subprocess.Popen([sys.executable, "-m", "virtlet.ctl.main", "--endpoint",
+                                f"unix://{vm_virtletd.socket}", "vnc", "vm-vnc", str(local)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            greeting = b""
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", local), timeout=5) as s:
+                        greeting = s.recv(12)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            assert greeting.startswith(b"RFB 003.00"), greeting
+            other = subprocess.run(
+                ["/usr/bin/python3", "-c", "import socket,sys; s=socket.create_connection(('127.0.0.1', "
+                 "int(sys.argv[1])), timeout=10); s.settimeout(10); print(repr(s.recv(12)))", str(local)],
+                user="nobody", capture_output=True, text=True, timeout=60)
+            assert other.returncode == 0 and other.stdout.strip() == "b''", other
+        finally:
+            ctl.terminate()
+            ctl.wait(30)
+    finally:
+        pod.stop_and_remove()
