@@ -86,6 +86,13 @@ def _bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
+def _seconds(key: str, value: Any) -> int:
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 3600:
+        raise ConfigError(f"{key}: expected whole seconds from 0 to 3600, got {value!r}")
+    return int(text)
+
+
 def _cidr_list(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         items = [p.strip() for p in value.split(",") if p.strip()]
@@ -148,6 +155,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kvm", "auto", _choice(KVM_MODES),
             "auto: use KVM when a test guest really runs, else TCG; on: require KVM; off: always TCG"),
     Setting("log_level", "info", _choice(LOG_LEVELS), "log verbosity"),
+    Setting("shutdown_grace", 30, _seconds,
+            "seconds SIGTERM waits for CRI calls in flight before virtletd exits anyway (exit code 1)"),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -170,6 +179,7 @@ class Config:
     stream_address: str = "127.0.0.1:10010"
     kvm: str = "auto"
     log_level: str = "info"
+    shutdown_grace: int = 30
     config_file: Path | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:

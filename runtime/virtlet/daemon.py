@@ -2,15 +2,24 @@
 
 A daemon stop never touches VMs: SIGTERM/SIGINT stop accepting calls, let in-flight calls finish and exit; the
 VMs keep running under libvirt and are found again at the next start.
+
+A call that still runs when the grace (``shutdown_grace``) is over is not cut off by closing the state database
+under it (that left a StopPodSandbox half done): virtletd exits at once with code 1 instead, which for the state
+is the same as a SIGKILL at that point.  Every change is committed before the next step, and the next start
+recovers (as after any crash).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import stat
 import sys
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from virtlet import config as cfgmod
@@ -42,6 +51,45 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr, force=True)
 
 
+def qemu_ids_from_capabilities(caps_xml: str, domain_type: str) -> tuple[int, int] | None:
+    """(uid, gid) QEMU runs as: libvirt's DAC base label for ``domain_type`` (``+64055:+64055``), or None when
+    libvirt names none (the test driver; a ``dac`` model absent)."""
+    try:
+        root = ET.fromstring(caps_xml)
+    except ET.ParseError:
+        return None
+    for model in root.iterfind("host/secmodel"):
+        if (model.findtext("model") or "").strip() != "dac":
+            continue
+        for label in model.iterfind("baselabel"):
+            if label.get("type") != domain_type:
+                continue
+            uid, _, gid = (label.text or "").strip().partition(":")
+            try:
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+            except ValueError:
+                return None
+    return None
+
+
+def secure_dir(path: Path, qemu: tuple[int, int] | None) -> None:
+    """Make (or tighten) one of virtletd's own directories: ``0700`` root, or ``0710`` root:<QEMU's group> when
+    QEMU runs as another user, who must reach overlays, ISOs and base images inside (traverse only, no
+    listing; libvirt gives QEMU the files themselves).  Everything below inherits this gate, so per-container
+    directories may stay 0755.  Tightened at every start: an older virtletd left them 0755."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st_ = path.stat()
+    if st_.st_mode & stat.S_ISVTX:  # /tmp, /var/tmp: a shared directory is not ours to lock
+        raise errors.FailedPrecondition(
+            f"{path} is a shared sticky directory (like /tmp); give virtletd a directory of its own")
+    if qemu is None or qemu[0] == 0:
+        os.chmod(path, 0o700)
+    else:
+        if st_.st_gid != qemu[1]:
+            os.chown(path, -1, qemu[1])
+        os.chmod(path, 0o710)
+
+
 def _condition(kind: str, ok: bool, reason: str = "", message: str = "") -> api.RuntimeCondition:
     return api.RuntimeCondition(type=kind, status=ok, reason="" if ok else reason, message=message)
 
@@ -51,13 +99,13 @@ class Virtletd:
 
     def __init__(self, cfg: cfgmod.Config) -> None:
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        self._secure_dirs(None)  # 0700 until libvirt says which user QEMU runs as (below)
         self.kvm = kvm.detect(cfg.kvm)  # `kvm: on` without working KVM stops the start here
         (log.info if self.kvm.domain_type == "kvm" else log.warning)("%s", self.kvm.reason)
         self.kvm_message = self.kvm.reason
         self.store = StateStore(cfg.state_dir / "virtlet.db")
         self.libvirt = LibvirtHost(cfg.libvirt_uri)
+        self._secure_dirs_for_qemu()
         self.image_store = ImageStore(cfg.image_dir, cfg.image_translations_dir, cfg.image_default_scheme,
                                       in_use=self._images_in_use, policy=SourcePolicy.build(
                                           cfg.image_source_allow, cfg.image_max_size, cfg.image_name_fallback))
@@ -76,6 +124,26 @@ class Virtletd:
         self.images = ImageServicer(self.image_store)
         self.server = CriServer(cfg.listen, self.runtime, self.images)
         self._stopping = threading.Event()
+
+    def _secure_dirs(self, qemu: tuple[int, int] | None) -> None:
+        for d in (self.cfg.state_dir, self.cfg.run_dir, self.cfg.image_dir):
+            secure_dir(d, qemu)
+
+    def _secure_dirs_for_qemu(self) -> bool:
+        """Open the directories to QEMU's group when QEMU does not run as root; False when libvirt is down."""
+        import libvirt
+
+        try:
+            caps = self.libvirt.connect().getCapabilities()
+        except (errors.Unavailable, libvirt.libvirtError) as exc:
+            log.warning("cannot ask libvirt which user QEMU runs as (%s); directories stay 0700 for now", exc)
+            return False
+        qemu = qemu_ids_from_capabilities(caps, self.kvm.domain_type)
+        self._secure_dirs(qemu)
+        if qemu is not None and qemu[0] != 0:
+            log.info("QEMU runs as uid %d gid %d: state, run and image directories are 0710 with group %d",
+                     *qemu, qemu[1])
+        return True
 
     def _images_in_use(self) -> set[str]:
         return {c.image_ref for c in self.store.list_containers()}
@@ -114,6 +182,7 @@ class Virtletd:
         def retry() -> None:
             while not self._stopping.wait(5):
                 try:
+                    self._secure_dirs_for_qemu()
                     self.vms.recover()
                     log.info("VM recovery done after libvirt came up")
                     return
@@ -122,17 +191,25 @@ class Virtletd:
 
         threading.Thread(target=retry, name="vm-recovery", daemon=True).start()
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop serving; True when every call finished in time and everything was closed, False when calls
+        still run after the grace (nothing is closed under them then: the caller must exit the process)."""
+        grace = float(self.cfg.shutdown_grace) if grace is None else grace
         log.info("stopping: no new calls; waiting up to %.0fs for calls in flight (VMs keep running)", grace)
         self._stopping.set()
-        self.server.stop(grace)
+        left = self.server.stop(grace)
+        if left:
+            log.error("%d CRI call(s) still running after %.0fs; exiting without waiting for them (the next "
+                      "start recovers what they left, as after a crash)", left, grace)
+            return False
         self.streaming.stop()
         self.vms.shutdown()
         self.image_store.close()
         self.libvirt.close()
         self.store.close()
+        return True
 
-    def serve_until_signalled(self) -> None:
+    def serve_until_signalled(self) -> bool:
         def handle(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s", signal.Signals(signum).name)
             self._stopping.set()
@@ -140,7 +217,7 @@ class Virtletd:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         self._stopping.wait()
-        self.stop()
+        return self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,7 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.VirtletError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    daemon.serve_until_signalled()
+    if not daemon.serve_until_signalled():
+        # handler threads still run: a normal interpreter exit would join them (and close nothing under them
+        # either); leave now, like a crash, with every committed change on disk
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped")
     return 0
 

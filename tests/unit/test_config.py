@@ -72,3 +72,11 @@ def test_markdown_table_lists_every_setting() -> None:
 def test_docs_table_is_current() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     assert config.markdown_table() in doc, "docs/configuration.md is stale: python -m virtlet.config --markdown"
+
+
+def test_shutdown_grace() -> None:
+    assert config.load([]).shutdown_grace == 30
+    assert config.load(["--shutdown-grace", "5"]).shutdown_grace == 5
+    for bad in ("-1", "1.5", "²", "3601", ""):
+        with pytest.raises(config.ConfigError, match="--shutdown-grace"):
+            config.load(["--shutdown-grace", bad])

@@ -69,3 +69,29 @@ def test_tcp_relay_carries_bytes() -> None:
         relay.close()
         ls.close()
         t.join(5)
+
+
+def test_vnc_target_socket_or_port() -> None:
+    from virtlet.ctl.main import vnc_target
+
+    xml = ("<domain><devices><graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-1-x/vnc.sock'>"
+           "<listen type='socket' socket='/var/lib/libvirt/qemu/domain-1-x/vnc.sock'/></graphics></devices></domain>")
+    assert vnc_target(xml) == ("unix", "/var/lib/libvirt/qemu/domain-1-x/vnc.sock")
+    with pytest.raises(CtlError, match="no path yet"):
+        vnc_target("<domain><devices><graphics type='vnc'><listen type='socket'/></graphics></devices></domain>")
+    assert vnc_target("<domain><devices><graphics type='vnc' port='5902'/></devices></domain>") == ("tcp", 5902)
+
+
+def test_loopback_peer_uid_is_the_connecting_user() -> None:
+    import os
+    import socket
+
+    from virtlet.ctl.forward import loopback_peer_uid
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname()) as _client:
+            conn, _ = server.accept()
+            with conn:
+                assert loopback_peer_uid(conn) == os.geteuid()

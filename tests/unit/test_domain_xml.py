@@ -56,8 +56,11 @@ def assert_xml(actual: ET.Element | str, expected: str) -> None:
      "<target port='0'/></serial>"),
     (dx.UnixSerial(path="/s"),
      "<serial type='unix'><source mode='bind' path='/s'/><target port='0'/></serial>"),
-    (dx.VncGraphics(), "<graphics type='vnc' autoport='yes' listen='127.0.0.1'>"
-                       "<listen type='address' address='127.0.0.1'/></graphics>"),
+    (dx.VncGraphics(), "<graphics type='vnc'><listen type='socket'/></graphics>"),
+    (dx.VncGraphics(socket="/v.sock"), "<graphics type='vnc'><listen type='socket' socket='/v.sock'/></graphics>"),
+    (dx.VncGraphics("address", address="127.0.0.1", autoport=True),
+     "<graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/>"
+     "</graphics>"),
     (dx.MemBalloon(), "<memballoon model='virtio'/>"),
     (dx.Rng(), "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"),
 ])
@@ -130,8 +133,7 @@ def test_domain_xml_structure() -> None:
         <console type='unix'><source mode='bind' path='/run/c.sock'/><log file='/log/c.raw' append='on'/>
           <target type='serial' port='0'/></console>
         <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-        <graphics type='vnc' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/>
-        </graphics>
+        <graphics type='vnc'><listen type='socket'/></graphics>
         <memballoon model='virtio'/>
         <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
       </devices>
@@ -196,7 +198,7 @@ def test_from_string_reads_libvirt_style_xml() -> None:
     assert domain.devices.controllers == []
     assert domain.devices.interfaces == [dx.EthernetInterface(target_dev="tapx", mac="52:54:00:aa:bb:cc")]
     assert domain.devices.serials == [dx.UnixSerial(path="/s", log_file="/l")]
-    assert domain.devices.graphics == [dx.VncGraphics()]
+    assert domain.devices.graphics == [dx.VncGraphics("address", address="127.0.0.1", autoport=True)]
     assert domain.devices.channels == [dx.GuestAgentChannel()]
 
 
@@ -211,3 +213,10 @@ def test_unknown_domain_type_refused() -> None:
     with pytest.raises(ValueError, match="domain type"):
         dx.to_string(dx.Domain(type="xen", name="d", uuid="u", memory_bytes=1, vcpus=1,
                                devices=dx.Devices(emulator="/q")))
+
+
+def test_vnc_socket_from_live_xml() -> None:
+    """What libvirt reports for ``<listen type='socket'/>``: the path it chose in the domain's private dir."""
+    el = ET.fromstring("<graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'>"
+                       "<listen type='socket' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'/></graphics>")
+    assert dx.VncGraphics.from_xml(el) == dx.VncGraphics(socket="/var/lib/libvirt/qemu/domain-3-x/vnc.sock")

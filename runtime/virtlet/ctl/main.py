@@ -124,8 +124,9 @@ def cmd_ssh(args: argparse.Namespace) -> int:
         client.close()
 
 
-def vnc_port(domain_xml: str) -> int:
-    """The VNC TCP port libvirt chose (``<graphics type='vnc' port=...>`` of the live domain XML)."""
+def vnc_target(domain_xml: str) -> tuple[str, str | int]:
+    """Where the live domain serves VNC: ``("unix", path)`` (libvirt's socket in the domain's private
+    directory) or ``("tcp", port)`` (a loopback port: domains defined by older versions)."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -133,26 +134,51 @@ def vnc_port(domain_xml: str) -> int:
     except ET.ParseError as exc:
         raise CtlError(f"cannot read the domain XML: {exc}") from exc
     for g in root.iter("graphics"):
-        if g.get("type") == "vnc":
-            port = int(g.get("port", "-1"))
-            if port > 0:
-                return port
-            raise CtlError("the VM's VNC display has no port yet (is the VM running?)")
+        if g.get("type") != "vnc":
+            continue
+        listen = g.find("listen")
+        if listen is not None and listen.get("type") == "socket":
+            path = listen.get("socket") or g.get("socket") or ""
+            if not path:
+                raise CtlError("the VM's VNC socket has no path yet (is the VM running?)")
+            return "unix", path
+        port = int(g.get("port", "-1"))
+        if port > 0:
+            return "tcp", port
+        raise CtlError("the VM's VNC display has no port yet (is the VM running?)")
     raise CtlError("the VM has no VNC display")
+
+
+def vnc_port(domain_xml: str) -> int:
+    """The VNC TCP port of a domain that listens on TCP (older versions)."""
+    kind, where = vnc_target(domain_xml)
+    if kind != "tcp":
+        raise CtlError("the VM's VNC display is a unix socket, not a TCP port")
+    return int(where)
 
 
 def cmd_vnc(args: argparse.Namespace) -> int:
     if _mode(args) == "cluster":
-        raise CtlError("vnc needs node mode: libvirt's VNC display listens on the node's loopback, which "
-                       "kubectl port-forward cannot reach; run virtletctl on the node (--endpoint)")
-    from virtlet.ctl.forward import TcpRelay
+        raise CtlError("vnc needs node mode: libvirt serves the VM's VNC display on a unix socket on the node, "
+                       "which kubectl port-forward cannot reach; run virtletctl on the node (--endpoint)")
+    from virtlet.ctl.forward import TcpRelay, UnixRelay
 
     client = _node(args)
     pod: Pod = client.find_pod(args.pod)
-    port = vnc_port(client.domain_xml(pod.container_id))
-    relay = TcpRelay(("127.0.0.1", port), args.local_port)
-    print(f"VNC of {pod.namespace}/{pod.name} (display :{port - 5900}) at 127.0.0.1:{relay.port}; "
-          "Ctrl-C stops", flush=True)
+    kind, where = vnc_target(client.domain_xml(pod.container_id))
+    relay: UnixRelay | TcpRelay
+    if kind == "unix":
+        path = str(where)
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise CtlError(f"cannot use the VM's VNC socket {path}: only root (and QEMU's user) may; run "
+                           "virtletctl vnc as root on the node")
+        relay = UnixRelay(path, args.local_port)
+        print(f"VNC of {pod.namespace}/{pod.name} at 127.0.0.1:{relay.port} (for uid {relay.allowed_uid} only, "
+              "while this runs); Ctrl-C stops", flush=True)
+    else:
+        relay = TcpRelay(("127.0.0.1", int(where)), args.local_port)
+        print(f"VNC of {pod.namespace}/{pod.name} (display :{int(where) - 5900}) at 127.0.0.1:{relay.port}; "
+              "Ctrl-C stops", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

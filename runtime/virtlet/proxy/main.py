@@ -7,7 +7,6 @@ instance so ``Version`` can answer in the version it was asked in; the socket ha
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from virtlet import errors
 from virtlet.cri import versions
 from virtlet.cri.interceptor import ErrorMappingInterceptor
-from virtlet.cri.server import MAX_MESSAGE, SOCKET_MODE, prepare_socket_path
+from virtlet.cri.server import MAX_MESSAGE, SOCKET_MODE, serve_grpc_on_unix
 from virtlet.proxy import config as cfgmod
 from virtlet.proxy.backends import Backends
 from virtlet.proxy.routing import Rules
@@ -51,14 +50,7 @@ class ProxyServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     def start(self) -> None:
-        prepare_socket_path(self.path)
-        old_umask = os.umask(0o117)  # created 0660: the kubelet's group may connect, nobody else
-        try:
-            self.server.add_insecure_port(f"unix://{self.path}")
-            self.server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, SOCKET_MODE)
+        serve_grpc_on_unix(self.server, self.path, SOCKET_MODE)  # 0660: the kubelet's group, nobody else
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("CRI proxy listening on unix://%s; primary %s; %s", self.path, self.cfg.primary,
                  ", ".join(f"{n}={a}" for n, a in self.cfg.secondaries.items()) or "no secondaries")

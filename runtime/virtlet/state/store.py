@@ -12,6 +12,7 @@ States:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -136,13 +137,26 @@ def _decode_row(cls: type, row: sqlite3.Row) -> Any:
     return cls(**values)
 
 
+def _private_db_files(path: Path) -> None:
+    """The database holds annotations and container env (secrets): 0600, made so before SQLite opens it (SQLite
+    gives its -wal and -shm files the mode of the database file) and tightened when an older virtletd left it
+    0644.  No umask change: ``os.open`` with 0600 can only come out tighter."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class StateStore:
     """All reads and writes of virtletd state.  Thread-safe; each write is one committed transaction."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._lock = threading.RLock()
+        _private_db_files(path)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

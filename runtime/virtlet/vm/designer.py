@@ -92,7 +92,7 @@ def design_domain(req: DomainRequest) -> dx.Domain:
         interfaces=[dx.EthernetInterface(target_dev=n.tap, mac=n.mac, mtu=n.mtu) for n in req.nics],
         serials=[dx.UnixSerial(path=str(req.console_socket), log_file=str(req.console_log), log_append=True)],
         channels=[dx.GuestAgentChannel()],  # exec and exec probes (virtlet.vm.guest_agent)
-        graphics=[dx.VncGraphics(listen="127.0.0.1", autoport=True)],
+        graphics=[dx.VncGraphics()],  # unix socket in libvirt's per-domain dir: root only (virtletctl vnc)
         memballoon=dx.MemBalloon(model="virtio"),
         rng=dx.Rng(),
     )

@@ -287,19 +287,33 @@ class GuestAgentChannel:
 
 @dataclass
 class VncGraphics:
-    """VNC for debugging; listens on loopback only by default (VNC has no real authentication)."""
+    """VNC display.  ``listen_type`` ``socket`` (what virtletd asks for): a unix socket; with no ``socket`` path
+    libvirt puts it in the domain's private directory (``/var/lib/libvirt/qemu/domain-N-<name>/vnc.sock``,
+    reachable by root and QEMU's user only) and reports the path in the live XML.  ``address``: a TCP listen
+    address (domains defined by older versions: VNC has no real authentication, any local process could
+    connect)."""
 
-    listen: str = "127.0.0.1"
-    autoport: bool = True
+    listen_type: str = "socket"
+    socket: str = ""
+    address: str = ""
+    autoport: bool = False
 
     def to_xml(self) -> ET.Element:
-        el = ET.Element("graphics", type="vnc", autoport="yes" if self.autoport else "no", listen=self.listen)
-        _sub(el, "listen", type="address", address=self.listen)
+        if self.listen_type == "socket":
+            el = ET.Element("graphics", type="vnc")
+            _sub(el, "listen", type="socket", **({"socket": self.socket} if self.socket else {}))
+            return el
+        el = ET.Element("graphics", type="vnc", autoport="yes" if self.autoport else "no", listen=self.address)
+        _sub(el, "listen", type="address", address=self.address)
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> VncGraphics:
-        return cls(listen=el.get("listen", ""), autoport=el.get("autoport") == "yes")
+        listen = el.find("listen")
+        if listen is not None and listen.get("type") == "socket":
+            return cls(listen_type="socket", socket=listen.get("socket", ""))
+        address = el.get("listen") or (listen.get("address", "") if listen is not None else "")
+        return cls(listen_type="address", address=address, autoport=el.get("autoport") == "yes")
 
 
 @dataclass
