@@ -28,6 +28,9 @@ Outcomes, chosen to match what a shell and the kubelet expect:
 Output cap (issue 13; containerd and CRI-O settled on 16 MiB after CVE-2022-1708 / CVE-2022-31030): stdout and
 stderr *together* keep at most ``EXEC_OUTPUT_CAP`` (16 MiB) on every exec path; ExecSync keeps
 ``EXEC_SYNC_OUTPUT_CAP`` (16 MiB less 64 bytes) so its response fits the kubelet's 16 MiB CRI message limit.
+Through libvirt (what virtletd uses) a reply is further limited by libvirt's RPC string size (4 MiB of base64,
+about ``LIBVIRT_OUTPUT_LIMIT`` = 3 MiB of output): a command whose output is larger answers
+``FailedPrecondition`` saying so (the command has run; only its output is lost).
 Past the cap the output is truncated, as containerd does (no marker is added, a line is logged); when both
 streams are long, each keeps at least half the cap.  Only the base64 prefix that is kept is decoded; the rest of
 a reply is checked to be base64 without being decoded.
@@ -56,6 +59,8 @@ EXEC_SYNC_OUTPUT_CAP = EXEC_OUTPUT_CAP - 64  # ExecSync: room for the response's
 AGENT_STREAM_MAX = 16 << 20  # qemu-ga's own cap per stream (GUEST_EXEC_MAX_OUTPUT)
 # the longest reply a well-behaved agent sends: two base64 streams of AGENT_STREAM_MAX, plus the JSON around them
 MAX_REPLY = 2 * 4 * ((AGENT_STREAM_MAX + 2) // 3) + (64 << 10)
+# what libvirt passes back in one agent reply: REMOTE_STRING_MAX (4 MiB) of base64 and JSON, ~3 MiB of output
+LIBVIRT_OUTPUT_LIMIT = 3 << 20
 MAX_INPUT = 1 << 20  # stdin bytes passed as input-data (one JSON message through libvirt)
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_EXECUTE = 126
@@ -74,6 +79,10 @@ class AgentError(Exception):
 
 class AgentMisbehaved(Exception):
     """The agent answered something that is not the QGA protocol (the message says what)."""
+
+
+class ReplyTooLarge(Exception):
+    """libvirt could not hand over a reply this large (its RPC strings stop at 4 MiB)."""
 
 
 # (command, timeout in seconds) -> the reply's "return" value; raises AgentUnavailable or AgentError
@@ -181,6 +190,10 @@ class GuestAgent:
             except AgentUnavailable as exc:
                 raise errors.FailedPrecondition(
                     no_agent_message(self.pod, f"{exc}; {argv[0]!r} may still run as guest PID {pid}")) from exc
+            except ReplyTooLarge as exc:
+                raise errors.FailedPrecondition(
+                    f"VM pod {self.pod}: the output of {argv[0]!r} (guest PID {pid}) is larger than the guest agent "
+                    f"can hand back through libvirt ({exc}); write large output to a file in the VM") from exc
             except (AgentError, AgentMisbehaved) as exc:
                 raise errors.FailedPrecondition(
                     misbehaved_message(self.pod, f"guest-exec-status for PID {pid} failed: {exc}")) from exc
@@ -318,6 +331,9 @@ def libvirt_transport(dom: Any) -> Transport:
             text = exc.get_error_message() or str(exc)
             if exc.get_error_code() in unavailable:
                 raise AgentUnavailable(text) from exc
+            if exc.get_error_code() == libvirt.VIR_ERR_RPC and "encode message payload" in text:
+                # libvirtd could not send the reply: remote strings stop at 4 MiB (~3 MiB of exec output)
+                raise ReplyTooLarge(f"libvirt: {text}; its limit is about {LIBVIRT_OUTPUT_LIMIT >> 20} MiB") from exc
             marker = "unable to execute QEMU agent command"
             if marker in text:
                 raise AgentError(text.split("': ", 1)[-1]) from exc
