@@ -382,3 +382,68 @@ def test_cri_attach_and_port_forward_are_wired(streaming_virtletd: VirtletdProce
         rt.Exec(api.ExecRequest(container_id="x", cmd=["sh"], stdin=True, stdout=True, tty=True), timeout=10)
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "virtletctl ssh" in exc.value.details()
     assert "streaming server listening on http://127.0.0.1:" in streaming_virtletd.log()
+
+
+# -- bounds (issue 13) ----------------------------------------------------------------------------------------
+def test_slowloris_and_connection_limit_against_the_service(world: World, tmp_path: Path) -> None:
+    """A client trickling its head is cut off after the total head time while a port-forward to the VM is
+    served; the connection past the limit gets 503; a huge SPDY frame length ends only its own connection."""
+    from virtlet.stream.client import upgrade
+    from virtlet.stream.limits import Limits
+
+    svc = StreamingService("127.0.0.1:0", world.store, tmp_path, limits=Limits(head_timeout=4, max_connections=3))
+    svc.start()
+    slow = socket.create_connection(("127.0.0.1", svc.server.port))
+    stop = threading.Event()
+    try:
+        def trickle() -> None:
+            for b in b"GET /portforward/x HTTP/1.1\r\nX: " + b"a" * 100:
+                try:
+                    slow.send(bytes([b]))
+                except OSError:
+                    return
+                if stop.wait(1.0):
+                    return
+
+        threading.Thread(target=trickle, daemon=True).start()
+        start = time.monotonic()
+        pf = PortForwardClient(svc.port_forward_url(world.sandbox_id, [VM_PORT]))
+        data, _ = pf.open(VM_PORT)
+        data.write(b"served")
+        assert data.read(10) == b"served"
+        # two connections are open (slowloris, pf); a third fits, the fourth is refused
+        third = socket.create_connection(("127.0.0.1", svc.server.port))
+        time.sleep(0.5)
+        fourth = socket.create_connection(("127.0.0.1", svc.server.port), timeout=10)
+        refused = b""
+        try:
+            while chunk := fourth.recv(4096):
+                refused += chunk
+        except ConnectionResetError:
+            pass
+        fourth.close()
+        third.close()
+        assert refused.startswith(b"HTTP/1.1 503"), refused
+        slow.settimeout(30)
+        answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400") and b"within 4s" in answer
+        assert time.monotonic() - start < 20
+        pf.close()
+        # a SPDY frame head promising 16 MiB: GOAWAY and close, nothing read
+        up = upgrade(svc.port_forward_url(world.sandbox_id, [VM_PORT]), ["portforward.k8s.io"])
+        up.sock.sendall(b"\x00\x00\x00\x01\x00\xff\xff\xff")
+        up.sock.settimeout(10)
+        got = b""
+        while chunk := up.sock.recv(4096):
+            got += chunk
+        assert got[:4] == b"\x80\x03\x00\x07"
+        up.sock.close()
+        pf = PortForwardClient(svc.port_forward_url(world.sandbox_id, [VM_PORT]))
+        data, _ = pf.open(VM_PORT)
+        data.write(b"still")
+        assert data.read(10) == b"still"
+        pf.close()
+    finally:
+        stop.set()
+        slow.close()
+        svc.stop()

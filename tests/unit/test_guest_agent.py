@@ -139,10 +139,38 @@ def test_caller_gone_stops_waiting() -> None:
         agent(FakeAgent(polls=10**6)).exec(["sleep", "100"], alive=lambda: False)
 
 
-def test_output_cap() -> None:
-    res = agent(FakeAgent(out=b"x" * 100, err=b"e" * 10), max_output=16).exec(["yes"])
-    assert (res.stdout, res.stderr, res.truncated) == (b"x" * 16, b"e" * 10, True)
+def test_output_cap_is_for_stdout_and_stderr_together() -> None:
+    res = agent(FakeAgent(out=b"x" * 100, err=b"e" * 5), max_output=16).exec(["yes"])
+    assert (res.stdout, res.stderr, res.truncated) == (b"x" * 11, b"e" * 5, True)
+    res = agent(FakeAgent(out=b"x" * 100, err=b"e" * 100), max_output=16).exec(["yes"])
+    assert (res.stdout, res.stderr) == (b"x" * 8, b"e" * 8)  # both long: each keeps half
+    res = agent(FakeAgent(out=b"x" * 100), max_output=17).exec(["yes"], max_output=5)
+    assert (res.stdout, res.truncated) == (b"x" * 5, True)
     assert agent(FakeAgent(out=b"x", out_truncated=True)).exec(["x"]).truncated
+    assert not agent(FakeAgent(out=b"x" * 16)).exec(["x"], max_output=16).truncated
+
+
+def test_one_16_mib_cap_on_every_exec_path() -> None:
+    assert ga.EXEC_OUTPUT_CAP == 16 * 1024 * 1024
+    assert ga.GuestAgent(FakeAgent(), "p").max_output == ga.EXEC_OUTPUT_CAP
+    assert ga.EXEC_OUTPUT_CAP - 100 < ga.EXEC_SYNC_OUTPUT_CAP < ga.EXEC_OUTPUT_CAP
+
+
+def test_over_the_cap_only_the_kept_prefix_is_decoded() -> None:
+    import tracemalloc
+
+    big = base64.b64encode(b"y" * (8 << 20)).decode()  # 8 MiB of output, 10.7 MB of base64
+    fake = FakeAgent(polls=0)
+    fake.__class__ = type("Big", (FakeAgent,), {"__call__": lambda self, c, t: (
+        {"pid": 42} if c["execute"] == "guest-exec" else {"exited": True, "exitcode": 0, "out-data": big})})
+    tracemalloc.start()
+    try:
+        res = agent(fake).exec(["yes"], max_output=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (res.stdout, res.truncated) == (b"y" * 1000, True)
+    assert peak < 1 << 20, peak  # the 8 MiB were never decoded
 
 
 def test_bad_requests() -> None:
@@ -273,3 +301,220 @@ def test_stream_exec_over_websocket_v5(exec_server: Any) -> None:
         sock.close()
     assert got[1] == b"out:piped" and got[2] == b"err\n"
     assert json.loads(got[3])["details"]["causes"][0]["message"] == "4"
+
+
+# -- a misbehaving guest agent (issue 13): FAILED_PRECONDITION naming the misbehaviour, never INTERNAL ----------
+class Scripted:
+    """An agent transport answering guest-exec and guest-exec-status with fixed return values."""
+
+    def __init__(self, started: Any = None, status: Any = None, status_error: Exception | None = None) -> None:
+        self.started = {"pid": 42} if started is None else started
+        self.status = status
+        self.status_error = status_error
+
+    def __call__(self, command: dict[str, Any], timeout: float) -> Any:
+        if command["execute"] == "guest-exec":
+            return self.started() if callable(self.started) else self.started
+        if self.status_error is not None:
+            raise self.status_error
+        return self.status
+
+
+_B64_4MB = "QUFB" * (1 << 20)
+
+
+@pytest.mark.parametrize(("transport", "what"), [
+    (Scripted(started=lambda: None), "guest-exec answered a JSON null"),
+    (Scripted(started={"pid": "42"}), "'pid' string"),
+    (Scripted(started={"pid": 4.5}), "'pid' number"),
+    (Scripted(started={"pid": True}), "'pid' boolean"),
+    (Scripted(started={"pid": -1}), "process id"),
+    (Scripted(started={"pid": 1 << 40}), "process id"),
+    (Scripted(started={}), "'pid' null"),
+    (Scripted(started=[42]), "JSON array"),
+    (Scripted(status=None), "JSON null, not an object"),
+    (Scripted(status=[1, 2]), "JSON array, not an object"),
+    (Scripted(status={}), "'exited' as null"),
+    (Scripted(status={"exited": "yes"}), "'exited' as string"),
+    (Scripted(status={"exited": True, "exitcode": "0"}), "'exitcode' is string"),
+    (Scripted(status={"exited": True, "exitcode": 1 << 40}), "not a 32-bit integer"),
+    (Scripted(status={"exited": True, "signal": [9]}), "'signal' is array"),
+    (Scripted(status={"exited": True, "signal": 10**6}), "not a signal number"),
+    (Scripted(status={"exited": True, "exitcode": 0, "out-data": 5}), "'out-data' is integer"),
+    (Scripted(status={"exited": True, "exitcode": 0, "err-data": {"a": 1}}), "'err-data' is object"),
+    (Scripted(status={"exited": True, "exitcode": 0, "out-data": "not base64!"}), "not valid base64"),
+    (Scripted(status={"exited": True, "exitcode": 0, "out-data": "QUF"}), "not valid base64"),
+    (Scripted(status={"exited": True, "exitcode": 0, "out-data": _B64_4MB + "!!!!"}), "not valid base64"),
+    (Scripted(status_error=ga.AgentError("Invalid parameter 'pid'")), "guest-exec-status for PID 42 failed"),
+    (Scripted(status_error=ga.AgentMisbehaved("the reply is not JSON")), "the reply is not JSON"),
+])
+def test_malformed_agent_replies_are_failed_precondition(transport: Scripted, what: str) -> None:
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        ga.GuestAgent(transport, "default/vm", sleep=lambda s: None).exec(["true"], timeout=5)
+    msg = str(exc.value)
+    assert "VM pod default/vm: the guest agent misbehaved" in msg and what in msg, msg
+    assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(msg) < 600  # a huge reply is not echoed
+
+
+@pytest.mark.parametrize(("raw", "error", "what"), [
+    (b"null", ga.AgentMisbehaved, "JSON NoneType"),
+    (b"[1]", ga.AgentMisbehaved, "JSON list"),
+    (b"{}", ga.AgentMisbehaved, "neither 'return' nor 'error'"),
+    (b"{\"return\": ", ga.AgentMisbehaved, "not JSON"),
+    (b"\xff\xfe", ga.AgentMisbehaved, "not JSON"),
+    (b"[" * 100_000, ga.AgentMisbehaved, "not JSON"),
+    (b'{"error": {"class": "GenericError", "desc": "no"}}', ga.AgentError, "no"),
+    (b'{"error": 5}', ga.AgentError, "5"),
+])
+def test_parse_reply(raw: bytes, error: type, what: str) -> None:
+    with pytest.raises(error) as exc:
+        ga.parse_reply(raw)
+    assert what in str(exc.value)
+    with pytest.raises(ga.AgentMisbehaved):
+        ga.parse_reply(b" " * 11, max_reply=10)
+    assert ga.parse_reply(b'{"return": {"pid": 1}}') == {"pid": 1}
+
+
+# -- the same through a real unix socket speaking QGA badly -----------------------------------------------------
+class AgentSocket:
+    """A unix socket answering each command line with ``replies[command name]``: bytes, or a callable given
+    the connection (to stall, trickle or flood)."""
+
+    def __init__(self, path: Path, replies: dict[str, Any]) -> None:
+        import socket
+        import threading
+
+        self.path = path
+        self.replies = replies
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        with conn:
+            buf = b""
+            while b"\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            name = json.loads(buf.split(b"\n")[0])["execute"]
+            reply = self.replies[name]
+            try:
+                if callable(reply):
+                    reply(conn, self.stop)
+                else:
+                    conn.sendall(reply)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        import contextlib
+
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(2)  # wakes accept()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _stall(conn: Any, stop: Any) -> None:
+    stop.wait(30)
+
+
+def _endless(conn: Any, stop: Any) -> None:
+    conn.sendall(b'{"return": {"exited": true, "out-data": "')
+    while not stop.is_set():
+        conn.sendall(b"QUFB" * 16384)
+
+
+def _trickle(conn: Any, stop: Any) -> None:
+    conn.sendall(b'{"return": ')
+    while not stop.wait(0.2):
+        conn.sendall(b" ")
+
+
+STARTED = b'{"return": {"pid": 42}}\n'
+
+
+@pytest.mark.parametrize(("replies", "code", "what"), [
+    ({"guest-exec": b"null\n"}, grpc.StatusCode.FAILED_PRECONDITION, "misbehaved"),
+    ({"guest-exec": b'{"return": {"pid": "x"}}\n'}, grpc.StatusCode.FAILED_PRECONDITION, "'pid' string"),
+    ({"guest-exec": b"garbage\n"}, grpc.StatusCode.FAILED_PRECONDITION, "not JSON"),
+    ({"guest-exec": STARTED, "guest-exec-status": b'{"return": [1]}\n'}, grpc.StatusCode.FAILED_PRECONDITION,
+     "JSON array"),
+    ({"guest-exec": STARTED, "guest-exec-status": b'{"return": {"exited": true, "out-data": "%%%%"}}\n'},
+     grpc.StatusCode.FAILED_PRECONDITION, "not valid base64"),
+    ({"guest-exec": STARTED, "guest-exec-status": _endless}, grpc.StatusCode.FAILED_PRECONDITION,
+     "more than"),
+    ({"guest-exec": b""}, grpc.StatusCode.FAILED_PRECONDITION, "does not answer"),
+    ({"guest-exec": _stall}, grpc.StatusCode.FAILED_PRECONDITION, "no complete reply within"),
+    ({"guest-exec": _trickle}, grpc.StatusCode.FAILED_PRECONDITION, "no complete reply within"),
+])
+def test_misbehaving_agent_socket(tmp_path: Path, replies: dict[str, Any], code: grpc.StatusCode,
+                                  what: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ga, "CALL_TIMEOUT", 2.0)
+    srv = AgentSocket(tmp_path / "qga.sock", replies)
+    try:
+        agent_ = ga.GuestAgent(ga.socket_transport(str(srv.path), max_reply=4 << 20), "default/vm")
+        with pytest.raises(errors.VirtletError) as exc:
+            agent_.exec(["true"], timeout=3)
+        assert exc.value.code == code and what in str(exc.value), str(exc.value)
+        assert "VM pod default/vm" in str(exc.value)
+    finally:
+        srv.close()
+
+
+def test_a_stalled_agent_does_not_block_other_calls(tmp_path: Path) -> None:
+    """One VM's silent agent holds only its own call; another VM's exec answers meanwhile."""
+    import threading
+    import time
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    stalled = AgentSocket(tmp_path / "a" / "qga.sock", {"guest-exec": _stall})
+    good = AgentSocket(tmp_path / "b" / "qga.sock", {
+        "guest-exec": STARTED,
+        "guest-exec-status": b'{"return": {"exited": true, "exitcode": 0, "out-data": "aGkK"}}\n'})
+    try:
+        outcome: list[BaseException] = []
+
+        def slow() -> None:
+            try:
+                ga.GuestAgent(ga.socket_transport(str(stalled.path)), "default/a").exec(["true"], timeout=4)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        start = time.monotonic()
+        res = ga.GuestAgent(ga.socket_transport(str(good.path)), "default/b").exec(["echo", "hi"], timeout=10)
+        assert res == ga.ExecResult(0, b"hi\n", b"")
+        assert time.monotonic() - start < 3  # not behind the stalled one (which takes 4 s)
+        t.join(30)
+        assert isinstance(outcome[0], errors.FailedPrecondition) and "does not answer" in str(outcome[0])
+    finally:
+        stalled.close()
+        good.close()
+
+
+def test_exec_sync_with_a_misbehaving_agent_is_failed_precondition(servicer: RuntimeServicer) -> None:
+    servicer.containers = type("Vms", (), {"guest_agent": lambda self, cid: ga.GuestAgent(
+        Scripted(started={"pid": None}), "default/vm")})()
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        servicer.ExecSync(api.ExecSyncRequest(container_id="run", cmd=["true"], timeout=5), Context())
+    assert "guest agent misbehaved" in str(exc.value)

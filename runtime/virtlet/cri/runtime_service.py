@@ -21,6 +21,7 @@ from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
+from virtlet.vm import guest_agent as ga
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,10 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
             raise errors.InvalidArgument("ExecSync: cmd is required (the program and its arguments)")
         self._require_running(request.container_id)
         agent = self._vms().guest_agent(request.container_id)
-        result = agent.exec(list(request.cmd), None, timeout=float(request.timeout) or None, alive=context.is_active)
+        # stdout + stderr are truncated together at ga.EXEC_SYNC_OUTPUT_CAP (16 MiB less the response's framing,
+        # so it fits the kubelet's 16 MiB message limit), as containerd does since CVE-2022-1708.
+        result = agent.exec(list(request.cmd), None, timeout=float(request.timeout) or None, alive=context.is_active,
+                            max_output=ga.EXEC_SYNC_OUTPUT_CAP)
         return api.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:

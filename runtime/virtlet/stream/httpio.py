@@ -8,10 +8,12 @@ ways to keep a connection half-used.  Anything that is not a well-formed request
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # virtlet.stream.limits.Limits.max_head
+HEAD_TIMEOUT = 10.0  # virtlet.stream.limits.Limits.head_timeout
 REASONS = {101: "Switching Protocols", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -40,17 +42,25 @@ class Request:
         return out
 
 
-def read_request(sock: socket.socket, timeout: float = 10.0) -> Request | None:
-    """The next request head; ``None`` when the peer closed before sending one."""
-    sock.settimeout(timeout)
+def read_request(sock: socket.socket, timeout: float = HEAD_TIMEOUT, max_head: int = MAX_HEAD) -> Request | None:
+    """The next request head; ``None`` when the peer closed before sending one.
+
+    ``timeout`` bounds the whole head, not each read: a client trickling a byte every few seconds is cut off
+    when it runs out (slowloris).  ``max_head`` bounds its size; no read asks for more than fits.
+    """
+    deadline = time.monotonic() + timeout
     buf = b""
     while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD:
-            raise BadRequest("request head too large")
+        if len(buf) > max_head:
+            raise BadRequest(f"request head larger than {max_head} bytes")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BadRequest(f"request head not received within {timeout:g}s")
+        sock.settimeout(left)
         try:
-            data = sock.recv(65536)
+            data = sock.recv(max_head + 4 - len(buf) if len(buf) < max_head else 1)
         except TimeoutError as exc:
-            raise BadRequest("request head not received in time") from exc
+            raise BadRequest(f"request head not received within {timeout:g}s") from exc
         if not data:
             if buf:
                 raise BadRequest("connection closed inside the request head")

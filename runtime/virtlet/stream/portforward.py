@@ -6,16 +6,23 @@ be open at once on one connection.  WebSocket: the ports come from ``?port=`` in
 channel 2*i for data and 2*i+1 for errors, and the server first sends the port (2 bytes, little-endian) on
 both channels.  Either way a port that cannot be reached gets a message on its error stream/channel; other
 streams go on.
+
+Bounds: a VM port that does not read what the client sends for ``send_timeout`` loses that forwarded
+connection; a client that does not read what the VM sends is dropped by the SPDY/WebSocket send bound, and
+the VM's socket then fills and stops it (nothing is buffered here beyond one ``RECV`` chunk).  When the client
+connection ends, every VM socket it opened is shut down.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
 
+from virtlet.stream.limits import DEFAULT, Limits
 from virtlet.stream.model import Backend, PortForwardRequest
 from virtlet.stream.spdy_conn import SpdyConnection, SpdyStream, StreamClosed
 from virtlet.stream.websocket import ChannelSocket
@@ -32,6 +39,21 @@ def _error_text(req: PortForwardRequest, port: int, exc: BaseException) -> str:
     return f"error forwarding port {port} to pod {req.sandbox_id}: {exc}"
 
 
+def _recv_vm(sock: socket.socket) -> bytes:
+    """The next bytes from a VM socket (``b""`` at its end or on any error).  Waits in ``select`` because the
+    socket's timeout bounds sends to the VM, not how long the VM may stay silent."""
+    try:
+        select.select([sock], [], [])
+        return sock.recv(RECV)
+    except (OSError, ValueError):
+        return b""
+
+
+def _vm_socket(sock: socket.socket, limits: Limits) -> socket.socket:
+    sock.settimeout(limits.send_timeout)  # a VM port that reads nothing for this long loses the connection
+    return sock
+
+
 def parse_port(text: str) -> int:
     port = int(text)
     if not 0 < port < 65536:
@@ -43,9 +65,12 @@ def parse_port(text: str) -> int:
 class _SpdyPairs:
     """Matches data and error streams by request id and forwards each complete pair in its own thread."""
 
-    def __init__(self, req: PortForwardRequest, backend: Backend) -> None:
+    def __init__(self, req: PortForwardRequest, backend: Backend, limits: Limits = DEFAULT) -> None:
         self.req = req
         self.backend = backend
+        self.limits = limits
+        self.socks: set[socket.socket] = set()
+        self.closing = False
         self._lock = threading.Lock()
         self._pending: dict[str, dict[str, SpdyStream]] = {}
         self.threads: list[threading.Thread] = []
@@ -76,7 +101,7 @@ class _SpdyPairs:
         port_text = data.header("port")
         try:
             port = parse_port(port_text)
-            sock = self.backend.dial(self.req.sandbox_id, port)
+            sock = _vm_socket(self.backend.dial(self.req.sandbox_id, port), self.limits)
         except Exception as exc:
             msg = _error_text(self.req, int(port_text) if port_text.isdigit() else 0, exc)
             log.info("%s", msg)
@@ -85,14 +110,16 @@ class _SpdyPairs:
             error.close()
             data.close()
             return
+        with self._lock:
+            if self.closing:
+                sock.close()
+                return
+            self.socks.add(sock)
+        upstream = threading.Thread(target=_stream_to_socket, args=(data, sock), daemon=True)
         try:
-            upstream = threading.Thread(target=_stream_to_socket, args=(data, sock), daemon=True)
             upstream.start()
             while True:
-                try:
-                    chunk = sock.recv(RECV)
-                except OSError:
-                    chunk = b""
+                chunk = _recv_vm(sock)
                 if not chunk:
                     break
                 try:
@@ -100,10 +127,25 @@ class _SpdyPairs:
                 except StreamClosed:
                     break
             data.close()
-            upstream.join()
+            upstream.join(self.limits.send_timeout)  # what the client still sends may reach the VM
         finally:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # ends a send to a VM that stopped reading
+            if upstream.is_alive():
+                upstream.join(5)
+            with self._lock:
+                self.socks.discard(sock)
             sock.close()
             error.close()
+
+    def close(self) -> None:
+        """The client connection ended: end every forwarded connection to the VM."""
+        with self._lock:
+            self.closing = True
+            socks = list(self.socks)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _stream_to_socket(stream: SpdyStream, sock: socket.socket) -> None:
@@ -119,11 +161,13 @@ def _stream_to_socket(stream: SpdyStream, sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
-def serve_spdy(sock: socket.socket, initial: bytes, req: PortForwardRequest, backend: Backend) -> None:
+def serve_spdy(sock: socket.socket, initial: bytes, req: PortForwardRequest, backend: Backend, *,
+               limits: Limits = DEFAULT) -> None:
     """Serve port-forward streams until the client closes the connection (the 101 was already sent)."""
-    pairs = _SpdyPairs(req, backend)
-    conn = SpdyConnection(sock, server=True, on_stream=pairs.on_stream, initial=initial).start()
+    pairs = _SpdyPairs(req, backend, limits)
+    conn = SpdyConnection(sock, server=True, on_stream=pairs.on_stream, initial=initial, limits=limits).start()
     conn.closed.wait()
+    pairs.close()
     for t in list(pairs.threads):
         t.join(5)
     conn.close()
@@ -154,10 +198,7 @@ def serve_websocket(ws: ChannelSocket, ports: list[int], req: PortForwardRequest
     def pump(i: int, sock: socket.socket) -> None:
         try:
             while True:
-                try:
-                    chunk = sock.recv(RECV)
-                except OSError:
-                    chunk = b""
+                chunk = _recv_vm(sock)
                 if not chunk:
                     break
                 ws.send(2 * i, chunk)
@@ -173,7 +214,7 @@ def serve_websocket(ws: ChannelSocket, ports: list[int], req: PortForwardRequest
             ws.send(2 * i + 1, prefix)
         for i, port in enumerate(ports):
             try:
-                sock = backend.dial(req.sandbox_id, port)
+                sock = _vm_socket(backend.dial(req.sandbox_id, port), ws.limits)
             except Exception as exc:
                 msg = _error_text(req, port, exc)
                 log.info("%s", msg)
@@ -191,8 +232,10 @@ def serve_websocket(ws: ChannelSocket, ports: list[int], req: PortForwardRequest
             if sock is not None and data:
                 try:
                     sock.sendall(data)
-                except OSError:
-                    pass
+                except OSError as exc:  # the VM port stopped reading (send_timeout) or went away
+                    log.info("port-forward to %s: %s; closing that connection", req.sandbox_id, exc)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:

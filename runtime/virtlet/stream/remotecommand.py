@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from virtlet.stream.limits import DEFAULT, Limits
 from virtlet.stream.model import AttachRequest, Backend, ConsoleSessionLike
 from virtlet.stream.spdy_conn import SpdyConnection, SpdyStream, StreamClosed
 from virtlet.stream.websocket import CLOSE_CHANNEL, ChannelSocket
@@ -131,19 +132,21 @@ def _copy_stdin(read_stdin: Callable[[], bytes], console: ConsoleSessionLike, go
 
 # -- SPDY -----------------------------------------------------------------------------------------------------
 def serve_spdy(sock: socket.socket, initial: bytes, protocol: str, req: AttachRequest, backend: Backend,
-               creation_timeout: float = STREAM_CREATION_TIMEOUT) -> None:
+               creation_timeout: float = STREAM_CREATION_TIMEOUT, *, limits: Limits = DEFAULT) -> None:
     """Serve one attach over an upgraded SPDY connection (the 101 was already sent)."""
     req = normalize(req)
     serve_spdy_session(sock, initial, protocol, _flags(req), f"attach {req.container_id}",
-                       _attach_session(backend, req), creation_timeout)
+                       _attach_session(backend, req), creation_timeout, limits=limits)
 
 
 def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags: tuple[bool, bool, bool, bool],
-                       label: str, session: Session, creation_timeout: float = STREAM_CREATION_TIMEOUT) -> None:
+                       label: str, session: Session, creation_timeout: float = STREAM_CREATION_TIMEOUT, *,
+                       limits: Limits = DEFAULT) -> None:
     """Wait for the client's streams (``flags`` = stdin, stdout, stderr, tty), run ``session``, send the Status."""
     stdin_on, stdout_on, stderr_on, tty = flags
-    arrived: queue.Queue[SpdyStream] = queue.Queue()
-    conn = SpdyConnection(sock, server=True, on_stream=arrived.put, initial=initial).start()
+    arrived: queue.Queue[SpdyStream] = queue.Queue(maxsize=16)  # more than the 5 a session uses are refused
+    conn = SpdyConnection(sock, server=True, on_stream=lambda s: _offer(arrived, s), initial=initial,
+                          limits=limits).start()
     resize_ok = protocol not in ("", "channel.k8s.io", "v2.channel.k8s.io")
     expected = 1 + stdin_on + stdout_on + stderr_on + (tty and resize_ok)
     streams: dict[str, SpdyStream] = {}
@@ -176,6 +179,13 @@ def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags
         for s in streams.values():
             s.close()
         conn.close()
+
+
+def _offer(arrived: queue.Queue[SpdyStream], stream: SpdyStream) -> None:
+    try:
+        arrived.put_nowait(stream)
+    except queue.Full:
+        stream.abort()
 
 
 def _flags(req: Any) -> tuple[bool, bool, bool, bool]:
@@ -213,11 +223,24 @@ def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bo
     # Kubernetes tells the client the connection is up with an empty message on the lowest writable channel.
     first = STDOUT if stdout_on else STDERR if stderr_on else ERROR
     gone = threading.Event()
-    stdin_q: queue.Queue[bytes] = queue.Queue()
+    finished = threading.Event()
+    # stdin not yet taken by the session: a few messages (each at most max_frame); when full, reading from the
+    # socket waits (back-pressure), and a session that takes nothing for send_timeout loses its client
+    stdin_q: queue.Queue[bytes] = queue.Queue(maxsize=max(1, ws.limits.stream_buffer // (64 * 1024)))
     try:
         ws.send(first, b"")
     except OSError:
         return
+
+    def put(data: bytes) -> bool:
+        deadline = time.monotonic() + ws.limits.send_timeout
+        while not finished.is_set() and time.monotonic() < deadline:
+            try:
+                stdin_q.put(data, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def receive() -> None:
         while True:
@@ -226,12 +249,14 @@ def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bo
                 break
             channel, data = msg
             if channel == STDIN and stdin_on and data:
-                stdin_q.put(data)
+                if not put(data):
+                    break
             elif channel == CLOSE_CHANNEL and ws.protocol.startswith("v5.") and data[:1] == bytes([STDIN]):
-                stdin_q.put(b"")
+                put(b"")
             # RESIZE and anything else: ignored
         gone.set()
-        stdin_q.put(b"")
+        with contextlib.suppress(queue.Full):
+            stdin_q.put_nowait(b"")
 
     reader = threading.Thread(target=receive, daemon=True, name="remotecommand-ws-reader")
     reader.start()
@@ -239,8 +264,19 @@ def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bo
     def writer(channel: int) -> Writer:
         return lambda data: ws.send(channel, data)
 
-    outcome = session(stdin_q.get if stdin_on else None, writer(STDOUT) if stdout_on else None,
-                      writer(STDERR) if stderr_on else None, gone)
+    def read_stdin() -> bytes:
+        while True:
+            try:
+                return stdin_q.get(timeout=0.5)
+            except queue.Empty:
+                if gone.is_set():
+                    return b""
+
+    try:
+        outcome = session(read_stdin if stdin_on else None, writer(STDOUT) if stdout_on else None,
+                          writer(STDERR) if stderr_on else None, gone)
+    finally:
+        finished.set()
     if not gone.is_set():
         data = status_bytes(ws.protocol, outcome.error, outcome.exit_code)
         with contextlib.suppress(OSError):

@@ -7,6 +7,11 @@ GET/POST (405), an ``Upgrade`` of ``SPDY/3.1`` or ``websocket`` with the headers
 of the right kind (403: unknown, expired or already used), a subprotocol both sides speak (403 for SPDY, as
 Kubernetes answers; 400 for WebSocket).  Each connection has its own thread; a failing one never stops
 the others or the server.
+
+Every connection is bounded (``virtlet.stream.limits.Limits``): the request head must arrive whole within
+``head_timeout`` (10 s) and ``max_head`` bytes; at most ``max_connections`` (128) are open at once and the
+next one is answered 503 with ``Retry-After`` and closed; after the upgrade, frames, buffered bytes, stalled
+sends and idle time are bounded by the SPDY and WebSocket layers.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from virtlet import errors
 from virtlet.stream import execute, portforward, remotecommand
 from virtlet.stream.httpio import BadRequest, Request, read_request, respond
+from virtlet.stream.limits import DEFAULT, Limits
 from virtlet.stream.model import AttachRequest, Backend, ExecRequest, PortForwardRequest
 from virtlet.stream.tokens import DEFAULT_TTL, TokenStore
 from virtlet.stream.websocket import ChannelSocket, accept_key
@@ -58,8 +64,10 @@ class StreamServer:
     """Serves streaming URLs on ``address`` (``HOST:PORT``; port 0 picks a free one) for ``backend``."""
 
     def __init__(self, address: str, backend: Backend, *, ttl: float = DEFAULT_TTL,
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, limits: Limits = DEFAULT) -> None:
         self.host, self.port = parse_address(address)
+        self.limits = limits
+        self.refused = 0  # connections answered 503 (over max_connections)
         self.backend = backend
         self.tokens = TokenStore(ttl)
         self.advertise_host = advertise_host
@@ -131,11 +139,28 @@ class StreamServer:
                 if self._stopping.is_set():
                     return
                 continue
+            with self._lock:
+                full = len(self._conns) >= self.limits.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                self._refuse(conn, peer)
+                continue
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True, name="stream-conn").start()
 
+    def _refuse(self, conn: socket.socket, peer: Any) -> None:
+        """Over ``max_connections``: a 503 that fits the socket buffer, sent without waiting, then close."""
+        self.refused += 1
+        log.warning("streaming server: %d connections are open (the limit); refusing one from %s",
+                    self.limits.max_connections, peer)
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            respond(conn, 503, f"too many streaming connections (at most {self.limits.max_connections}); "
+                               f"try again later\n", headers={"Retry-After": "1"})
+            conn.shutdown(socket.SHUT_WR)
+        conn.close()
+
     def _serve(self, conn: socket.socket, peer: Any) -> None:
-        with self._lock:
-            self._conns.add(conn)
         try:
             self._handle(conn)
         except (OSError, EOFError) as exc:
@@ -150,10 +175,13 @@ class StreamServer:
 
     def _handle(self, conn: socket.socket) -> None:
         try:
-            req = read_request(conn)
+            req = read_request(conn, self.limits.head_timeout, self.limits.max_head)
         except BadRequest as exc:
+            log.info("streaming server: %s", exc)
+            conn.settimeout(self.limits.send_timeout)
             respond(conn, 400, f"bad request: {exc}\n")
             return
+        conn.settimeout(self.limits.send_timeout)  # every answer below is sent with a bound
         if req is None:
             return
         parts = req.path.strip("/").split("/")
@@ -214,13 +242,13 @@ class StreamServer:
         if chosen:
             headers["Sec-WebSocket-Protocol"] = chosen
         respond(conn, 101, headers=headers)
-        return ChannelSocket(conn, req.rest, chosen)
+        return ChannelSocket(conn, req.rest, chosen, self.limits)
 
     def _attach(self, conn: socket.socket, req: Request, transport: str, request: AttachRequest) -> None:
         if transport == "spdy":
             protocol = self._upgrade_spdy(conn, req, remotecommand.SPDY_PROTOCOLS)
             if protocol is not None:
-                remotecommand.serve_spdy(conn, req.rest, protocol, request, self.backend)
+                remotecommand.serve_spdy(conn, req.rest, protocol, request, self.backend, limits=self.limits)
             return
         ws = self._upgrade_ws(conn, req, remotecommand.WS_PROTOCOLS)
         if ws is not None:
@@ -233,7 +261,7 @@ class StreamServer:
             protocol = self._upgrade_spdy(conn, req, remotecommand.SPDY_PROTOCOLS)
             if protocol is not None:
                 remotecommand.serve_spdy_session(conn, req.rest, protocol, flags, f"exec {request.container_id}",
-                                                 session)
+                                                 session, limits=self.limits)
             return
         ws = self._upgrade_ws(conn, req, remotecommand.WS_PROTOCOLS)
         if ws is not None:
@@ -243,7 +271,7 @@ class StreamServer:
                       request: PortForwardRequest) -> None:
         if transport == "spdy":
             if self._upgrade_spdy(conn, req, portforward.SPDY_PROTOCOLS) is not None:
-                portforward.serve_spdy(conn, req.rest, request, self.backend)
+                portforward.serve_spdy(conn, req.rest, request, self.backend, limits=self.limits)
             return
         try:
             ports = portforward.ws_ports(req.query, request)

@@ -14,6 +14,7 @@ from typing import Any
 from virtlet import errors
 from virtlet.state import store as st
 from virtlet.stream.backend import VirtletBackend
+from virtlet.stream.limits import DEFAULT, Limits
 from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
 from virtlet.stream.remotecommand import normalize
 from virtlet.stream.server import StreamServer
@@ -26,10 +27,10 @@ class StreamingService:
     servicer.  ``agents`` gives a container's guest agent (for exec)."""
 
     def __init__(self, address: str, store: st.StateStore, console_dir: Path, *, ttl: float = 60.0,
-                 agents: Callable[[str], Any] | None = None) -> None:
+                 agents: Callable[[str], Any] | None = None, limits: Limits = DEFAULT) -> None:
         self.address = address
         self.backend = VirtletBackend(store, console_dir, agents=agents)
-        self.server = StreamServer(address, self.backend, ttl=ttl)
+        self.server = StreamServer(address, self.backend, ttl=ttl, limits=limits)
         self.error = ""
         self.running = False
 

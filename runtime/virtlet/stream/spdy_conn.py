@@ -6,6 +6,12 @@ that were not replied) and hands the stream to ``on_stream``.  The client side o
 
 Flow control: like the Go implementation Kubernetes uses (moby/spdystream), window sizes are not enforced and
 no WINDOW_UPDATE is sent; received WINDOW_UPDATE and SETTINGS frames are accepted and ignored.
+
+Bounds (``virtlet.stream.limits``): a frame longer than ``max_frame`` ends the connection from its head, before
+the payload is read; each stream buffers at most ``stream_buffer`` unread bytes, then the reader waits
+(back-pressure: the peer's TCP window fills), and resets a stream whose consumer takes nothing for
+``send_timeout``; at most ``max_streams`` streams are open; a send that makes no progress for ``send_timeout``
+ends the connection, and so do ``idle_timeout`` seconds without a frame either way.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from collections import deque
 from collections.abc import Callable
 
 from virtlet.stream import spdy
+from virtlet.stream.limits import DEFAULT, Activity, IdleTimeout, Limits
 
 log = logging.getLogger(__name__)
 
 CHUNK = 32 * 1024
+FLOW_CONTROL_ERROR = 7  # RST_STREAM status: the stream's consumer did not take its data
 
 
 class StreamClosed(Exception):
@@ -37,6 +45,7 @@ class SpdyStream:
         self.headers = headers
         self._cond = threading.Condition()
         self._chunks: deque[bytes] = deque()
+        self._buffered = 0
         self.remote_closed = False  # peer sent FIN (or reset)
         self.local_closed = False  # we sent FIN (or reset)
         self.reset = False
@@ -48,13 +57,23 @@ class SpdyStream:
         return spdy.header(self.headers, name)
 
     # -- fed by the connection's reader ------------------------------------------------------------------
-    def _feed(self, data: bytes, fin: bool) -> None:
+    def _feed(self, data: bytes, fin: bool) -> bool:
+        """Buffer ``data``; waits (up to ``send_timeout``) while the buffer is full.  ``False``: no room came."""
+        limits = self.conn.limits
         with self._cond:
             if data and not self.discard:
-                self._chunks.append(data)
+                room = self._cond.wait_for(
+                    lambda: self._buffered + len(data) <= limits.stream_buffer or not self._buffered
+                    or self.reset or self.conn.closed.is_set(), limits.send_timeout)
+                if not room:
+                    return False
+                if not self.reset:
+                    self._chunks.append(data)
+                    self._buffered += len(data)
             if fin:
                 self.remote_closed = True
             self._cond.notify_all()
+        return True
 
     def _reset(self) -> None:
         with self._cond:
@@ -69,7 +88,10 @@ class SpdyStream:
             if not self._cond.wait_for(lambda: self._chunks or self.remote_closed, timeout):
                 return None
             if self._chunks:
-                return self._chunks.popleft()
+                data = self._chunks.popleft()
+                self._buffered -= len(data)
+                self._cond.notify_all()
+                return data
             return b""
 
     def write(self, data: bytes) -> None:
@@ -101,8 +123,12 @@ class SpdyConnection:
     """Both ends of SPDY over ``sock``: ``server=True`` accepts streams, else opens them."""
 
     def __init__(self, sock: socket.socket, *, server: bool,
-                 on_stream: Callable[[SpdyStream], None] | None = None, initial: bytes = b"") -> None:
+                 on_stream: Callable[[SpdyStream], None] | None = None, initial: bytes = b"",
+                 limits: Limits = DEFAULT) -> None:
         self.sock = sock
+        self.limits = limits
+        self.activity = Activity(sock, limits.idle_timeout)
+        sock.settimeout(limits.send_timeout)  # bounds sendall; reads wait in Activity.wait_readable
         self.server = server
         self.on_stream = on_stream
         self.codec = spdy.HeaderCodec()
@@ -131,8 +157,11 @@ class SpdyConnection:
             try:
                 self.sock.sendall(data)
             except OSError as exc:
-                self._shutdown(f"send failed: {exc}")
-                raise StreamClosed(f"connection closed: {exc}") from exc
+                why = f"peer took nothing for {self.limits.send_timeout:g}s" if isinstance(exc, TimeoutError) \
+                    else str(exc)
+                self._shutdown(f"send failed: {why}")
+                raise StreamClosed(f"connection closed: {why}") from exc
+            self.activity.touch()
 
     def open_stream(self, headers: dict[str, str], timeout: float = 10.0) -> SpdyStream:
         """Client side: SYN_STREAM with ``headers``; waits for the SYN_REPLY."""
@@ -186,12 +215,14 @@ class SpdyConnection:
     def _recv_exact(self, n: int) -> bytes | None:
         while len(self._buf) < n:
             try:
-                data = self.sock.recv(max(65536, n - len(self._buf)))
+                self.activity.wait_readable()
+                data = self.sock.recv(65536)
             except OSError:
                 return None
             if not data:
                 return None
             self._buf += data
+            self.activity.touch()
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out
@@ -203,12 +234,20 @@ class SpdyConnection:
                 if head is None:
                     break
                 _, _, _, length = spdy.parse_head(head)
+                if length > self.limits.max_frame:  # refused from the head: nothing of it is read
+                    raise spdy.SpdyError(f"frame of {length} bytes is larger than {self.limits.max_frame}")
                 payload = self._recv_exact(length)
                 if payload is None:
                     break
                 frame = spdy.decode(head, payload, self.codec)
                 if not self._handle(frame):
                     break
+        except IdleTimeout as exc:
+            log.info("SPDY connection idle: %s; closing it", exc)
+            with contextlib.suppress(StreamClosed, OSError):
+                self.send(spdy.GoAway(last_good_id=self._last_received, status=0))
+            self._shutdown(f"idle: {exc}")
+            return
         except spdy.SpdyError as exc:
             log.info("SPDY protocol error from peer: %s", exc)
             with contextlib.suppress(StreamClosed, OSError):
@@ -224,7 +263,11 @@ class SpdyConnection:
             with self._lock:
                 stream = self._streams.get(frame.stream_id)
             if stream is not None:
-                stream._feed(frame.data, bool(frame.flags & spdy.FLAG_FIN))
+                if not stream._feed(frame.data, bool(frame.flags & spdy.FLAG_FIN)):
+                    log.info("SPDY stream %d: nothing read of its %d buffered bytes for %gs; resetting it",
+                             stream.id, stream._buffered, self.limits.send_timeout)
+                    stream.abort(FLOW_CONTROL_ERROR)
+                    return True
                 self._maybe_forget(stream)
             return True
         if isinstance(frame, spdy.SynStream):
@@ -267,6 +310,13 @@ class SpdyConnection:
                 self.send(spdy.RstStream(stream_id=sid, status=spdy.PROTOCOL_ERROR))
             return True
         self._last_received = sid
+        with self._lock:
+            full = len(self._streams) >= self.limits.max_streams
+        if full:
+            log.info("SPDY: refusing stream %d: %d streams are open", sid, self.limits.max_streams)
+            with contextlib.suppress(StreamClosed):
+                self.send(spdy.RstStream(stream_id=sid, status=spdy.REFUSED_STREAM))
+            return True
         stream = SpdyStream(self, sid, frame.headers)
         with self._lock:
             self._streams[sid] = stream

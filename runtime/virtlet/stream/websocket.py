@@ -5,6 +5,10 @@ Kubernetes multiplexes streams over one WebSocket by prefixing every binary mess
 2*i+1 error for the i-th port).  ``base64.channel.k8s.io`` variants send text messages: the channel as an
 ASCII digit, then base64 data.  ``v5.channel.k8s.io`` adds message ``[255, channel]`` meaning "this channel is
 closed" (the client's stdin EOF).
+
+Bounds (``virtlet.stream.limits``): a frame or message longer than ``max_frame`` is refused from its length
+field (close code 1009) before any of it is read; reads wait at most ``idle_timeout`` without traffic either
+way, and a send that makes no progress for ``send_timeout`` fails (the connection ends).
 """
 
 from __future__ import annotations
@@ -18,14 +22,24 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from virtlet.stream.limits import DEFAULT, Activity, IdleTimeout, Limits
+
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_CHANNEL = 255
-MAX_MESSAGE = 16 * 1024 * 1024
+MAX_MESSAGE = DEFAULT.max_frame
+CLOSE_TOO_BIG = 1009
+CLOSE_PROTOCOL_ERROR = 1002
 
 
 class WebSocketError(Exception):
     """The peer broke the WebSocket protocol (the connection must end)."""
+
+    close_code = CLOSE_PROTOCOL_ERROR
+
+
+class TooBig(WebSocketError):
+    close_code = CLOSE_TOO_BIG
 
 
 def accept_key(key: str) -> str:
@@ -71,17 +85,24 @@ class Frame:
 class FrameReader:
     """Reads frames from a socket (with bytes already read past the HTTP head in ``initial``)."""
 
-    def __init__(self, sock: socket.socket, initial: bytes = b"", *, expect_masked: bool) -> None:
+    def __init__(self, sock: socket.socket, initial: bytes = b"", *, expect_masked: bool,
+                 max_message: int = MAX_MESSAGE, activity: Activity | None = None) -> None:
         self.sock = sock
         self._buf = bytearray(initial)
         self.expect_masked = expect_masked
+        self.max_message = max_message
+        self.activity = activity
 
     def _exact(self, n: int) -> bytes:
         while len(self._buf) < n:
+            if self.activity is not None:
+                self.activity.wait_readable()
             data = self.sock.recv(65536)
             if not data:
                 raise EOFError("connection closed")
             self._buf += data
+            if self.activity is not None:
+                self.activity.touch()
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out
@@ -98,15 +119,15 @@ class FrameReader:
             (n,) = struct.unpack(">H", self._exact(2))
         elif n == 127:
             (n,) = struct.unpack(">Q", self._exact(8))
-        if n > MAX_MESSAGE:
-            raise WebSocketError(f"frame of {n} bytes is too large")
+        opcode = b0 & 0x0F
+        if opcode >= 0x8 and (not b0 & 0x80 or n > 125):
+            raise WebSocketError("control frames must be final and at most 125 bytes")
+        if n > self.max_message:  # refused from the length field: nothing of it is read
+            raise TooBig(f"frame of {n} bytes is larger than {self.max_message}")
         key = self._exact(4) if masked else b""
         payload = self._exact(n)
         if masked:
             payload = apply_mask(payload, key)
-        opcode = b0 & 0x0F
-        if opcode >= 0x8 and (not b0 & 0x80 or n > 125):
-            raise WebSocketError("control frames must be final and at most 125 bytes")
         return Frame(bool(b0 & 0x80), opcode, payload)
 
     def message(self) -> tuple[int, bytes]:
@@ -125,8 +146,8 @@ class FrameReader:
                 raise WebSocketError("new message before the previous one ended")
             parts.append(nxt.payload)
             size += len(nxt.payload)
-            if size > MAX_MESSAGE:
-                raise WebSocketError("message too large")
+            if size > self.max_message:
+                raise TooBig(f"message of more than {self.max_message} bytes")
             if nxt.fin:
                 return first.opcode, b"".join(parts)
 
@@ -134,19 +155,25 @@ class FrameReader:
 class ChannelSocket:
     """A server-side WebSocket carrying Kubernetes channel messages."""
 
-    def __init__(self, sock: socket.socket, initial: bytes, protocol: str) -> None:
+    def __init__(self, sock: socket.socket, initial: bytes, protocol: str, limits: Limits = DEFAULT) -> None:
         self.sock = sock
         self.protocol = protocol
         self.base64 = "base64." in protocol
-        self.reader = FrameReader(sock, initial, expect_masked=True)
+        self.limits = limits
+        self.activity = Activity(sock, limits.idle_timeout)
+        sock.settimeout(limits.send_timeout)  # bounds sendall; reads wait in Activity.wait_readable
+        self.reader = FrameReader(sock, initial, expect_masked=True, max_message=limits.max_frame,
+                                  activity=self.activity)
         self._send_lock = threading.Lock()
         self.closed = False
+        self.error = ""
 
     def _send(self, opcode: int, payload: bytes) -> None:
         with self._send_lock:
             if self.closed and opcode != OP_CLOSE:
                 raise OSError("websocket closed")
             self.sock.sendall(encode_frame(opcode, payload))
+        self.activity.touch()
 
     def send(self, channel: int, data: bytes) -> None:
         if self.base64:
@@ -160,6 +187,14 @@ class ChannelSocket:
             try:
                 opcode, payload = self.reader.message()
             except (EOFError, OSError):
+                return None
+            except WebSocketError as exc:  # the peer broke the protocol or sent too much: only it is dropped
+                self.close(exc.close_code, str(exc))
+                self.error = str(exc)
+                return None
+            except IdleTimeout as exc:
+                self.close(1001, f"idle: {exc}")
+                self.error = f"idle: {exc}"
                 return None
             if opcode == OP_PING:
                 with contextlib.suppress(OSError):
@@ -177,8 +212,10 @@ class ChannelSocket:
             if opcode == OP_TEXT and self.base64:
                 try:
                     return int(chr(payload[0])), base64.b64decode(payload[1:])
-                except ValueError as exc:
-                    raise WebSocketError("bad base64 channel message") from exc
+                except ValueError:
+                    self.close(CLOSE_PROTOCOL_ERROR, "bad base64 channel message")
+                    self.error = "bad base64 channel message"
+                    return None
             return payload[0], payload[1:]
 
     def close(self, code: int = 1000, reason: str = "") -> None:

@@ -19,16 +19,32 @@ Outcomes, chosen to match what a shell and the kubelet expect:
   exactly like a probe whose command is missing in a container image;
 - the agent is not there (not installed, not started yet, VM not running): ``FailedPrecondition``;
 - the command did not end within ``timeout``: ``DeadlineExceeded``, which the kubelet reports as a probe timeout.
-  The guest process keeps running: the agent has no command to kill what ``guest-exec`` started.
+  The guest process keeps running: the agent has no command to kill what ``guest-exec`` started;
+- the agent answered something that is not the QGA protocol (not JSON, ``null``, a pid that is not an integer,
+  a list as status, wrong types, invalid base64, a reply larger than ``MAX_REPLY``): ``FailedPrecondition``
+  saying the guest agent misbehaved.  The guest is the pod author's; its agent is input like any other, so this
+  is never INTERNAL, and every agent call is bounded in time (``CALL_TIMEOUT``) and size.
+
+Output cap (issue 13; containerd and CRI-O settled on 16 MiB after CVE-2022-1708 / CVE-2022-31030): stdout and
+stderr *together* keep at most ``EXEC_OUTPUT_CAP`` (16 MiB) on every exec path; ExecSync keeps
+``EXEC_SYNC_OUTPUT_CAP`` (16 MiB less 64 bytes) so its response fits the kubelet's 16 MiB CRI message limit.
+Through libvirt (what virtletd uses) a reply is further limited by libvirt's RPC string size (4 MiB of base64,
+about ``LIBVIRT_OUTPUT_LIMIT`` = 3 MiB of output): a command whose output is larger answers
+``FailedPrecondition`` saying so (the command has run; only its output is lost).
+Past the cap the output is truncated, as containerd does (no marker is added, a line is logged); when both
+streams are long, each keeps at least half the cap.  Only the base64 prefix that is kept is decoded; the rest of
+a reply is checked to be base64 without being decoded.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +54,13 @@ from virtlet import errors
 
 log = logging.getLogger(__name__)
 
-MAX_OUTPUT = 1 << 20  # bytes kept per stream; the rest is dropped (the agent itself stops at 16 MiB)
+EXEC_OUTPUT_CAP = 16 << 20  # bytes of stdout + stderr kept on every exec path; the rest is dropped
+EXEC_SYNC_OUTPUT_CAP = EXEC_OUTPUT_CAP - 64  # ExecSync: room for the response's own framing in 16 MiB
+AGENT_STREAM_MAX = 16 << 20  # qemu-ga's own cap per stream (GUEST_EXEC_MAX_OUTPUT)
+# the longest reply a well-behaved agent sends: two base64 streams of AGENT_STREAM_MAX, plus the JSON around them
+MAX_REPLY = 2 * 4 * ((AGENT_STREAM_MAX + 2) // 3) + (64 << 10)
+# what libvirt passes back in one agent reply: REMOTE_STRING_MAX (4 MiB) of base64 and JSON, ~3 MiB of output
+LIBVIRT_OUTPUT_LIMIT = 3 << 20
 MAX_INPUT = 1 << 20  # stdin bytes passed as input-data (one JSON message through libvirt)
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_EXECUTE = 126
@@ -53,6 +75,14 @@ class AgentUnavailable(Exception):
 
 class AgentError(Exception):
     """The agent answered a command with an error: the message is the agent's own ``desc``."""
+
+
+class AgentMisbehaved(Exception):
+    """The agent answered something that is not the QGA protocol (the message says what)."""
+
+
+class ReplyTooLarge(Exception):
+    """libvirt could not hand over a reply this large (its RPC strings stop at 4 MiB)."""
 
 
 # (command, timeout in seconds) -> the reply's "return" value; raises AgentUnavailable or AgentError
@@ -73,10 +103,35 @@ def no_agent_message(pod: str, detail: str = "") -> str:
             f"the virtio-serial port org.qemu.guest_agent.0 (`virtletctl ssh` works without it)")
 
 
+def misbehaved_message(pod: str, detail: str) -> str:
+    return (f"VM pod {pod}: the guest agent misbehaved: {detail}; check qemu-guest-agent in the VM image "
+            f"(`virtletctl ssh` works without it)")
+
+
+def parse_reply(raw: str | bytes, max_reply: int = MAX_REPLY) -> Any:
+    """The ``return`` value of one QGA reply; ``AgentError`` for an ``error`` reply, ``AgentMisbehaved`` for
+    anything else that is not a QGA reply (checked for size before it is parsed)."""
+    if len(raw) > max_reply:
+        raise AgentMisbehaved(f"a reply of {len(raw)} bytes is larger than the {max_reply} bytes allowed")
+    try:
+        reply = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise AgentMisbehaved(f"the reply is not JSON ({str(exc)[:100]})") from exc
+    if not isinstance(reply, dict):
+        raise AgentMisbehaved(f"the reply is a JSON {type(reply).__name__}, not an object")
+    if "error" in reply:
+        err = reply["error"]
+        desc = err.get("desc") if isinstance(err, dict) else None
+        raise AgentError(desc if isinstance(desc, str) else str(err)[:200])
+    if "return" not in reply:
+        raise AgentMisbehaved("the reply has neither 'return' nor 'error'")
+    return reply["return"]
+
+
 class GuestAgent:
     """The guest agent of one running VM.  ``pod`` names the pod in error messages."""
 
-    def __init__(self, transport: Transport, pod: str, *, max_output: int = MAX_OUTPUT,
+    def __init__(self, transport: Transport, pod: str, *, max_output: int = EXEC_OUTPUT_CAP,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self._call = transport
         self.pod = pod
@@ -90,14 +145,17 @@ class GuestAgent:
             self._call({"execute": "guest-ping"}, timeout)
         except (AgentUnavailable, AgentError) as exc:
             raise errors.FailedPrecondition(no_agent_message(self.pod, str(exc))) from exc
+        except AgentMisbehaved as exc:
+            raise errors.FailedPrecondition(misbehaved_message(self.pod, str(exc))) from exc
 
     def exec(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float | None = None,
-             alive: Callable[[], bool] | None = None) -> ExecResult:
+             alive: Callable[[], bool] | None = None, max_output: int | None = None) -> ExecResult:
         """Run ``argv`` (no shell; ``argv[0]`` is looked up in the guest's PATH) and wait for it to end.
 
         ``timeout`` (seconds; ``None`` or <= 0: no limit) bounds the whole call; past it ``DeadlineExceeded``
         is raised and the guest process keeps running (the agent cannot kill it).  ``alive`` is asked between
         polls; when it says ``False`` (the caller went away) waiting stops with ``DeadlineExceeded`` too.
+        ``max_output`` (default: the agent's ``max_output``) caps stdout and stderr together.
         """
         if not argv or not argv[0]:
             raise errors.InvalidArgument("the command to run is empty")
@@ -112,9 +170,11 @@ class GuestAgent:
             started = self._call({"execute": "guest-exec", "arguments": args}, self._call_timeout(deadline))
         except AgentUnavailable as exc:
             raise errors.FailedPrecondition(no_agent_message(self.pod, str(exc))) from exc
+        except AgentMisbehaved as exc:
+            raise errors.FailedPrecondition(misbehaved_message(self.pod, f"guest-exec: {exc}")) from exc
         except AgentError as exc:
             return _spawn_failure(str(exc))
-        pid = int(started["pid"])
+        pid = self._pid(started)
         delay = POLL_FIRST
         while True:
             if alive is not None and not alive():
@@ -130,10 +190,22 @@ class GuestAgent:
             except AgentUnavailable as exc:
                 raise errors.FailedPrecondition(
                     no_agent_message(self.pod, f"{exc}; {argv[0]!r} may still run as guest PID {pid}")) from exc
-            except AgentError as exc:
-                raise errors.Internal(f"VM pod {self.pod}: guest-exec-status for PID {pid} failed: {exc}") from exc
-            if status.get("exited"):
-                return self._result(status)
+            except ReplyTooLarge as exc:
+                raise errors.FailedPrecondition(
+                    f"VM pod {self.pod}: the output of {argv[0]!r} (guest PID {pid}) is larger than the guest agent "
+                    f"can hand back through libvirt ({exc}); write large output to a file in the VM") from exc
+            except (AgentError, AgentMisbehaved) as exc:
+                raise errors.FailedPrecondition(
+                    misbehaved_message(self.pod, f"guest-exec-status for PID {pid} failed: {exc}")) from exc
+            if not isinstance(status, dict):
+                raise errors.FailedPrecondition(misbehaved_message(
+                    self.pod, f"guest-exec-status answered a JSON {_kind(status)}, not an object"))
+            exited = status.get("exited")
+            if not isinstance(exited, bool):
+                raise errors.FailedPrecondition(misbehaved_message(
+                    self.pod, f"guest-exec-status answered 'exited' as {_kind(exited)}, not a boolean"))
+            if exited:
+                return self._result(status, self.max_output if max_output is None else max_output)
             wait = delay if deadline is None else min(delay, max(0.0, deadline - self._clock()))
             self._sleep(wait)
             delay = min(delay * 2, POLL_MAX)
@@ -143,27 +215,90 @@ class GuestAgent:
             return CALL_TIMEOUT
         return max(1.0, min(CALL_TIMEOUT, deadline - self._clock()))
 
-    def _result(self, status: dict[str, Any]) -> ExecResult:
-        if "exitcode" in status:
-            code = int(status["exitcode"])
-        elif "signal" in status:
-            code = 128 + int(status["signal"])
-        else:
-            code = 0
-        out, cut_out = _decode(status.get("out-data", ""), self.max_output)
-        err, cut_err = _decode(status.get("err-data", ""), self.max_output)
-        truncated = cut_out or cut_err or bool(status.get("out-truncated")) or bool(status.get("err-truncated"))
+    def _pid(self, started: Any) -> int:
+        pid = started.get("pid") if isinstance(started, dict) else None
+        if not _is_int(pid) or not 0 < pid < 1 << 31:
+            what = f"'pid' {_kind(pid)}" if isinstance(started, dict) else f"a JSON {_kind(started)}"
+            raise errors.FailedPrecondition(misbehaved_message(
+                self.pod, f"guest-exec answered {what} instead of a process id"))
+        return int(pid)
+
+    def _result(self, status: dict[str, Any], cap: int) -> ExecResult:
+        try:
+            code = _exit_code(status)
+            out_data, err_data = _b64_field(status, "out-data"), _b64_field(status, "err-data")
+            keep_out, keep_err = split_cap(_b64_size(out_data), _b64_size(err_data), cap)
+            out, err = _decode_prefix(out_data, keep_out), _decode_prefix(err_data, keep_err)
+        except AgentMisbehaved as exc:
+            raise errors.FailedPrecondition(misbehaved_message(self.pod, f"guest-exec-status: {exc}")) from exc
+        truncated = (len(out) < _b64_size(out_data) or len(err) < _b64_size(err_data)
+                     or status.get("out-truncated") is True or status.get("err-truncated") is True)
         if truncated:
-            log.info("VM pod %s: exec output truncated (cap %d bytes per stream)", self.pod, self.max_output)
+            log.warning("VM pod %s: exec output truncated to %d bytes (stdout and stderr together)", self.pod, cap)
         return ExecResult(code, out, err, truncated)
 
 
 _WRAPPED = re.compile(r"^Guest agent command failed, error was '(.*)'$", re.DOTALL)
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
-def _decode(data: str, cap: int) -> tuple[bytes, bool]:
-    raw = base64.b64decode(data) if data else b""
-    return raw[:cap], len(raw) > cap
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _exit_code(status: dict[str, Any]) -> int:
+    """The exit code a shell would report (128 + N for signal N); int32, as CRI carries it."""
+    if "exitcode" in status:
+        code = status["exitcode"]
+        if not _is_int(code) or not -(1 << 31) <= code < 1 << 31:
+            raise AgentMisbehaved(f"'exitcode' is {_kind(code)} {str(code)[:40]}, not a 32-bit integer")
+        return int(code)
+    if "signal" in status:
+        sig = status["signal"]
+        if not _is_int(sig) or not 0 < sig < 128:
+            raise AgentMisbehaved(f"'signal' is {_kind(sig)} {str(sig)[:40]}, not a signal number")
+        return 128 + int(sig)
+    return 0
+
+
+def _b64_field(status: dict[str, Any], name: str) -> str:
+    data = status.get(name, "")
+    if not isinstance(data, str):
+        raise AgentMisbehaved(f"{name!r} is {_kind(data)}, not a base64 string")
+    if len(data) % 4 or not _B64.fullmatch(data):  # checked without decoding anything
+        raise AgentMisbehaved(f"{name!r} is not valid base64")
+    return data
+
+
+def _b64_size(data: str) -> int:
+    return len(data) // 4 * 3 - (2 if data.endswith("==") else 1 if data.endswith("=") else 0)
+
+
+def split_cap(out_len: int, err_len: int, cap: int) -> tuple[int, int]:
+    """Bytes of stdout and stderr to keep so that together they are at most ``cap``; when both are long each
+    keeps at least half."""
+    keep_err = min(err_len, cap // 2)
+    keep_out = min(out_len, cap - keep_err)
+    keep_err = min(err_len, cap - keep_out)
+    return keep_out, keep_err
+
+
+def _decode_prefix(data: str, keep: int) -> bytes:
+    """The first ``keep`` bytes of base64 ``data``, decoding only the characters needed for them."""
+    if keep <= 0:
+        return b""
+    chars = min(len(data), -(-keep // 3) * 4)
+    try:
+        return base64.b64decode(data[:chars], validate=True)[:keep]
+    except (binascii.Error, ValueError) as exc:
+        raise AgentMisbehaved("output is not valid base64") from exc
 
 
 def _spawn_failure(desc: str) -> ExecResult:
@@ -196,10 +331,60 @@ def libvirt_transport(dom: Any) -> Transport:
             text = exc.get_error_message() or str(exc)
             if exc.get_error_code() in unavailable:
                 raise AgentUnavailable(text) from exc
+            if exc.get_error_code() == libvirt.VIR_ERR_RPC and "encode message payload" in text:
+                # libvirtd could not send the reply: remote strings stop at 4 MiB (~3 MiB of exec output)
+                raise ReplyTooLarge(f"libvirt: {text}; its limit is about {LIBVIRT_OUTPUT_LIMIT >> 20} MiB") from exc
             marker = "unable to execute QEMU agent command"
             if marker in text:
                 raise AgentError(text.split("': ", 1)[-1]) from exc
             raise AgentUnavailable(text) from exc
-        return json.loads(reply).get("return") if reply else None
+        if not isinstance(reply, str) or not reply:
+            raise AgentMisbehaved("libvirt passed an empty reply")
+        return parse_reply(reply)
+
+    return call
+
+
+def socket_transport(path: str, *, max_reply: int = MAX_REPLY) -> Transport:
+    """Agent commands over a unix socket speaking QGA directly (one JSON object per line each way).
+
+    virtletd talks to its VMs' agents through libvirt (``libvirt_transport``), which owns their channel
+    sockets; this transport is for an agent on a socket of its own (``qemu -chardev socket,server=on``) and is
+    how tests feed real, misbehaving bytes through ``parse_reply``.  Each call connects, sends one command and
+    reads one reply line within ``timeout`` seconds *in total* and at most ``max_reply`` bytes: an agent that
+    never answers is ``AgentUnavailable``, one that sends too much or no line end in time is cut off.
+    """
+
+    def call(command: dict[str, Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+                sock.sendall(json.dumps(command).encode() + b"\n")
+            except OSError as exc:
+                raise AgentUnavailable(f"cannot reach the agent socket: {exc}") from exc
+            buf = bytearray()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentUnavailable(f"no complete reply within {timeout:g}s")
+                sock.settimeout(left)
+                try:
+                    data = sock.recv(min(1 << 16, max_reply + 1 - len(buf)))
+                except TimeoutError as exc:
+                    raise AgentUnavailable(f"no complete reply within {timeout:g}s") from exc
+                except OSError as exc:
+                    raise AgentUnavailable(f"agent socket failed: {exc}") from exc
+                if not data:
+                    raise AgentUnavailable("the agent closed the connection before a complete reply")
+                end = data.find(b"\n")
+                if end >= 0:
+                    buf += data[:end]
+                    break
+                buf += data
+                if len(buf) > max_reply:
+                    raise AgentMisbehaved(f"a reply of more than {max_reply} bytes")
+        return parse_reply(bytes(buf), max_reply)
 
     return call
