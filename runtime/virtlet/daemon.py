@@ -113,7 +113,8 @@ class Virtletd:
         self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net")
         self.sandboxes = SandboxManager(self.store, PodNetworkHook(self.pod_network))
         self.vms = VmManager(self.store, self.libvirt,
-                             VmParts(self.image_store, self.pod_network, self.kvm.domain_type, kvm.find_emulator()),
+                             VmParts(self.image_store, self.pod_network, self.kvm.domain_type, kvm.find_emulator(),
+                                     max_root_volume_size=cfg.max_root_volume_size),
                              cfg.state_dir, cfg.run_dir)
         self.sandboxes.before_stop.append(self.vms.stop_all_in_sandbox)
         self.runtime = RuntimeServicer(self.sandboxes, self.status_conditions, self.status_info)

@@ -8,7 +8,7 @@ import pytest
 
 from virtlet import errors
 from virtlet.vm import annotations as ann
-from virtlet.vm.annotations import CpuResources, parse_quantity, parse_vm_options
+from virtlet.vm.annotations import CpuResources, check_annotation_sizes, parse_vm_options
 
 POD_UID = "0b9c3f5e-1111-4222-8333-944455556666"
 GiB = 1024**3
@@ -16,37 +16,8 @@ MiB = 1024**2
 
 
 def opts(annotations: dict[str, str] | None = None, memory: int = 0, cpu: CpuResources | None = None,
-         host_cpus: int = 4, pod_uid: str = POD_UID) -> ann.VmOptions:
-    return parse_vm_options(annotations or {}, memory, cpu or CpuResources(), pod_uid, host_cpus)
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("1073741824", 1073741824),
-    ("4Gi", 4 * GiB),
-    ("500M", 500_000_000),
-    ("500Mi", 500 * MiB),
-    ("1.5Gi", 3 * GiB // 2),
-    ("1k", 1000),
-    ("1Ki", 1024),
-    ("1e3", 1000),
-    ("1E", 10**18),
-    ("2E3", 2000),
-    ("0.5", 1),  # fractions round up
-    ("100m", 1),
-    (" 2G ", 2 * 10**9),
-    ("+3", 3),
-    ("-1Ki", -1024),
-    (".5Ki", 512),
-])
-def test_parse_quantity(text: str, expected: int) -> None:
-    assert parse_quantity(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "Gi", "4 Gi", "4gi", "4GB", "abc", "1.2.3", "4Gi4", "--1", "1e",
-                                  "0x10"])
-def test_parse_quantity_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
-        parse_quantity(text)
+         host_cpus: int = 4, pod_uid: str = POD_UID, max_root: int = 2**40) -> ann.VmOptions:
+    return parse_vm_options(annotations or {}, memory, cpu or CpuResources(), pod_uid, host_cpus, max_root)
 
 
 def test_defaults() -> None:
@@ -104,6 +75,22 @@ BAD = [
     ({"VirtletRootVolumeSize": "lots"}, 0, None, ["VirtletRootVolumeSize", "'lots'", "4Gi"]),
     ({"VirtletRootVolumeSize": "0"}, 0, None, ["VirtletRootVolumeSize", "'0'", "positive"]),
     ({"VirtletRootVolumeSize": "-4Gi"}, 0, None, ["VirtletRootVolumeSize", "'-4Gi'"]),
+    # the review's findings: a huge exponent (was 20 s of CPU), one that overflowed later, no upper bound
+    ({"VirtletRootVolumeSize": "1e99999999"}, 0, None, ["VirtletRootVolumeSize", "exponent", "1Ti"]),
+    ({"VirtletRootVolumeSize": "1e5000"}, 0, None, ["VirtletRootVolumeSize", "exponent"]),
+    ({"VirtletRootVolumeSize": "8Ei"}, 0, None, ["VirtletRootVolumeSize", "largest allowed, 1Ti",
+                                                 "max_root_volume_size"]),
+    ({"VirtletRootVolumeSize": "1Ti1"}, 0, None, ["VirtletRootVolumeSize"]),
+    ({"VirtletRootVolumeSize": "4Gi" + " " * 300}, 0, None, ["VirtletRootVolumeSize", "too long"]),
+    # Unicode digits pass str.isdigit() and int(); only ASCII digits are numbers here
+    ({"VirtletVCPUCount": "\u00b2"}, 0, None, ["VirtletVCPUCount", "whole number"]),
+    ({"VirtletVCPUCount": "\u0663"}, 0, None, ["VirtletVCPUCount", "whole number"]),
+    ({"VirtletVCPUCount": "1" * 5000}, 0, None, ["VirtletVCPUCount", "too long"]),
+    ({"VirtletVCPUCount": "0" * 200 + "1"}, 0, None, ["VirtletVCPUCount"]),
+    ({"VirtletVCPUCount": "2\n3"}, 0, None, ["VirtletVCPUCount"]),
+    ({"VirtletRootVolumeSize": "\u00b2Gi"}, 0, None, ["VirtletRootVolumeSize"]),
+    ({"VirtletSystemUUID": "\u0663" * 32}, 0, None, ["VirtletSystemUUID", "UUID"]),
+    ({"VirtletSystemUUID": "urn:uuid:123e4567-e89b-12d3-a456-426614174000"}, 0, None, ["VirtletSystemUUID"]),
     ({"VirtletDiskDriver": "ide"}, 0, None, ["VirtletDiskDriver", "'ide'", "virtio, scsi"]),
     ({"VirtletSystemUUID": "not-a-uuid"}, 0, None, ["VirtletSystemUUID", "'not-a-uuid'", "UUID"]),
     ({"VirtletSystemUUID": str(uuid.UUID(int=0))}, 0, None, ["VirtletSystemUUID", "non-nil"]),
@@ -120,6 +107,8 @@ BAD = [
     ({}, 0, CpuResources(cpuset="3-1"), ["cpuset_cpus", "'3-1'"]),
     ({}, 0, CpuResources(cpuset="a"), ["cpuset_cpus", "'a'"]),
     ({}, 0, CpuResources(cpuset="0,,1"), ["cpuset_cpus"]),
+    ({}, 0, CpuResources(cpuset="\u00b9"), ["cpuset_cpus"]),
+    ({}, 0, CpuResources(cpuset="0," * 5000), ["cpuset_cpus", "too long"]),
 ]
 
 
@@ -146,3 +135,20 @@ def test_missing_pod_uid_without_annotation() -> None:
     with pytest.raises(errors.InvalidArgument, match="VirtletSystemUUID"):
         opts(pod_uid="")
     assert opts({"VirtletSystemUUID": "123e4567-e89b-12d3-a456-426614174000"}, pod_uid="").system_uuid
+
+
+def test_root_volume_size_bound_is_the_node_setting() -> None:
+    assert opts({"VirtletRootVolumeSize": "1Ti"}).root_volume_size == 2**40
+    assert opts({"VirtletRootVolumeSize": "1.5Gi"}).root_volume_size == 3 * GiB // 2
+    assert opts({"VirtletRootVolumeSize": "2Gi"}, max_root=2 * GiB).root_volume_size == 2 * GiB
+    with pytest.raises(errors.InvalidArgument, match="at most 2Gi on this node"):
+        opts({"VirtletRootVolumeSize": "2049Mi"}, max_root=2 * GiB)
+
+
+def test_annotations_size_is_bounded_like_kubernetes() -> None:
+    check_annotation_sizes({"a": "x" * (256 * 1024 - 1)}, "pod")
+    with pytest.raises(errors.InvalidArgument, match=r"pod's annotations are 262145 bytes.*256 KiB"):
+        check_annotation_sizes({"a": "x" * (256 * 1024)}, "pod")
+    # bytes, as Kubernetes counts them, not characters
+    with pytest.raises(errors.InvalidArgument, match="container's annotations"):
+        check_annotation_sizes({"a": "\u00e9" * (128 * 1024)}, "container")

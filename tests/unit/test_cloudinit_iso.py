@@ -70,3 +70,26 @@ def test_path_escaping_the_seed_is_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.Internal):
         write_iso(SeedFiles(kind="nocloud", volume_label="cidata", files={"../x": b""}), tmp_path / "s.iso")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_iso_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The seed holds user-data and the pod's environment: owner-only, also while being written."""
+    import os
+
+    old = os.umask(0)
+    try:
+        write_iso(render(CASES["plain"]), tmp_path / "seed.iso")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "seed.iso").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["seed.iso"]
+
+
+def test_iso_size_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from virtlet.cloudinit import iso as isomod
+
+    monkeypatch.setattr(isomod, "MAX_ISO_BYTES", 100 * 1024)
+    files = SeedFiles(kind="nocloud", volume_label="cidata", files={"user-data": b"x" * (200 * 1024)})
+    with pytest.raises(errors.InvalidArgument, match="seed ISO would be .* bytes, more than the 102400"):
+        write_iso(files, tmp_path / "seed.iso")
+    assert list(tmp_path.iterdir()) == []

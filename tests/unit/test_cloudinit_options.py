@@ -66,6 +66,23 @@ BAD = [
     ("VirtletSSHKeys", 'command="ls" ' + KEY_A, "authorized_keys options"),
     ("VirtletSSHKeys", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n", "private key"),
     ("VirtletCloudInitUserDataScript", "   \n", "is empty"),
+    # hostile YAML: aliases and anchors (billion laughs, self-reference), deep nesting, too many values
+    ("VirtletCloudInitUserData", "x: &a [*a]\n", "anchors (&name) are not allowed"),
+    ("VirtletCloudInitUserData", "a: [1]\nb: *a\n", "aliases (*name) are not allowed"),
+    ("VirtletCloudInitMetaData", "a: &a [x, x]\nb: &b [*a, *a]\n", "anchors (&name) are not allowed"),
+    ("VirtletCloudInitUserData", "a: !!str &x b\n", "anchors"),
+    ("VirtletCloudInitUserData", "x: " + "[" * 65 + "]" * 65, "nested more than 64 deep"),
+    ("VirtletCloudInitUserData", "x: " + "[" * 5000 + "]" * 5000, "not valid YAML"),
+    ("VirtletCloudInitUserData", "".join("  " * i + f"k{i}:\n" for i in range(100)) + "  " * 100 + "v\n",
+     "nested more than 64 deep"),
+    ("VirtletCloudInitMetaData", "x: [" + ",".join(["a"] * 10_001) + "]", "more than 10000 values"),
+    ("VirtletCloudInitUserData", "x: " + "9" * 5000, "cannot be read"),
+    # sizes
+    ("VirtletCloudInitUserData", "a: " + "x" * (128 * 1024), "more than the 131072 bytes"),
+    ("VirtletCloudInitUserDataScript", "#!/bin/sh\n" + "#" * (128 * 1024), "more than the 131072 bytes"),
+    ("VirtletSSHKeys", "\n" * (128 * 1024 + 1), "more than the 131072 bytes"),
+    ("VirtletCloudInitImageType", "nocloud" + " " * 300, "too long"),
+    ("VirtletForceDHCPNetworkConfig", "t" * 257, "too long"),
 ]
 
 
@@ -78,6 +95,21 @@ def test_bad_values_name_the_annotation(name: str, value: str, message: str) -> 
     text = str(info.value)
     assert name in text and message in text
     assert info.value.code.name == "INVALID_ARGUMENT"
+
+
+def test_largest_values_are_accepted() -> None:
+    opts = parse_cloudinit_options({"VirtletCloudInitUserData": "a: " + "x" * (128 * 1024 - 3),
+                                    "VirtletCloudInitMetaData": "x: [" + ",".join(["a"] * 9_997) + "]",
+                                    "VirtletCloudInitImageType": "nocloud" + " " * 249})
+    assert opts.user_data is not None and len(opts.user_data["a"]) == 128 * 1024 - 3
+    assert opts.meta_data is not None and len(opts.meta_data["x"]) == 9_997
+    deep = "x: " + "[" * 63 + "1" + "]" * 63
+    assert parse_cloudinit_options({"VirtletCloudInitUserData": deep}).user_data is not None
+
+
+def test_python_tags_are_refused() -> None:
+    with pytest.raises(errors.InvalidArgument, match="VirtletCloudInitUserData is not valid YAML"):
+        parse_cloudinit_options({"VirtletCloudInitUserData": "x: !!python/object/apply:os.system [ls]\n"})
 
 
 def test_yaml_error_does_not_echo_the_document() -> None:

@@ -88,8 +88,8 @@ def test_default_route_without_gateway_field() -> None:
 
 
 def test_user_data_yaml_stays_plain() -> None:
-    """Anchors in the annotation are expanded: guest-side readers of the seed need not know aliases."""
-    ud = "a: &x [1, 2]\nb: *x\n"
+    """Repeated values are written out in full: guest-side readers of the seed need not know aliases."""
+    ud = "a: [1, 2]\nb: [1, 2]\n"
     text = render(request({"VirtletCloudInitUserData": ud})).files["user-data"].decode()
     assert "&" not in text and "*" not in text
     assert yaml.safe_load(text) == {"a": [1, 2], "b": [1, 2]}
@@ -100,3 +100,37 @@ def test_unknown_mtu_and_empty_gateway_are_left_out() -> None:
     nic = NicConfig(mac="52:54:00:aa:00:01", mtu=0, addresses=["10.0.0.3/24"], gateway="")
     eth0 = yaml.safe_load(render(request(nics=[nic])).files["network-config"])["config"][0]
     assert "mtu" not in eth0 and "gateway" not in eth0["subnets"][0]
+
+
+def test_environment_file_is_private() -> None:
+    text = render(request(env=[("TOKEN", "s3cret")])).files["user-data"].decode()
+    entry = yaml.safe_load(text)["write_files"][0]
+    assert entry["path"] == "/etc/cloud/environment" and entry["permissions"] == "0600"
+
+
+def test_rendered_seed_is_bounded() -> None:
+    big = [(f"V{i}", "x" * 1024) for i in range(1100)]  # 1.1 MiB of environment
+    with pytest.raises(errors.InvalidArgument, match=r"environment is \d+ bytes .*1 MiB"):
+        render(request(env=big))
+    # environment and user-data each within bounds, together over
+    ud = "a: " + "x" * (120 * 1024)
+    with pytest.raises(errors.InvalidArgument, match=r"seed would be \d+ bytes \(.*user-data .*1 MiB"):
+        render(request({"VirtletCloudInitUserData": ud}, env=big[:1000]))
+    render(request(env=big[:500]))
+
+
+def test_deep_yaml_cannot_blow_up_the_seed_unnoticed() -> None:
+    """Block style indents each level: the largest accepted annotation still renders within bounds or is
+    refused with the seed-size message, never slower than a second's work."""
+    ud = "x: " + "[" * 63 + ",".join(["a"] * 9_900) + "]" * 63
+    try:
+        seed = render(request({"VirtletCloudInitUserData": ud}))
+    except errors.InvalidArgument as exc:
+        assert "cloud-init seed would be" in str(exc)
+    else:
+        assert sum(len(v) for v in seed.files.values()) <= 1024 * 1024
+
+
+def test_infinite_numbers_in_configdrive_meta_data_are_refused() -> None:
+    with pytest.raises(errors.InvalidArgument, match="VirtletCloudInitMetaData.*inf"):
+        render(request({"VirtletCloudInitMetaData": "x: .inf\n", "VirtletCloudInitImageType": "configdrive"}))

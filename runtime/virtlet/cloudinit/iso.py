@@ -3,6 +3,10 @@
 cloud-init finds the seed by its volume label (``cidata`` / ``config-2``) and reads long, lower-case names
 through Rock Ridge or Joliet; the plain ISO 9660 names are only the mandatory 8.3 fallback.  The image is
 written to a temporary file next to ``dest`` and renamed into place, so a crash never leaves half an ISO.
+
+The seed holds the pod's user-data and environment, which may be secrets: the file is created mode 0600 (never
+through a world-readable moment).  libvirt's dynamic ownership hands it to the QEMU user while the VM runs.
+Its size is bounded (``MAX_ISO_BYTES``) before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from virtlet import errors
 from virtlet.cloudinit.model import SeedFiles
 
 _ISO_CHARS = re.compile(r"[^A-Z0-9_]")
+
+#: Mode of the written ISO: owner (root, or QEMU's user while the VM runs) only.
+ISO_MODE = 0o600
+#: Largest ISO written: the rendered seed's own bound (1 MiB) plus room for ISO 9660/Joliet/Rock Ridge tables.
+MAX_ISO_BYTES = 2 * 1024 * 1024
 
 
 def write_iso(files: SeedFiles, dest: Path) -> None:
@@ -51,8 +60,17 @@ def write_iso(files: SeedFiles, dest: Path) -> None:
             )
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)  # a leftover of a crashed writer with this pid: O_EXCL below needs it gone
         try:
-            iso.write(str(tmp))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, ISO_MODE)
+            with os.fdopen(fd, "wb") as out:
+                iso.write_fp(out)
+                size = out.tell()
+            if size > MAX_ISO_BYTES:
+                raise errors.InvalidArgument(
+                    f"the cloud-init seed ISO would be {size} bytes, more than the {MAX_ISO_BYTES} bytes allowed; "
+                    "make VirtletCloudInitUserData, VirtletCloudInitMetaData or the container's environment smaller")
+            os.chmod(tmp, ISO_MODE)  # whatever the umask
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from virtlet import errors
 from virtlet.cloudinit import yamlio
 
 #: NoCloud key -> key of the same value in OpenStack's meta_data.json.
@@ -55,4 +56,10 @@ def configdrive_meta_data(data: Mapping[str, Any], pod_name: str) -> bytes:
             value = {f"key-{i}": k for i, k in enumerate(value)}
         out[name] = value
     out.setdefault("name", pod_name)
-    return (json.dumps(out, indent=2, sort_keys=True, default=str) + "\n").encode()
+    try:
+        text = json.dumps(out, indent=2, sort_keys=True, default=str, allow_nan=False)
+    except ValueError:  # .inf / .nan from the annotation's YAML: JSON has no such numbers
+        raise errors.InvalidArgument(
+            "annotation VirtletCloudInitMetaData: .inf and .nan cannot be written to meta_data.json; "
+            "quote them to make them strings") from None
+    return (text + "\n").encode()

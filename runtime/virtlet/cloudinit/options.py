@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from virtlet import errors
+from virtlet.cloudinit import yamlio
 from virtlet.cloudinit.model import SeedKind
 
 USER_DATA = "VirtletCloudInitUserData"
@@ -30,6 +31,14 @@ FORCE_DHCP = "VirtletForceDHCPNetworkConfig"
 ANNOTATIONS = (USER_DATA, USER_DATA_OVERWRITE, USER_DATA_SCRIPT, META_DATA, SSH_KEYS, IMAGE_TYPE, FORCE_DHCP)
 
 IMAGE_TYPES: tuple[SeedKind, ...] = ("nocloud", "configdrive")
+
+#: Largest value of a text annotation (user-data, meta-data, script, SSH keys), in UTF-8 bytes.  All of a
+#: pod's annotations together are at most 256 KiB anyway (Kubernetes' limit, also checked by virtletd).
+MAX_TEXT_ANNOTATION = 128 * 1024
+#: Largest value of a one-word annotation (image type, true/false switches), in characters.
+MAX_WORD_ANNOTATION = 256
+_TEXT_ANNOTATIONS = (USER_DATA, USER_DATA_SCRIPT, META_DATA, SSH_KEYS)
+_WORD_ANNOTATIONS = (IMAGE_TYPE, USER_DATA_OVERWRITE, FORCE_DHCP)
 
 #: Key types OpenSSH accepts in authorized_keys (plain keys, security-key keys and certificates).
 SSH_KEY_TYPES = (
@@ -73,6 +82,7 @@ def parse_cloudinit_options(annotations: Mapping[str, str]) -> CloudInitOptions:
 
     Annotations this module does not know are ignored (other parts of virtlet read them).
     """
+    _check_sizes(annotations)
     image_type = _image_type(annotations.get(IMAGE_TYPE))
     overwrite = _bool(USER_DATA_OVERWRITE, annotations.get(USER_DATA_OVERWRITE))
     force_dhcp = _bool(FORCE_DHCP, annotations.get(FORCE_DHCP))
@@ -105,6 +115,23 @@ def parse_cloudinit_options(annotations: Mapping[str, str]) -> CloudInitOptions:
     )
 
 
+def _check_sizes(annotations: Mapping[str, str]) -> None:
+    for name in _WORD_ANNOTATIONS:
+        value = annotations.get(name)
+        if value is not None and len(value) > MAX_WORD_ANNOTATION:
+            raise errors.InvalidArgument(
+                f"annotation {name}: a value of {len(value)} characters is too long (at most {MAX_WORD_ANNOTATION})")
+    for name in _TEXT_ANNOTATIONS:
+        value = annotations.get(name)
+        if value is None:
+            continue
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_TEXT_ANNOTATION:
+            raise errors.InvalidArgument(
+                f"annotation {name} is {size} bytes, more than the {MAX_TEXT_ANNOTATION} bytes (128 KiB) allowed; "
+                "make it smaller (for example download large files from the guest instead of embedding them)")
+
+
 def _image_type(value: str | None) -> SeedKind:
     if value is None or not value.strip():
         return "nocloud"
@@ -132,7 +159,9 @@ def _yaml_map(name: str, value: str | None) -> dict[str, Any] | None:
     if value is None or not value.strip():
         return None
     try:
-        data = yaml.safe_load(value)
+        data = yamlio.load_annotation(value)
+    except yamlio.YamlRefused as exc:
+        raise errors.InvalidArgument(f"annotation {name}: {exc}") from None
     except yaml.YAMLError as exc:
         raise errors.InvalidArgument(f"annotation {name} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from virtlet import errors
 from virtlet.cloudinit import metadata, network, userdata
 from virtlet.cloudinit.model import VOLUME_LABELS, CloudInitRequest, SeedFiles
 from virtlet.cloudinit.options import parse_cloudinit_options
 
 CONFIGDRIVE_DIR = "openstack/latest"
+
+#: Largest rendered seed (all files together).  The annotations are at most 256 KiB; what can make the seed
+#: larger is the container's environment (written to /etc/cloud/environment) and YAML re-written in block style.
+MAX_SEED_BYTES = 1024 * 1024
 
 
 def render(req: CloudInitRequest) -> SeedFiles:
@@ -15,6 +20,11 @@ def render(req: CloudInitRequest) -> SeedFiles:
     The network file is left out when there are no NICs (cloud-init then falls back to DHCP on its own).
     """
     opts = parse_cloudinit_options(req.annotations)
+    env_bytes = len(userdata.environment_file(req.env).encode("utf-8", "surrogatepass"))
+    if env_bytes > MAX_SEED_BYTES:  # refused before any YAML is written: that is the slow part
+        raise errors.InvalidArgument(
+            f"the container's environment is {env_bytes} bytes in {userdata.ENVIRONMENT_FILE}, more than the "
+            f"{MAX_SEED_BYTES} bytes (1 MiB) the cloud-init seed may hold; pass large values another way")
     meta = metadata.meta_data_map(
         req.pod_name, req.pod_namespace, req.hostname, opts.ssh_keys, opts.meta_data
     )
@@ -32,4 +42,11 @@ def render(req: CloudInitRequest) -> SeedFiles:
         files["user-data"] = user
         if plan:
             files["network-config"] = network.nocloud_network_config(plan, req.dns_servers, req.dns_search)
+    total = sum(len(data) for data in files.values())
+    if total > MAX_SEED_BYTES:
+        sizes = ", ".join(f"{name} {len(data)} bytes" for name, data in sorted(files.items()))
+        raise errors.InvalidArgument(
+            f"the cloud-init seed would be {total} bytes ({sizes}), more than the {MAX_SEED_BYTES} bytes (1 MiB) "
+            "allowed; make VirtletCloudInitUserData, VirtletCloudInitMetaData or the container's environment "
+            "smaller")
     return SeedFiles(kind=opts.image_type, volume_label=VOLUME_LABELS[opts.image_type], files=files)

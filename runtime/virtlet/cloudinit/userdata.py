@@ -49,7 +49,7 @@ def generated_user_data(ssh_keys: Sequence[str], env: Sequence[tuple[str, str]])
             {
                 "path": ENVIRONMENT_FILE,
                 "owner": "root:root",
-                "permissions": "0644",
+                "permissions": "0600",  # the pod's environment may hold secrets
                 "content": environment_file(env),
             }
         ]

@@ -17,10 +17,9 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
-from virtlet import errors
+from virtlet import errors, quantity
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -48,12 +47,23 @@ MIN_CPU_SHARES, MAX_CPU_SHARES = 2, 262144
 MIN_CPU_PERIOD, MAX_CPU_PERIOD = 1000, 1000000
 MIN_CPU_QUOTA, MAX_CPU_QUOTA = 1000, 17592186044415
 
-_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL_SUFFIXES = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000),
-                     "": Fraction(1), "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9),
-                     "T": Fraction(10**12), "P": Fraction(10**15), "E": Fraction(10**18)}
-_QUANTITY = re.compile(r"^([+-]?)(\d+(?:\.\d*)?|\.\d+)(?:([eE][+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?)$")
-_CPU_LIST_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
+#: Default of the ``max_root_volume_size`` setting (``runtime/virtlet/config.py``): 1Ti.
+DEFAULT_MAX_ROOT_VOLUME_SIZE = 2**40
+
+#: Kubernetes refuses a pod whose annotations (keys and values, in bytes) exceed 256 KiB together; virtletd
+#: applies the same bound to the pod's and to the container's annotations, since a CRI client is not always
+#: a kubelet that checked.
+MAX_ANNOTATIONS_TOTAL = 256 * KiB
+#: Longest value of a one-word VM annotation (VirtletVCPUCount, VirtletSystemUUID...): enough for any valid
+#: value, short enough to quote back in an error message.
+MAX_SCALAR_VALUE = 256
+
+# ASCII only (re.ASCII, explicit [0-9]): \d, str.isdigit() and int() also accept "²", "٣" and other Unicode
+# digits.  fullmatch, because "$" also matches before a trailing newline.
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,6}", re.ASCII)
+_CPU_LIST_ITEM = re.compile(r"([0-9]{1,6})(?:-([0-9]{1,6}))?", re.ASCII)
+_UUID = re.compile(r"\{?[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\}?",
+                   re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -90,33 +100,34 @@ class VmOptions:
     cpuset: str = ""  # normalised host CPU list, "" = any CPU
 
 
-def parse_quantity(text: str) -> int:
-    """A Kubernetes resource quantity (``4Gi``, ``500M``, ``1.5Gi``, ``1e9``, ``1073741824``) as an int.
+def check_annotation_sizes(annotations: Mapping[str, str], where: str) -> None:
+    """Refuse ``annotations`` whose keys and values together exceed Kubernetes' own 256 KiB limit.
 
-    Fractions are rounded up, as Kubernetes does for byte values.  Raises ``ValueError`` saying what is wrong.
+    ``where`` says whose annotations they are ("pod", "container") for the message.  Counted as Kubernetes
+    counts: the UTF-8 bytes of every key and value.
     """
-    match = _QUANTITY.match(text.strip()) if isinstance(text, str) else None
-    if not match:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity (examples: 4Gi, 500M, 1073741824)")
-    sign, number, exponent, suffix = match.groups()
-    value = Fraction(number)
-    if exponent:
-        value *= Fraction(10) ** int(exponent[1:])
-    elif suffix in _BINARY_SUFFIXES:
-        value *= _BINARY_SUFFIXES[suffix]
-    else:
-        value *= _DECIMAL_SUFFIXES[suffix or ""]
-    if sign == "-":
-        value = -value
-    return -((-value.numerator) // value.denominator)  # ceiling
+    total = 0
+    for key, value in annotations.items():
+        total += len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+    if total > MAX_ANNOTATIONS_TOTAL:
+        raise errors.InvalidArgument(
+            f"the {where}'s annotations are {total} bytes together, more than the {MAX_ANNOTATIONS_TOTAL} bytes "
+            f"(256 KiB) Kubernetes allows; make VirtletCloudInitUserData or other large annotations smaller")
 
 
 def parse_vm_options(annotations: Mapping[str, str], memory_limit_bytes: int, cpu: CpuResources,
-                     pod_uid: str, host_cpus: int) -> VmOptions:
-    """Validate a VM pod's annotations and resources; ``host_cpus`` bounds ``VirtletVCPUCount``.
+                     pod_uid: str, host_cpus: int,
+                     max_root_volume_size: int = DEFAULT_MAX_ROOT_VOLUME_SIZE) -> VmOptions:
+    """Validate a VM pod's annotations and resources; ``host_cpus`` bounds ``VirtletVCPUCount`` and
+    ``max_root_volume_size`` (the node's ``max_root_volume_size`` setting) bounds ``VirtletRootVolumeSize``.
 
     ``memory_limit_bytes`` is the container's ``resources.limits.memory`` (0 = unset -> 1 GiB).
     """
+    for name in (VCPU_COUNT, ROOT_VOLUME_SIZE, DISK_DRIVER, SYSTEM_UUID, CPU_MODEL):
+        value = annotations.get(name)
+        if value is not None and len(value) > MAX_SCALAR_VALUE:
+            raise errors.InvalidArgument(
+                f"annotation {name}: a value of {len(value)} characters is too long (at most {MAX_SCALAR_VALUE})")
     if LIBVIRT_CPU_SETTING in annotations:
         raise errors.InvalidArgument(
             f"annotation {LIBVIRT_CPU_SETTING} is not supported by this virtlet; remove it and use "
@@ -127,7 +138,7 @@ def parse_vm_options(annotations: Mapping[str, str], memory_limit_bytes: int, cp
         memory_bytes=_memory(memory_limit_bytes),
         disk_driver=_choice(annotations, DISK_DRIVER, DISK_DRIVERS, "virtio"),
         system_uuid=_system_uuid(annotations.get(SYSTEM_UUID), pod_uid),
-        root_volume_size=_root_volume_size(annotations.get(ROOT_VOLUME_SIZE)),
+        root_volume_size=_root_volume_size(annotations.get(ROOT_VOLUME_SIZE), max_root_volume_size),
         cpu_model=_cpu_model(annotations.get(CPU_MODEL)),
         **cpus,
     )
@@ -137,7 +148,7 @@ def _vcpus(value: str | None, host_cpus: int) -> int:
     if value is None:
         return DEFAULT_VCPUS
     text = value.strip()
-    if not text.isdigit() or not 1 <= int(text) <= host_cpus:
+    if not _WHOLE_NUMBER.fullmatch(text) or not 1 <= int(text) <= host_cpus:
         raise errors.InvalidArgument(
             f"annotation {VCPU_COUNT}: {value!r} is not allowed; expected a whole number from 1 to "
             f"{host_cpus} (this node has {host_cpus} CPUs); default {DEFAULT_VCPUS}")
@@ -172,10 +183,9 @@ def _system_uuid(value: str | None, pod_uid: str) -> str:
                 f"the pod has no uid to derive the VM's system UUID from; set annotation {SYSTEM_UUID} "
                 f"or metadata.uid")
         return str(uuid.uuid5(SYSTEM_UUID_NAMESPACE, pod_uid))
-    try:
+    parsed = None
+    if _UUID.fullmatch(value.strip()):  # uuid.UUID alone would take Unicode digits and "urn:uuid:"
         parsed = uuid.UUID(value.strip())
-    except ValueError:
-        parsed = None
     if parsed is None or parsed.int == 0:
         raise errors.InvalidArgument(
             f"annotation {SYSTEM_UUID}: {value!r} is not allowed; expected a non-nil UUID such as "
@@ -183,18 +193,15 @@ def _system_uuid(value: str | None, pod_uid: str) -> str:
     return str(parsed)
 
 
-def _root_volume_size(value: str | None) -> int | None:
+def _root_volume_size(value: str | None, maximum: int) -> int | None:
     if value is None:
         return None
     try:
-        size = parse_quantity(value)
+        return quantity.parse_bytes(value, maximum)
     except ValueError as exc:
         raise errors.InvalidArgument(
-            f"annotation {ROOT_VOLUME_SIZE}: {exc}; a size in bytes is expected") from exc
-    if size <= 0:
-        raise errors.InvalidArgument(
-            f"annotation {ROOT_VOLUME_SIZE}: {value!r} is not allowed; expected a positive size such as 4Gi")
-    return size
+            f"annotation {ROOT_VOLUME_SIZE}: {exc}; expected a positive size such as 4Gi, at most "
+            f"{quantity.format_bytes(maximum)} on this node (its max_root_volume_size)") from None
 
 
 def _cpu_model(value: str | None) -> str | None:
@@ -231,9 +238,12 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
 
 def parse_cpu_list(text: str, host_cpus: int) -> str:
     """Validate a cpuset list (``0-3,6``) against the host's CPU count; returns it without spaces."""
+    if len(text) > 4096:
+        raise errors.InvalidArgument(
+            f"linux.resources.cpuset_cpus: a list of {len(text)} characters is too long (at most 4096)")
     items = [part.strip() for part in text.split(",")]
     for part in items:
-        match = _CPU_LIST_ITEM.match(part)
+        match = _CPU_LIST_ITEM.fullmatch(part)
         low, high = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (1, 0)
         if not match or low > high or high >= host_cpus:
             raise errors.InvalidArgument(

@@ -14,7 +14,12 @@ from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer, overlay
 from virtlet.vm import domain_xml as dx
-from virtlet.vm.annotations import CpuResources, parse_vm_options
+from virtlet.vm.annotations import (
+    DEFAULT_MAX_ROOT_VOLUME_SIZE,
+    CpuResources,
+    check_annotation_sizes,
+    parse_vm_options,
+)
 from virtlet.vm.console_log import ConsoleLogWriter
 from virtlet.vm.manager import ContainerSpec
 
@@ -24,15 +29,17 @@ def _network_info(sandbox: st.SandboxRecord) -> PodNetworkInfo | None:
 
 
 class VmParts:
-    """Default parts of virtletd.  ``images`` is the image store, ``network`` the PodNetwork (or None)."""
+    """Default parts of virtletd.  ``images`` is the image store, ``network`` the PodNetwork (or None);
+    ``max_root_volume_size`` is the largest ``VirtletRootVolumeSize`` a pod may ask for (config key)."""
 
     def __init__(self, images: Any, network: Any, domain_type: str, emulator: str,
-                 host_cpus: int | None = None) -> None:
+                 host_cpus: int | None = None, max_root_volume_size: int = DEFAULT_MAX_ROOT_VOLUME_SIZE) -> None:
         self.images = images
         self.network = network
         self.domain_type = domain_type
         self.emulator = emulator
         self.host_cpus = host_cpus or os.cpu_count() or 1
+        self.max_root_volume_size = max_root_volume_size
 
     def image_status(self, name: str) -> Any:
         return self.images.status(name)
@@ -41,10 +48,17 @@ class VmParts:
                 console_sock: Path) -> tuple[str, dict[str, Any]]:
         """``image`` is the store's record of ``spec.image`` (the manager looked it up already)."""
         # validate everything first: a bad annotation must leave nothing behind
+        check_annotation_sizes(sandbox.annotations, "pod")
+        check_annotation_sizes(spec.annotations, "container")
         pod_annotations = {**spec.annotations, **sandbox.annotations}
         options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
-                                   sandbox.uid, self.host_cpus)
+                                   sandbox.uid, self.host_cpus, self.max_root_volume_size)
         cloudinit.parse_cloudinit_options(pod_annotations)
+        # The directory holds the seed ISO (user-data, the pod's environment) and the guest's disk.  QEMU runs
+        # as its own user (libvirt-qemu), which libvirt's dynamic ownership gives the disk and the ISO at start,
+        # but it must still search this directory to open them: 0711 (no listing for others) is the tightest
+        # mode that works; 0700 would stop the VM from starting.  The ISO itself is 0600.
+        cdir.chmod(0o711)
         root = cdir / "root.qcow2"
         overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
         info = _network_info(sandbox)
