@@ -50,7 +50,8 @@ class SpdyStream:
         self.local_closed = False  # we sent FIN (or reset)
         self.reset = False
         self.discard = False  # drop what arrives (resize streams: sizes are ignored)
-        self.replied = threading.Event()
+        self.replied = threading.Event()  # SYN_REPLY came, or the stream was reset (then ``accepted`` stays False)
+        self.accepted = False
         self.reply_headers: spdy.Headers = {}
 
     def header(self, name: str) -> str:
@@ -172,7 +173,9 @@ class SpdyConnection:
                 stream = SpdyStream(self, sid, {k.lower(): [v] for k, v in headers.items()})
                 self._streams[sid] = stream
             self.send(spdy.SynStream(stream_id=sid, headers=stream.headers))
-        if not stream.replied.wait(timeout) or stream.reset:
+        # A stream the server replied to was accepted, even when the server has already finished and closed the
+        # connection by the time this thread looks (a failed attach answers at once): reads then return b"".
+        if not stream.replied.wait(timeout) or not stream.accepted:
             stream.abort()
             raise StreamClosed(f"stream {sid} was not accepted by the server")
         return stream
@@ -277,6 +280,7 @@ class SpdyConnection:
                 stream = self._streams.get(frame.stream_id)
             if stream is not None:
                 stream.reply_headers = frame.headers
+                stream.accepted = True
                 stream.replied.set()
                 if frame.flags & spdy.FLAG_FIN:
                     stream._feed(b"", True)
@@ -323,6 +327,7 @@ class SpdyConnection:
         if frame.flags & spdy.FLAG_FIN:
             stream.remote_closed = True
         self.send(spdy.SynReply(stream_id=sid, headers={}))
+        stream.accepted = True
         stream.replied.set()
         if self.on_stream is not None:
             self.on_stream(stream)
