@@ -87,8 +87,12 @@ def _kill_at(daemon: VirtletdProcess, step: str, call: Callable[[], Any]) -> Non
 
 # -- what must be gone -------------------------------------------------------------------------------------------
 
+def _in_ns(ns: str | None, cmd: list[str]) -> list[str]:
+    return cmd if ns is None else ["nsenter", f"--net={ns}", *cmd]
+
+
 def _links(ns: str | None = None) -> list[str]:
-    cmd = ["ip", "-o", "link", "show"] if ns is None else ["ip", "-n", ns, "-o", "link", "show"]
+    cmd = _in_ns(ns, ["ip", "-o", "link", "show"])
     out = subprocess.run(cmd, capture_output=True, text=True).stdout
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
 
@@ -229,7 +233,8 @@ def _assert_on_pod_network(pod: Pod) -> None:
     taps = [link for link in _links(ns) if link.startswith(f"vt{pod.sandbox_id[:11]}")]
     assert taps, f"no tap of the VM in the pod netns: {_links(ns)}"
     assert not [link for link in _links() if link in taps], "a tap of the VM is in the host namespace"
-    master = subprocess.run(["ip", "-n", ns, "-o", "link", "show", taps[0]], capture_output=True, text=True).stdout
+    master = subprocess.run(_in_ns(ns, ["ip", "-o", "link", "show", taps[0]]), capture_output=True,
+                            text=True).stdout
     assert "master vmbr0" in master, master
     ip = pod.rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id)).status.network.ip
     _wait_pingable(ip)
