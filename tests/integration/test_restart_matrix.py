@@ -74,7 +74,9 @@ def test_everything_survives_sigkill(vm_virtletd: VirtletdProcess, world_dir: Pa
     assert qemu_pid > 0
 
     before = _snapshot(daemon)
-    states = {(s["state"], before["container_status"][c]["state"] if c else None)
+    # MessageToDict leaves out enum values 0 (SANDBOX_READY, CONTAINER_CREATED)
+    states = {(s.get("state", "SANDBOX_READY"),
+               before["container_status"][c].get("state", "CONTAINER_CREATED") if c else None)
               for name, pod in pods.items()
               for s, c in [(before["sandboxes"][pod.sandbox_id], pod.container_id)]}
     assert states == {("SANDBOX_READY", "CONTAINER_CREATED"), ("SANDBOX_READY", "CONTAINER_RUNNING"),
@@ -91,8 +93,12 @@ def test_everything_survives_sigkill(vm_virtletd: VirtletdProcess, world_dir: Pa
 
     assert after["sandboxes"] == before["sandboxes"]
     assert after["sandbox_status"] == before["sandbox_status"]
-    assert after["containers"] == before["containers"]
-    assert after["container_status"] == before["container_status"]
+    for key in ("containers", "container_status"):
+        for cid, was in before[key].items():
+            now = after[key].get(cid)
+            assert now == was, (key, cid, {k: (was.get(k), (now or {}).get(k)) for k in {*was, *(now or {})}
+                                           if was.get(k) != (now or {}).get(k)})
+        assert set(after[key]) == set(before[key])
     for cid, content in before["logs"].items():
         if cid == running.container_id:
             assert content and after["logs"][cid].startswith(content)  # the VM writes on
