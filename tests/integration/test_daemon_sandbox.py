@@ -137,6 +137,27 @@ def test_sigkill_during_run_rolls_back(virtletd: VirtletdProcess, bridge_cni: Pa
     assert dhcp.strip() == "", "a DHCP server of the rolled-back sandbox is still running"
 
 
+def test_duplicate_sandbox_refused(virtletd: VirtletdProcess) -> None:
+    """RunPodSandbox for (name, namespace, uid, attempt) of an existing sandbox is refused as containerd refuses
+    it ("name is reserved"), READY or NOTREADY, until RemovePodSandbox; a new attempt is a new sandbox."""
+    rt = virtletd.runtime()
+    sid = _run(rt)
+    for _ in range(2):  # READY, then NOTREADY
+        code, msg = _code_and_message(rt.RunPodSandbox, api.RunPodSandboxRequest(config=_config(),
+                                                                                 runtime_handler="virtlet"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS, msg
+        assert "pod1_default_uid-1_0" in msg and "is reserved for" in msg and sid in msg
+        assert [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest()).items] == [sid]
+        rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid))
+    retry = api.PodSandboxConfig()
+    retry.CopyFrom(_config())
+    retry.metadata.attempt = 1
+    second = rt.RunPodSandbox(api.RunPodSandboxRequest(config=retry, runtime_handler="virtlet")).pod_sandbox_id
+    rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    third = _run(rt)  # the name is free again once the sandbox is removed
+    assert {s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest()).items} == {second, third}
+
+
 def _code_and_message(call: object, *args: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as exc:
         call(*args)  # type: ignore[operator]

@@ -85,3 +85,14 @@ def test_duplicate_pod_attempt_refused(tmp_path: Path) -> None:
     db.add_sandbox(_sandbox("s1", state=st.SANDBOX_READY))
     with pytest.raises(errors.AlreadyExists):
         db.add_sandbox(_sandbox("s2"))
+
+
+def test_duplicate_pod_attempt_refused_until_removed(tmp_path: Path) -> None:
+    """As containerd: the (name, namespace, uid, attempt) stays reserved while the sandbox exists in any state."""
+    db = st.StateStore(tmp_path / "v.db")
+    db.add_sandbox(_sandbox("s1", state=st.SANDBOX_READY))
+    db.update_sandbox("s1", state=st.SANDBOX_NOTREADY)
+    with pytest.raises(errors.AlreadyExists, match="is reserved for 's1'"):
+        db.add_sandbox(_sandbox("s2"))
+    db.delete_sandbox("s1")
+    db.add_sandbox(_sandbox("s2"))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from virtlet import errors
+from virtlet import errors, failpoints
 from virtlet.images import names, validate
 from virtlet.images.fetch import Fetcher, HttpFetcher
 from virtlet.images.policy import SourcePolicy
@@ -150,6 +150,7 @@ class ImageStore:
         source = self.translator.resolve(parsed.name)  # also when pinned: image_name_fallback applies
         if digest is None or self._record(digest) is None:
             digest = self._shared_download(source, parsed.digest)
+        failpoints.hit("image.pull.after_commit")
         self._name(parsed.name, digest)
         record = self._record(digest)
         if record is None:
@@ -196,6 +197,7 @@ class ImageStore:
             finally:
                 os.close(fd)
             progress.finish()
+            failpoints.hit("image.pull.after_download")
             if pin and pin != digest:
                 raise errors.FailedPrecondition(
                     f"{what}: content has digest {digest}, not the pinned {pin}; the image at the URL "
@@ -217,6 +219,7 @@ class ImageStore:
                 os.chmod(tmp, 0o644)  # QEMU runs as another user and reads it through an overlay
                 os.rename(tmp, dest)
                 _fsync_dir(self.data_dir)
+                failpoints.hit("image.pull.after_rename")
             try:
                 self._db.execute(
                     "INSERT INTO images(digest, size, format, virtual_size, pulled_at) VALUES (?,?,?,?,?) "
@@ -258,6 +261,7 @@ class ImageStore:
             return
         with self._lock:
             self._db.execute("DELETE FROM names WHERE digest=?", (digest,))
+            failpoints.hit("image.remove.after_unname")
             self._drop_if_unneeded(digest)
 
     def _drop_if_unneeded(self, digest: str) -> None:

@@ -86,9 +86,10 @@ class SandboxManager:
             netns=str(netns.path(sandbox_id)), labels=dict(spec.labels), annotations=dict(spec.annotations),
             config=spec.config)
         with self.lock(sandbox_id):
-            self.store.add_sandbox(rec)  # committed before anything exists on the host
+            self.store.add_sandbox(rec)  # committed before anything exists on the host; refuses a reserved name
             log.info("creating sandbox %s for pod %s/%s", sandbox_id, spec.namespace, spec.name)
             try:
+                failpoints.hit("sandbox.run.after_record")
                 netns.create(sandbox_id)
                 failpoints.hit("sandbox.after_netns")
                 network: dict[str, Any] = {}
@@ -124,11 +125,14 @@ class SandboxManager:
                 return  # the kubelet expects success for an unknown id
             for hook in self.before_stop:
                 hook(sandbox_id)
+            failpoints.hit("sandbox.stop.after_containers")
             if not rec.network_torn_down:
                 if self.network is not None:
                     self.network.teardown(rec)  # raises -> Stop fails, kubelet retries, teardown retried
                 rec = self.store.update_sandbox(sandbox_id, network_torn_down=True)
+                failpoints.hit("sandbox.stop.after_network")
             netns.delete(sandbox_id)
+            failpoints.hit("sandbox.stop.after_netns")
             if rec.state != st.SANDBOX_NOTREADY:
                 self.store.update_sandbox(sandbox_id, state=st.SANDBOX_NOTREADY)
 
@@ -138,8 +142,10 @@ class SandboxManager:
             if self.store.get_sandbox(sandbox_id) is None:
                 return
             self.stop(sandbox_id)
+            failpoints.hit("sandbox.remove.after_stop")
             if remove_containers is not None:
                 remove_containers(sandbox_id)
+            failpoints.hit("sandbox.remove.after_containers")
             self.store.delete_sandbox(sandbox_id)
 
     # -- start-up recovery ----------------------------------------------------------------------------
@@ -149,6 +155,11 @@ class SandboxManager:
             if rec.state == st.SANDBOX_CREATING:
                 log.warning("rolling back sandbox %s left half-created by an earlier virtletd", rec.id)
                 self._rollback(rec)
+            elif rec.state == st.SANDBOX_READY and rec.network_torn_down:
+                # a StopPodSandbox was killed after its CNI DEL: finish it (the kubelet's retry finds it done)
+                log.warning("finishing the stop of sandbox %s left half-stopped by an earlier virtletd", rec.id)
+                netns.delete(rec.id)
+                self.store.update_sandbox(rec.id, state=st.SANDBOX_NOTREADY)
             elif rec.state == st.SANDBOX_READY:
                 if not netns.exists(rec.id):
                     log.warning("sandbox %s lost its network namespace (host reboot?); marking NOTREADY", rec.id)

@@ -202,13 +202,18 @@ class StateStore:
     def add_sandbox(self, rec: SandboxRecord) -> None:
         cols = [f for f in rec.__dataclass_fields__]
         with self._tx() as db:
+            # As containerd: the name <name>_<namespace>_<uid>_<attempt> stays reserved from RunPodSandbox until
+            # RemovePodSandbox (READY, NOTREADY and half-made CREATING alike), so a retried or repeated
+            # RunPodSandbox never makes a second sandbox.  The kubelet uses a new attempt for a new sandbox.
             clash = db.execute(
-                "SELECT id FROM sandboxes WHERE name=? AND namespace=? AND uid=? AND attempt=? AND state!=?",
-                (rec.name, rec.namespace, rec.uid, rec.attempt, SANDBOX_NOTREADY)).fetchone()
+                "SELECT id FROM sandboxes WHERE name=? AND namespace=? AND uid=? AND attempt=?",
+                (rec.name, rec.namespace, rec.uid, rec.attempt)).fetchone()
             if clash:
+                reserved = f"{rec.name}_{rec.namespace}_{rec.uid}_{rec.attempt}"
                 raise errors.AlreadyExists(
-                    f"pod sandbox {rec.namespace}/{rec.name} (uid {rec.uid}, attempt {rec.attempt}) "
-                    f"already exists as {clash['id']}")
+                    f"failed to reserve sandbox name {reserved!r}: name {reserved!r} is reserved for "
+                    f"{clash['id']!r} (pod sandbox metadata name, namespace, uid and attempt name a sandbox that "
+                    "exists; remove it first or use a new attempt)")
             db.execute(
                 f"INSERT INTO sandboxes ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 [_encode(c, getattr(rec, c)) for c in cols])

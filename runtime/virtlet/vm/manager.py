@@ -7,6 +7,24 @@ belongs to no record is removed.
 
 Exit codes: guest powered off -> 0 ``Completed``; stopped by StopContainer -> 0 ``Completed``; QEMU killed or
 crashed (or the domain destroyed behind our back) -> 1 ``Error`` with libvirt's reason in the message.
+
+Crash safety (a SIGKILL of virtletd at any step; the named failpoints in ``virtlet.failpoints`` sit between the
+steps, and ``recover`` finishes or undoes each one at start-up):
+- CreateContainer commits the record with ``extra["creating"]`` and clears it as its last step.  A record still
+  marked ``creating`` belongs to a call that never replied: the kubelet has no id for it, so recovery removes the
+  domain, the files and the record.
+- The kubelet retries CreateContainer after a timeout with the same metadata, and after a failed start it creates
+  the next attempt; it never starts a container it did not see created.  containerd answers a reserved name with an
+  error and lets the kubelet's garbage collection remove the stale container; a VM pod runs one container, so that
+  stale CREATED container would block the pod here.  virtletd therefore *replaces* a container that is CREATED
+  and never started when a new CreateContainer arrives for its sandbox: the retry succeeds and nothing is listed
+  twice.  A RUNNING container is never replaced (the one-live-container rule refuses the call).
+- StartContainer killed after QEMU started leaves the record CREATED with the domain running: recovery adopts it
+  as RUNNING (taps moved into the pod netns, log writer started), so the VM stays on the pod network and the
+  kubelet's retried StartContainer succeeds.  Killed before QEMU started: recovery deletes the taps it made in the
+  host netns; the record stays CREATED.
+- StopContainer records ``extra["stop_requested"]`` before the ACPI request, so a VM that went down while
+  virtletd was dead is reported as stopped by StopContainer (0 ``Completed``), as without the crash.
 """
 
 from __future__ import annotations
@@ -132,23 +150,42 @@ class VmManager:
             id=cid, sandbox_id=spec.sandbox_id, name=spec.name, attempt=spec.attempt, state=st.CONTAINER_CREATED,
             created_at=st.now_ns(), image=spec.image, image_ref=image.digest, log_path=spec.log_path,
             labels=dict(spec.labels), annotations=dict(spec.annotations), config=spec.config,
-            extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path)})
+            extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path),
+                   "creating": True})
+        self._replace_unstarted(spec.sandbox_id)
         with self._lock(cid):
             self.store.add_container(rec)  # checks: sandbox READY, no other live container
             try:
+                failpoints.hit("container.create.after_record")
                 cdir.mkdir(parents=True)
                 cdir.chmod(0o755)
                 xml, extra = self.parts.prepare(cid, spec, sandbox, image, cdir, self.console_socket(cid))
+                failpoints.hit("container.create.after_prepare")
                 self._undefine_exited_domains(spec.sandbox_id)
                 failpoints.hit("container.before_define")
                 self.host.define(xml)
-                rec = self.store.update_container(cid, extra={**rec.extra, **extra})
+                failpoints.hit("container.create.after_define")
+                done = {k: v for k, v in {**rec.extra, **extra}.items() if k != "creating"}
+                rec = self.store.update_container(cid, extra=done)
             except BaseException:
                 self._destroy_everything(cid)
                 self.store.delete_container(cid)
                 raise
         log.info("container %s created in sandbox %s (domain %s)", cid, spec.sandbox_id, self.domain_name(cid))
         return rec
+
+    def _replace_unstarted(self, sandbox_id: str) -> None:
+        """Remove containers of the sandbox that are CREATED and were never started (see the module doc: the
+        kubelet gave up on them, and a VM pod holds one container)."""
+        for old in self.store.list_containers(sandbox_id):
+            if old.state == st.CONTAINER_CREATED:
+                log.warning("CreateContainer in sandbox %s replaces container %s (%s attempt %d), created and never "
+                            "started (a timed-out or retried CreateContainer)", sandbox_id, old.id, old.name,
+                            old.attempt)
+                with self._lock(old.id):  # waits for a create of it still in progress
+                    current = self.store.get_container(old.id)
+                    if current is not None and current.state == st.CONTAINER_CREATED:
+                        self.remove(old.id)
 
     def _undefine_exited_domains(self, sandbox_id: str) -> None:
         """A restarted container reuses the pod's domain UUID (= SMBIOS UUID): the exited one's domain must go
@@ -176,7 +213,12 @@ class VmManager:
             if dom is None:
                 raise errors.FailedPrecondition(f"container {cid}: its libvirt domain is gone; remove it")
             self._start_log_writer(rec, sandbox)
+            failpoints.hit("container.start.after_log_writer")
+            if self._domain_active(cid):  # started by an earlier call whose reply was lost: adopt it
+                self._adopt_running(cid, sandbox)
+                return
             self.parts.taps_before_start(sandbox)
+            failpoints.hit("container.start.after_taps")
             try:
                 dom.create()
             except libvirt.libvirtError as exc:
@@ -186,10 +228,16 @@ class VmManager:
                                             message=f"libvirt could not start the VM: {exc}")
                 self._stop_log_writer(cid)
                 raise errors.Internal(f"container {cid}: libvirt could not start the VM: {exc}") from exc
-            self.parts.after_start(sandbox)
-            rec = self.store.update_container(cid, state=st.CONTAINER_RUNNING, started_at=st.now_ns())
-            # an exit event may have raced with the update above: make the state agree with libvirt
-            self._reconcile(cid)
+            failpoints.hit("container.start.after_domain_start")
+            self._adopt_running(cid, sandbox)
+
+    def _adopt_running(self, cid: str, sandbox: st.SandboxRecord) -> None:
+        """The domain of a CREATED container runs: put its taps on the pod network, record RUNNING."""
+        self.parts.after_start(sandbox)  # idempotent: taps already in the pod netns stay
+        failpoints.hit("container.start.after_attach")
+        self.store.update_container(cid, state=st.CONTAINER_RUNNING, started_at=st.now_ns())
+        # an exit event may have raced with the update above: make the state agree with libvirt
+        self._reconcile(cid)
 
     # -- StopContainer --------------------------------------------------------------------------------
     def stop(self, cid: str, timeout: int) -> None:
@@ -202,12 +250,15 @@ class VmManager:
                                             exit_code=EXIT_OK, reason="Completed", message="never started")
                 return
             self._stop_requested.add(cid)
+            if not rec.extra.get("stop_requested"):
+                rec = self.store.update_container(cid, extra={**rec.extra, "stop_requested": True})
             dom = self.host.lookup(self.domain_name(cid))
             if dom is not None and dom.isActive():
                 try:
                     dom.shutdown()  # ACPI power button
                 except libvirt.libvirtError as exc:
                     log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
+                failpoints.hit("container.stop.after_shutdown_request")
                 deadline = time.monotonic() + max(timeout, 0)
                 while time.monotonic() < deadline and self._domain_active(cid):
                     with self._exited:
@@ -219,6 +270,7 @@ class VmManager:
                     except libvirt.libvirtError as exc:
                         if self._domain_active(cid):
                             raise errors.Internal(f"cannot destroy VM of container {cid}: {exc}") from exc
+                failpoints.hit("container.stop.after_domain_stopped")
             self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
 
     def _domain_active(self, cid: str) -> bool:
@@ -237,6 +289,7 @@ class VmManager:
                 return
             self._stop_requested.add(cid)
             self._destroy_everything(cid)
+            failpoints.hit("container.remove.after_destroy")
             if rec.state in (st.CONTAINER_RUNNING, st.CONTAINER_CREATED):
                 self._mark_exited(cid, EXIT_OK, "Completed", "removed")
                 sandbox = self.store.get_sandbox(rec.sandbox_id)
@@ -294,6 +347,8 @@ class VmManager:
             if cid in self._stop_requested:
                 return  # StopContainer/RemoveContainer record the outcome themselves
             code, reason, message = self._exit_from_detail(detail)
+            if rec.extra.get("stop_requested"):  # a StopContainer of an earlier virtletd was under way
+                code, reason, message = EXIT_OK, "Completed", "stopped by StopContainer"
             self._mark_exited(cid, code, reason, message)
             sandbox = self.store.get_sandbox(rec.sandbox_id)
             if sandbox is not None:
@@ -327,15 +382,18 @@ class VmManager:
             return
         dom = self.host.lookup(self.domain_name(cid))
         if dom is None:
-            self._mark_exited(cid, EXIT_ERROR, "Error", "the VM's libvirt domain disappeared")
-            return
-        state, reason = dom.state()
-        if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            code, why, message = EXIT_ERROR, "Error", "the VM's libvirt domain disappeared"
+        else:
+            state, reason = dom.state()
+            if state not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+                return
             code, why, message = self._exit_from_reason(reason)
-            self._mark_exited(cid, code, why, message)
-            sandbox = self.store.get_sandbox(rec.sandbox_id)
-            if sandbox is not None:
-                self.parts.after_exit(sandbox)
+        if rec.extra.get("stop_requested"):  # a StopContainer (or Remove) was under way: its outcome
+            code, why, message = EXIT_OK, "Completed", "stopped by StopContainer"
+        self._mark_exited(cid, code, why, message)
+        sandbox = self.store.get_sandbox(rec.sandbox_id)
+        if sandbox is not None:
+            self.parts.after_exit(sandbox)  # the taps of a VM that is gone
 
     # -- logs -----------------------------------------------------------------------------------------
     def _start_log_writer(self, rec: st.ContainerRecord, sandbox: st.SandboxRecord) -> None:
@@ -408,7 +466,19 @@ class VmManager:
         for sock in self.console_dir.glob("*.sock"):
             if sock.stem not in known:
                 sock.unlink(missing_ok=True)
+        for rec in list(known.values()):
+            if rec.state == st.CONTAINER_CREATED and rec.extra.get("creating"):
+                log.warning("removing container %s: its CreateContainer never replied", rec.id)
+                self._destroy_everything(rec.id)
+                self.store.delete_container(rec.id)
+                del known[rec.id]
         for rec in known.values():
+            sandbox = self.store.get_sandbox(rec.sandbox_id)
+            if rec.state == st.CONTAINER_CREATED and sandbox is not None and self._domain_active(rec.id):
+                log.warning("container %s: its StartContainer never replied but the VM runs; adopting it", rec.id)
+                self._start_log_writer(rec, sandbox)
+                self._adopt_running(rec.id, sandbox)
+                continue
             if rec.state == st.CONTAINER_RUNNING:
                 self._reconcile(rec.id)
                 rec = self.store.require_container(rec.id)
@@ -419,6 +489,8 @@ class VmManager:
                     log.info("container %s found running again", rec.id)
             elif rec.state == st.CONTAINER_CREATED and self.host.lookup(self.domain_name(rec.id)) is None:
                 self._mark_exited(rec.id, EXIT_ERROR, "Error", "the VM's libvirt domain disappeared")
+            elif rec.state == st.CONTAINER_CREATED and sandbox is not None:
+                self.parts.after_exit(sandbox)  # taps a StartContainer killed before QEMU started left behind
 
     def _is_ours(self, name: str) -> bool:
         """A virtlet domain is this virtletd's when its files live under our containers dir (or it carries no
