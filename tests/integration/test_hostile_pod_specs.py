@@ -212,3 +212,28 @@ def test_seed_iso_is_private(vm_virtletd: VirtletdProcess, world_dir: Path, vm_i
         assert "s3cret" not in virtletd.log()
     finally:
         pod.rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=60)
+
+
+@pytest.mark.parametrize(("mutate", "needle"), [
+    (lambda c: c.annotations.update({f"a{i}": "x" * 4096 for i in range(70)}), "annotations"),
+    (lambda c: c.labels.update({f"l{i}": "y" * 4096 for i in range(70)}), "labels"),
+    (lambda c: setattr(c.metadata, "name", "n" * 300), "metadata.name"),
+    (lambda c: setattr(c.metadata, "uid", "u\x00id"), "metadata.uid"),
+], ids=["annotations-over-256KiB", "labels-over-256KiB", "long-name", "nul-in-uid"])
+def test_run_pod_sandbox_bounds_what_it_stores(virtletd: VirtletdProcess, world_dir: Path, mutate: Any,
+                                               needle: str) -> None:
+    """RunPodSandbox stores the pod's metadata, labels and annotations in the state db: bounded before anything
+    is made (Kubernetes' own limits), INVALID_ARGUMENT naming the field, no sandbox and no netns left."""
+    rt = virtletd.runtime()
+    config = api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name="big", namespace="default", uid="uid-big"), hostname="big",
+        log_directory=str(world_dir / "logs" / "big"), linux=api.LinuxPodSandboxConfig())
+    mutate(config)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        rt.RunPodSandbox(api.RunPodSandboxRequest(config=config), timeout=60)
+    assert time.monotonic() - start < BOUND
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert needle in info.value.details()
+    assert len(info.value.details()) < 1000
+    assert rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=10).items == []

@@ -38,6 +38,7 @@ def test_overlay_grows_and_leaves_base_alone(base: tuple[Path, str], tmp_path: P
     assert overlay.backing_file(dest) == str(path.absolute())
     assert overlay.image_info(dest)["format"] == "qcow2"
     assert dest.stat().st_size < MiB  # an overlay, not a copy
+    assert dest.stat().st_mode & 0o777 == 0o600  # the guest's disk: private, libvirt gives it to QEMU's user
     # the guest writes to the overlay only
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(dest)], check=True,
                    capture_output=True)

@@ -21,6 +21,7 @@ from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
+from virtlet.vm import annotations as vm_annotations
 from virtlet.vm import guest_agent as ga
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         if not request.HasField("config") or not cfg.HasField("metadata"):
             raise errors.InvalidArgument("RunPodSandbox: config.metadata (name, namespace, uid) is required")
         md = cfg.metadata
+        _check_pod_metadata(md)
+        vm_annotations.check_annotation_sizes(cfg.annotations, "pod")  # stored in the state db: bounded first
+        _check_labels(cfg.labels)
         spec = SandboxSpec(
             name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
             hostname=cfg.hostname or md.name, runtime_handler=request.runtime_handler,
@@ -377,6 +381,30 @@ def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> lis
     if selector:
         validate_label_selector(selector)
     return [r for r in records if r.id.startswith(id_prefix) and all(r.labels.get(k) == v for k, v in selector.items())]
+
+
+#: Kubernetes' longest object name (a DNS subdomain); namespaces and uids are shorter still.
+MAX_METADATA_FIELD = 253
+#: Labels are short in Kubernetes (63-byte values); all of a pod's together are bounded like its annotations.
+MAX_LABELS_TOTAL = 256 * 1024
+
+
+def _check_pod_metadata(md: Any) -> None:
+    """Bound what RunPodSandbox stores from the pod's metadata before anything is made."""
+    for field in ("name", "namespace", "uid"):
+        value = getattr(md, field)
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_METADATA_FIELD or "\x00" in value:
+            raise errors.InvalidArgument(
+                f"RunPodSandbox: config.metadata.{field} must be at most {MAX_METADATA_FIELD} bytes without NUL "
+                f"characters (Kubernetes' own limit for names)")
+
+
+def _check_labels(labels: Any) -> None:
+    total = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+                for k, v in labels.items())
+    if total > MAX_LABELS_TOTAL:
+        raise errors.InvalidArgument(
+            f"RunPodSandbox: the pod's labels are {total} bytes together, more than {MAX_LABELS_TOTAL} (256 KiB)")
 
 
 def _require_id(value: str, name: str) -> None:

@@ -8,6 +8,7 @@ below the image, which would cut the guest's filesystem).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def create_overlay(base: Path, base_format: str, dest: Path, size_bytes: int | N
     args = ["create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(dest)]
     if size_bytes is not None and size_bytes > base_size:
         args.append(str(size_bytes))
+    # The guest's disk is private from its first byte: made 0600 here, qemu-img keeps the mode of the file it
+    # truncates, and libvirt hands it to QEMU's user while the VM runs.
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     try:
         _qemu_img(args, f"creating overlay {dest} on {base}")
     except BaseException:
