@@ -375,9 +375,22 @@ def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> lis
     return [r for r in records if r.id.startswith(id_prefix) and all(r.labels.get(k) == v for k, v in selector.items())]
 
 
+# Ids virtletd issues are uuid4 (hex for sandboxes, dashed for containers).  Other code builds file and socket
+# paths from an id even when the id is unknown (RemoveContainer cleans up leftovers of unknown ids), so an id
+# that is not a plain word (``..``, ``a/b``, NUL, 300 characters) never gets past the servicer.  Short unknown
+# words ("nope") keep the answers the kubelet expects: NOT_FOUND from *Status, success from Stop/Remove.
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def _require_id(value: str, name: str) -> None:
     if not value:
         raise errors.InvalidArgument(f"{name} is required")
+    if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise errors.InvalidArgument(
+            f"{name} {shown!r} is not an id virtletd issues (letters, digits, '_', '.', '-'; starting with a "
+            f"letter or digit; at most {MAX_ID_LENGTH} characters)")
 
 
 def _unimplemented(name: str, later: str) -> Callable[..., Any]:
