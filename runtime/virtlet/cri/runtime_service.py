@@ -100,6 +100,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         if not request.HasField("config") or not cfg.HasField("metadata"):
             raise errors.InvalidArgument("RunPodSandbox: config.metadata (name, namespace, uid) is required")
         md = cfg.metadata
+        _validate_metadata(md)
         spec = SandboxSpec(
             name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
             hostname=cfg.hostname or md.name, runtime_handler=request.runtime_handler,
@@ -381,6 +382,25 @@ def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> lis
 # words ("nope") keep the answers the kubelet expects: NOT_FOUND from *Status, success from Stop/Remove.
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _validate_metadata(md: api.PodSandboxMetadata) -> None:
+    """Pod name and namespace as Kubernetes allows them (DNS subdomain, DNS label), uid a plain word: they reach
+    CNI_ARGS (``;`` and ``=`` separate its pairs), file names and logs, so anything else is INVALID_ARGUMENT
+    here instead of an INTERNAL from a CNI plugin later."""
+    for what, value, limit, pattern in (("metadata.name", md.name, 253, _DNS_SUBDOMAIN),
+                                        ("metadata.namespace", md.namespace, 63, _DNS_SUBDOMAIN),
+                                        ("metadata.uid", md.uid, MAX_ID_LENGTH, _UID)):
+        if value and (len(value) > limit or not pattern.fullmatch(value)):
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            raise errors.InvalidArgument(
+                f"pod sandbox config: {what} {shown!r} is not valid (at most {limit} characters; "
+                + ("letters, digits, '_', '.', '-')" if what == "metadata.uid" else
+                   "lowercase letters, digits, '-' and '.', starting and ending alphanumeric)"))
 
 
 def _require_id(value: str, name: str) -> None:
