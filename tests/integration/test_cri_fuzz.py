@@ -11,7 +11,7 @@ download of those pods is left.
 
 Profiles (environment variable ``VIRTLET_FUZZ_PROFILE``)::
 
-    ci    (default)  10 examples of up to 20 steps, one to two minutes: part of the test command
+    ci    (default)  40 examples of up to 25 steps, about a minute: part of the test command
     long             10,000 examples (hours):
                      VIRTLET_FUZZ_PROFILE=long pytest -p no:cacheprovider tests/integration/test_cri_fuzz.py
 
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.network
 
 CALL_BOUND = float(os.environ.get("VIRTLET_FUZZ_CALL_BOUND", "5"))
 KNOWN = os.environ.get("VIRTLET_FUZZ_KNOWN", "1") != "0"
-PROFILES = {"ci": dict(max_examples=10, stateful_step_count=20), "long": dict(max_examples=10_000,
+PROFILES = {"ci": dict(max_examples=40, stateful_step_count=25), "long": dict(max_examples=10_000,
                                                                                stateful_step_count=40)}
 # codes that say "the daemon failed", never "your request was wrong"
 BAD_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED)
