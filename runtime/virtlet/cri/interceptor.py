@@ -30,10 +30,10 @@ def call_ids(request: Any) -> str:
     for name in _ID_FIELDS:
         value = getattr(request, name, "")
         if isinstance(value, str) and value:
-            parts.append(f"{name}={value}")
+            parts.append(f"{name}={_log_value(value)}")
     image = getattr(request, "image", None)
     if isinstance(image, Message) and getattr(image, "image", ""):
-        parts.append(f"image={image.image}")
+        parts.append(f"image={_log_value(image.image)}")
     return " ".join(parts)
 
 
@@ -62,10 +62,33 @@ def redacted_body(request: Any) -> str:
     return str(_scrub(data))
 
 
+# gRPC carries the status message in a trailer: past 8 KiB (soft) / 16 KiB (hard) of metadata the caller gets
+# RESOURCE_EXHAUSTED "Stream removed" instead of the answer.  Messages quote user input (ids, names), so they are
+# cut to this many UTF-8 bytes (percent-encoding in the trailer makes that at most 3 KiB).
+MAX_MESSAGE_BYTES = 1024
+MAX_LOGGED_ID = 128
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, saying how much was left out."""
+    raw = text.encode("utf-8", errors="replace")
+    if len(raw) <= limit:
+        return text
+    head = raw[:limit - 40].decode("utf-8", errors="ignore")
+    return f"{head}... ({len(raw) - len(head.encode())} more bytes)"
+
+
+def _log_value(value: str) -> str:
+    """A caller's id or name for the one-line call log: as is when it is a plain printable word, else quoted
+    (no line breaks or control characters from a caller reach the log) and cut."""
+    value = bounded(value, MAX_LOGGED_ID)
+    return value if value.isascii() and value.isprintable() and " " not in value else repr(value)
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code = errors.grpc_code(exc)
     message = str(exc) if isinstance(exc, errors.VirtletError) else f"internal error: {type(exc).__name__}: {exc}"
-    context.abort(code, message)
+    context.abort(code, bounded(message))
 
 
 

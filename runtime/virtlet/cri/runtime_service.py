@@ -102,7 +102,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         if not request.HasField("config") or not cfg.HasField("metadata"):
             raise errors.InvalidArgument("RunPodSandbox: config.metadata (name, namespace, uid) is required")
         md = cfg.metadata
-        _check_pod_metadata(md)
+        _validate_metadata(md)
         vm_annotations.check_annotation_sizes(cfg.annotations, "pod")  # stored in the state db: bounded first
         _check_labels(cfg.labels)
         spec = SandboxSpec(
@@ -383,20 +383,35 @@ def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> lis
     return [r for r in records if r.id.startswith(id_prefix) and all(r.labels.get(k) == v for k, v in selector.items())]
 
 
-#: Kubernetes' longest object name (a DNS subdomain); namespaces and uids are shorter still.
-MAX_METADATA_FIELD = 253
+# Ids virtletd issues are uuid4 (hex for sandboxes, dashed for containers).  Other code builds file and socket
+# paths from an id even when the id is unknown (RemoveContainer cleans up leftovers of unknown ids), so an id
+# that is not a plain word (``..``, ``a/b``, NUL, 300 characters) never gets past the servicer.  Short unknown
+# words ("nope") keep the answers the kubelet expects: NOT_FOUND from *Status, success from Stop/Remove.
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _validate_metadata(md: api.PodSandboxMetadata) -> None:
+    """Pod name and namespace as Kubernetes allows them (DNS subdomain, DNS label), uid a plain word: they reach
+    CNI_ARGS (``;`` and ``=`` separate its pairs), file names and logs, so anything else is INVALID_ARGUMENT
+    here instead of an INTERNAL from a CNI plugin later."""
+    for what, value, limit, pattern in (("metadata.name", md.name, 253, _DNS_SUBDOMAIN),
+                                        ("metadata.namespace", md.namespace, 63, _DNS_SUBDOMAIN),
+                                        ("metadata.uid", md.uid, MAX_ID_LENGTH, _UID)):
+        if value and (len(value) > limit or not pattern.fullmatch(value)):
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            raise errors.InvalidArgument(
+                f"pod sandbox config: {what} {shown!r} is not valid (at most {limit} characters; "
+                + ("letters, digits, '_', '.', '-')" if what == "metadata.uid" else
+                   "lowercase letters, digits, '-' and '.', starting and ending alphanumeric)"))
+
+
 #: Labels are short in Kubernetes (63-byte values); all of a pod's together are bounded like its annotations.
 MAX_LABELS_TOTAL = 256 * 1024
-
-
-def _check_pod_metadata(md: Any) -> None:
-    """Bound what RunPodSandbox stores from the pod's metadata before anything is made."""
-    for field in ("name", "namespace", "uid"):
-        value = getattr(md, field)
-        if len(value.encode("utf-8", "surrogatepass")) > MAX_METADATA_FIELD or "\x00" in value:
-            raise errors.InvalidArgument(
-                f"RunPodSandbox: config.metadata.{field} must be at most {MAX_METADATA_FIELD} bytes without NUL "
-                f"characters (Kubernetes' own limit for names)")
 
 
 def _check_labels(labels: Any) -> None:
@@ -410,6 +425,11 @@ def _check_labels(labels: Any) -> None:
 def _require_id(value: str, name: str) -> None:
     if not value:
         raise errors.InvalidArgument(f"{name} is required")
+    if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise errors.InvalidArgument(
+            f"{name} {shown!r} is not an id virtletd issues (letters, digits, '_', '.', '-'; starting with a "
+            f"letter or digit; at most {MAX_ID_LENGTH} characters)")
 
 
 def _unimplemented(name: str, later: str) -> Callable[..., Any]:
