@@ -8,13 +8,13 @@ start-up recovery either finishes the teardown or finds both.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from virtlet import errors, failpoints
+from virtlet.locks import KeyedLocks
 from virtlet.network import netns
 from virtlet.state import store as st
 
@@ -49,23 +49,11 @@ class NetworkHook(Protocol):
     def reattach(self, rec: st.SandboxRecord) -> None: ...
 
 
-class _Locks:
-    """One lock per resource id, so concurrent calls on one sandbox serialise and others do not wait."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.RLock] = {}
-
-    def __call__(self, key: str) -> threading.RLock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.RLock())
-
-
 class SandboxManager:
     def __init__(self, store: st.StateStore, network: NetworkHook | None = None) -> None:
         self.store = store
         self.network = network
-        self.lock = _Locks()
+        self.lock = KeyedLocks()
         # called with a sandbox id before its network goes away (the VM manager stops its containers)
         self.before_stop: list[Callable[[str], None]] = []
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import libvirt
 
 from virtlet import errors, failpoints
+from virtlet.locks import KeyedLocks
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer
@@ -112,8 +113,7 @@ class VmManager:
         self.containers_dir.mkdir(parents=True, exist_ok=True)
         self.containers_dir.chmod(0o755)
         self.console_dir.mkdir(parents=True, exist_ok=True)
-        self._locks: dict[str, threading.RLock] = {}
-        self._locks_guard = threading.Lock()
+        self._lock = KeyedLocks()
         self._writers: dict[str, Any] = {}
         self._stop_requested: set[str] = set()
         self._exited = threading.Condition()
@@ -121,10 +121,6 @@ class VmManager:
         host.subscribe(self._on_event)
 
     # -- helpers --------------------------------------------------------------------------------------
-    def _lock(self, cid: str) -> threading.RLock:
-        with self._locks_guard:
-            return self._locks.setdefault(cid, threading.RLock())
-
     def container_dir(self, cid: str) -> Path:
         return self.containers_dir / cid
 
