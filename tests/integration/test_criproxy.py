@@ -198,6 +198,14 @@ def test_routing_through_the_proxy(world_dir: Path, containerd: ContainerdProces
     fs = img.ImageFsInfo(api.ImageFsInfoRequest(), timeout=10)
     assert len(fs.image_filesystems) >= 2
 
+    # the same pod (name, namespace, uid, attempt) twice: refused on both sides, as containerd refuses it
+    code, msg = _code(lambda: rt.RunPodSandbox(api.RunPodSandboxRequest(config=pod_cfg), timeout=60))
+    assert "reserved" in msg, (code, msg)
+    code, msg = _code(lambda: rt.RunPodSandbox(api.RunPodSandboxRequest(
+        config=_pod(world_dir, "vm-h"), runtime_handler="virtlet"), timeout=60))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "reserved" in msg, (code, msg)
+    assert _sandbox_ids(rt) == {plain, by_handler, by_annotation}
+
     # bad input: clear errors
     code, msg = _code(lambda: rt.RunPodSandbox(api.RunPodSandboxRequest(config=_pod(
         world_dir, "bad", {"kubernetes.io/target-runtime": "nosuch.runtime"})), timeout=10))
