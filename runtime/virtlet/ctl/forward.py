@@ -82,13 +82,18 @@ class TcpRelay(_Listener):
         except OSError:
             conn.close()
             return
-        upstream.settimeout(None)
-        t = threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)
-        t.start()
-        _pipe(conn, upstream)
-        t.join()
-        conn.close()
-        upstream.close()
+        _splice(conn, upstream)
+
+
+def _splice(conn: socket.socket, upstream: socket.socket) -> None:
+    """Copy both ways until both sides are done, then close both."""
+    upstream.settimeout(None)
+    t = threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)
+    t.start()
+    _pipe(conn, upstream)
+    t.join()
+    conn.close()
+    upstream.close()
 
 
 def _hex_endpoint(addr: tuple[str, int]) -> str:
@@ -137,10 +142,4 @@ class UnixRelay(_Listener):
             upstream.close()
             conn.close()
             return
-        upstream.settimeout(None)
-        t = threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)
-        t.start()
-        _pipe(conn, upstream)
-        t.join()
-        conn.close()
-        upstream.close()
+        _splice(conn, upstream)
