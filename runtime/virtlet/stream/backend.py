@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from virtlet import errors
+from virtlet.console.attach import ConsoleHub, ConsoleSession
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
 from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
-from virtlet.vm.console_attach import ConsoleHub, ConsoleSession
 
 log = logging.getLogger(__name__)
 
