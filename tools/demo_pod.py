@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import yaml
 
+from virtlet.console.cri_format import read_cri_lines
 from virtlet.cri import versions
 from virtlet.cri.gen import api_pb2 as api
-from virtlet.vm.console_log import read_cri_lines
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "VIRTLET-TINY-READY"

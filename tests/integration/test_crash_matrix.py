@@ -31,7 +31,7 @@ from virtlet.network import netns
 
 pytestmark = pytest.mark.network
 
-# covered elsewhere: the console log writer is no RPC (tests/unit/test_console_log.py freezes it)
+# covered elsewhere: the console log writer is no RPC (tests/unit/test_console_state.py freezes it)
 NOT_RPC = {"console_log_after_cri_write"}
 SANDBOX_STEPS = sorted(n for n in failpoints.NAMES if n.startswith("sandbox."))
 IMAGE_STEPS = sorted(n for n in failpoints.NAMES if n.startswith("image."))

@@ -15,8 +15,8 @@ from tests.helpers.daemon import VirtletdProcess
 from tests.integration.test_criproxy import ProxyProcess, _pod, _run_container
 from tests.integration.test_criproxy import containerd as containerd
 from tests.integration.test_vm_lifecycle import MARKER
+from virtlet.console.cri_format import read_cri_lines
 from virtlet.cri.gen import api_pb2 as api
-from virtlet.vm.console_log import read_cri_lines
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.network]
 

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
+from virtlet.console.cri_format import read_cri_lines
 from virtlet.cri.gen import api_pb2 as api
-from virtlet.vm.console_log import read_cri_lines
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.network]
 

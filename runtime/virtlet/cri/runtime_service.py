@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import json_format
 
 import virtlet
-from virtlet import errors
+from virtlet import errors, preconditions
 from virtlet.cri import stats_pb
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
@@ -296,9 +296,9 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         # Runs through the QEMU guest agent (virtlet.vm.guest_agent): exit code and output of a finished command;
         # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).
         _require_id(request.container_id, "container_id")
-        if not request.cmd or not request.cmd[0]:
-            raise errors.InvalidArgument("ExecSync: cmd is required (the program and its arguments)")
-        self._require_running(request.container_id)
+        preconditions.require_cmd("ExecSync", request.cmd)
+        preconditions.container_running("ExecSync", request.container_id,
+                                         self.store.require_container(request.container_id).state)
         agent = self._vms().guest_agent(request.container_id)
         # stdout + stderr are truncated together at ga.EXEC_SYNC_OUTPUT_CAP (16 MiB less the response's framing,
         # so it fits the kubelet's 16 MiB message limit), as containerd does since CVE-2022-1708.
@@ -312,19 +312,11 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
             raise errors.FailedPrecondition(
                 "interactive exec with a terminal is not supported for VM pods; use `kubectl attach -it` for the "
                 "console or `virtletctl ssh`")
-        if not request.cmd or not request.cmd[0]:
-            raise errors.InvalidArgument("Exec: cmd is required (the program and its arguments)")
-        if not (request.stdin or request.stdout or request.stderr):
-            raise errors.InvalidArgument("Exec: at least one of stdin, stdout and stderr is required")
+        preconditions.require_cmd("Exec", request.cmd)
+        preconditions.require_stdio("Exec", request.stdin, request.stdout, request.stderr)
         url = self._streaming().exec_url(request.container_id, list(request.cmd), stdin=request.stdin,
                                          stdout=request.stdout, stderr=request.stderr)
         return api.ExecResponse(url=url)
-
-    def _require_running(self, container_id: str) -> None:
-        rec = self.store.require_container(container_id)
-        if rec.state != st.CONTAINER_RUNNING:
-            raise errors.FailedPrecondition(
-                f"container {container_id} is {rec.state}: commands run only in a running VM")
 
     # -- streaming (added for issue 9: URLs of virtlet.stream.service.StreamingService, set by the daemon) --
     streaming: Any = None

@@ -8,9 +8,7 @@ instance exists per served CRI version (only ``Version`` differs between them).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -18,117 +16,22 @@ import grpc
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy import rewrite
-from virtlet.proxy.backends import Backend, Backends
+from virtlet.proxy.backends import Backends
+from virtlet.proxy.dispatch import IMG, NO_DEADLINE, RT, Dispatcher
+from virtlet.proxy.events import merged_events
 from virtlet.proxy.naming import PRIMARY, display, external_id, external_image
 from virtlet.proxy.routing import Rules
 
 log = logging.getLogger("virtlet.proxy")
 
-RT = "RuntimeService"
-IMG = "ImageService"
-NO_DEADLINE = 3600.0
-EVENT_RETRY_S = 1.0
 
-Out = Callable[[str, Any], None] | None
-
-
-class CriProxy:
+class CriProxy(Dispatcher):
     """Routes CRI calls between the primary runtime and the secondaries (see docs/criproxy.md)."""
 
     def __init__(self, backends: Backends, rules: Rules, served_version: str = "v1",
                  list_timeout: float = 2.0) -> None:
-        self.backends = backends
-        self.rules = rules
+        super().__init__(backends, rules, list_timeout)
         self.served_version = served_version
-        self.list_timeout = list_timeout
-        self._down: set[str] = set()
-        self._down_lock = threading.Lock()
-
-    # -- plumbing --------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _timeout(context: grpc.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
-        if remaining is None or remaining > NO_DEADLINE:
-            return None
-        return max(remaining, 0.001)
-
-    def _call(self, runtime: str, service: str, method: str, request: Any, context: grpc.ServicerContext,
-              out: Out = None) -> Any:
-        resp = self.backends[runtime].call(service, method, request, self._timeout(context))
-        if out is not None and runtime != PRIMARY:
-            out(runtime, resp)
-        return resp
-
-    def _by_sandbox(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
-        runtime, request.pod_sandbox_id = self.rules.split_id(request.pod_sandbox_id, "pod_sandbox_id")
-        return self._call(runtime, RT, method, request, context, out)
-
-    def _by_container(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
-        runtime, request.container_id = self.rules.split_id(request.container_id, "container_id")
-        return self._call(runtime, RT, method, request, context, out)
-
-    def _by_image(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
-        runtime, request.image.image = self.rules.split_image(request.image.image)
-        return self._call(runtime, IMG, method, request, context, out)
-
-    def _mark(self, backend: Backend, up: bool, reason: str = "") -> None:
-        """Log a secondary going down once (warning) and coming back once (info), not every relist."""
-        with self._down_lock:
-            was_down = backend.name in self._down
-            if up and was_down:
-                self._down.discard(backend.name)
-                log.info("%s at %s answers again", display(backend.name), backend.address)
-            elif not up and not was_down:
-                self._down.add(backend.name)
-                log.warning("%s is left out of lists while it is down: %s", display(backend.name), reason)
-
-    def _fan_out(self, service: str, method: str, requests: dict[str, Any],
-                 context: grpc.ServicerContext) -> list[tuple[str, Any]]:
-        """Send one request per backend at once; a secondary that fails or is slower than ``list_timeout`` is
-        skipped (with a warning), a failing primary fails the call."""
-        timeout = self._timeout(context)
-        started: list[tuple[Backend, grpc.Future]] = []
-        for runtime, request in requests.items():
-            backend = self.backends[runtime]
-            limit = timeout if runtime == PRIMARY else min(self.list_timeout, timeout or self.list_timeout)
-            try:
-                started.append((backend, backend.future(service, method, request, limit)))
-            except errors.VirtletError as exc:  # the version probe failed: the backend is down
-                if runtime == PRIMARY:
-                    raise
-                self._mark(backend, False, str(exc))
-        results = []
-        for backend, future in started:
-            try:
-                results.append((backend.name, future.result()))
-            except grpc.RpcError as exc:
-                err = backend.relay(exc)
-                if backend.name == PRIMARY:
-                    raise err from None
-                self._mark(backend, False, str(err))
-                continue
-            if backend.name != PRIMARY:
-                self._mark(backend, True)
-        return results
-
-    def _list(self, method: str, request: Any, context: grpc.ServicerContext, ids: tuple[str, ...],
-              service: str = RT) -> list[tuple[str, Any]]:
-        """Fan out a list call whose ``request.filter`` may name ids (``ids`` are the filter's id fields)."""
-        filt = request.filter if request.HasField("filter") else None
-        pairs = [(name, getattr(filt, name)) for name in ids] if filt is not None else []
-        targets, stripped = self.rules.list_targets(*pairs)
-        requests: dict[str, Any] = {}
-        for runtime in sorted(targets):  # PRIMARY ("") first
-            if stripped and runtime != PRIMARY:
-                req = type(request)()
-                req.CopyFrom(request)
-                for name, value in stripped.items():
-                    setattr(req.filter, name, value)
-                requests[runtime] = req
-            else:
-                requests[runtime] = request
-        return self._fan_out(service, method, requests, context)
 
     # -- RuntimeService: runtime-wide ------------------------------------------------------------------------
 
@@ -313,51 +216,7 @@ class CriProxy:
 
     def GetContainerEvents(self, request: api.GetEventsRequest,
                            context: grpc.ServicerContext) -> Iterator[api.ContainerEventResponse]:
-        """Merges the event streams of all backends; a backend whose stream breaks is re-subscribed every
-        second until the kubelet goes away; one that does not implement events is left out."""
-        events: queue.Queue[api.ContainerEventResponse] = queue.Queue()
-        stop = threading.Event()
-        calls: list[Any] = []
-        lock = threading.Lock()
-
-        def pump(backend: Backend) -> None:
-            while not stop.is_set():
-                try:
-                    call = backend.stream(RT, "GetContainerEvents", request)
-                    with lock:
-                        calls.append(call)
-                    if stop.is_set():
-                        call.cancel()
-                    for event in call:
-                        rewrite.container_event(backend.name, event)
-                        events.put(event)
-                except grpc.RpcError as exc:
-                    if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                        log.info("%s does not implement GetContainerEvents", display(backend.name))
-                        return
-                except errors.VirtletError:
-                    pass
-                stop.wait(EVENT_RETRY_S)
-
-        def finish() -> None:
-            stop.set()
-            with lock:
-                for call in calls:
-                    call.cancel()
-
-        context.add_callback(finish)
-        threads = [threading.Thread(target=pump, args=(b,), daemon=True, name=f"events-{b.name or 'primary'}")
-                   for b in self.backends.by_name.values()]
-        for t in threads:
-            t.start()
-        try:
-            while context.is_active():
-                try:
-                    yield events.get(timeout=EVENT_RETRY_S)
-                except queue.Empty:
-                    continue
-        finally:
-            finish()
+        return merged_events(self.backends, request, context)
 
     # -- ImageService ----------------------------------------------------------------------------------------
 

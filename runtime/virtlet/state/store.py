@@ -22,16 +22,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from virtlet import errors
-
-SANDBOX_CREATING = "CREATING"
-SANDBOX_READY = "READY"
-SANDBOX_NOTREADY = "NOTREADY"
-
-CONTAINER_CREATED = "CREATED"
-CONTAINER_RUNNING = "RUNNING"
-CONTAINER_EXITED = "EXITED"
-CONTAINER_UNKNOWN = "UNKNOWN"
+from virtlet import errors, preconditions
+from virtlet.state.states import (
+    CONTAINER_CREATED,
+    CONTAINER_EXITED,
+    CONTAINER_RUNNING,
+    CONTAINER_UNKNOWN,
+    SANDBOX_CREATING,
+    SANDBOX_NOTREADY,
+    SANDBOX_READY,
+)
 
 _SANDBOX_TRANSITIONS = {
     SANDBOX_CREATING: {SANDBOX_READY, SANDBOX_NOTREADY},
@@ -266,9 +266,7 @@ class StateStore:
             sandbox = db.execute("SELECT state FROM sandboxes WHERE id=?", (rec.sandbox_id,)).fetchone()
             if sandbox is None or sandbox["state"] == SANDBOX_CREATING:
                 raise errors.NotFound(f"pod sandbox {rec.sandbox_id!r} not found")
-            if sandbox["state"] != SANDBOX_READY:
-                raise errors.FailedPrecondition(
-                    f"pod sandbox {rec.sandbox_id} is {sandbox['state']}; containers need a READY sandbox")
+            preconditions.sandbox_ready("CreateContainer", rec.sandbox_id, sandbox["state"])
             live = db.execute(
                 "SELECT id, name FROM containers WHERE sandbox_id=? AND state IN (?, ?)",
                 (rec.sandbox_id, CONTAINER_CREATED, CONTAINER_RUNNING)).fetchone()

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virtlet import errors
+from virtlet import errors, preconditions
+from virtlet.console.attach import ConsoleHub, ConsoleSession
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
 from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
-from virtlet.vm.console_attach import ConsoleHub, ConsoleSession
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +72,16 @@ class VirtletBackend:
         """NOT_FOUND / FAILED_PRECONDITION / INVALID_ARGUMENT before a URL is issued."""
         if not req.container_id:
             raise errors.InvalidArgument("Attach: container_id is required")
-        if not (req.stdin or req.stdout or req.stderr):
-            raise errors.InvalidArgument("Attach: at least one of stdin, stdout and stderr is required")
-        rec = self.store.require_container(req.container_id)
-        if rec.state != st.CONTAINER_RUNNING:
-            raise errors.FailedPrecondition(
-                f"container {req.container_id} is {rec.state}: only a running VM has a console to attach to")
+        preconditions.require_stdio("Attach", req.stdin, req.stdout, req.stderr)
+        preconditions.container_running("Attach", req.container_id,
+                                        self.store.require_container(req.container_id).state)
 
     def check_exec(self, req: ExecRequest) -> None:
         if not req.container_id:
             raise errors.InvalidArgument("Exec: container_id is required")
-        if not req.cmd or not req.cmd[0]:
-            raise errors.InvalidArgument("Exec: cmd is required (the program and its arguments)")
-        rec = self.store.require_container(req.container_id)
-        if rec.state != st.CONTAINER_RUNNING:
-            raise errors.FailedPrecondition(
-                f"container {req.container_id} is {rec.state}: commands run only in a running VM")
+        preconditions.require_cmd("Exec", req.cmd)
+        preconditions.container_running("Exec", req.container_id,
+                                        self.store.require_container(req.container_id).state)
 
     def check_port_forward(self, req: PortForwardRequest) -> None:
         if not req.sandbox_id:
@@ -95,16 +89,11 @@ class VirtletBackend:
         for port in req.ports:
             if not 0 < port < 65536:
                 raise errors.InvalidArgument(f"PortForward: port {port} is not in 1-65535")
-        rec = self.store.require_sandbox(req.sandbox_id)
-        if rec.state != st.SANDBOX_READY:
-            raise errors.FailedPrecondition(
-                f"pod sandbox {req.sandbox_id} is {rec.state}: ports can only be forwarded to a ready pod")
+        preconditions.sandbox_ready("PortForward", req.sandbox_id, self.store.require_sandbox(req.sandbox_id).state)
 
     # -- attach -----------------------------------------------------------------------------------------
     def open_console(self, container_id: str) -> _CountedSession:
-        rec = self.store.require_container(container_id)
-        if rec.state != st.CONTAINER_RUNNING:
-            raise errors.FailedPrecondition(f"container {container_id} is {rec.state}; its VM is not running")
+        preconditions.container_running("Attach", container_id, self.store.require_container(container_id).state)
         with self._lock:
             hub, count = self._hubs.get(container_id, (None, 0))
             if hub is None or not hub.connected:
@@ -139,9 +128,7 @@ class VirtletBackend:
         """Run ``cmd`` in the VM through its guest agent, without a time limit (a client that leaves ends it)."""
         if self.agents is None:
             raise errors.Unavailable("virtletd runs without a VM manager; exec is unavailable")
-        rec = self.store.require_container(container_id)
-        if rec.state != st.CONTAINER_RUNNING:
-            raise errors.FailedPrecondition(f"container {container_id} is {rec.state}; its VM is not running")
+        preconditions.container_running("Exec", container_id, self.store.require_container(container_id).state)
         return self.agents(container_id).exec(list(cmd), stdin, timeout=None, alive=alive)
 
     # -- port-forward -----------------------------------------------------------------------------------
@@ -154,8 +141,7 @@ class VirtletBackend:
 
     def dial(self, sandbox_id: str, port: int, timeout: float = 10.0) -> socket.socket:
         rec = self.store.require_sandbox(sandbox_id)
-        if rec.state != st.SANDBOX_READY:
-            raise errors.FailedPrecondition(f"pod sandbox {sandbox_id} is {rec.state}")
+        preconditions.sandbox_ready("PortForward", sandbox_id, rec.state)
         ip = self.pod_ip(rec)
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         attempts: list[Any] = [rec.netns] if rec.netns else []

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import libvirt
 
-from virtlet import errors, failpoints
+from virtlet import errors, failpoints, preconditions
 from virtlet.locks import KeyedLocks
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
@@ -143,9 +143,7 @@ class VmManager:
     # -- CreateContainer ------------------------------------------------------------------------------
     def create(self, spec: ContainerSpec) -> st.ContainerRecord:
         sandbox = self.store.require_sandbox(spec.sandbox_id)
-        if sandbox.state != st.SANDBOX_READY:
-            raise errors.FailedPrecondition(
-                f"pod sandbox {spec.sandbox_id} is not ready (state {sandbox.state}); cannot create a VM in it")
+        preconditions.sandbox_ready("CreateContainer", sandbox.id, sandbox.state)
         if not spec.image:
             raise errors.InvalidArgument("container config: image.image is required")
         image = self.parts.image_status(spec.image)
@@ -420,8 +418,7 @@ class VmManager:
 
     def reopen_log(self, cid: str) -> None:
         rec = self.store.require_container(cid)
-        if rec.state != st.CONTAINER_RUNNING:
-            raise errors.FailedPrecondition(f"container {cid} is not running; its log is closed")
+        preconditions.container_running("ReopenContainerLog", cid, rec.state)
         writer = self._writers.get(cid)
         if writer is not None:
             writer.reopen()

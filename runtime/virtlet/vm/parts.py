@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from virtlet import cloudinit
+from virtlet.console.writer import ConsoleLogWriter
 from virtlet.network.model import PodNetworkInfo
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
@@ -20,7 +21,6 @@ from virtlet.vm.annotations import (
     check_annotation_sizes,
     parse_vm_options,
 )
-from virtlet.vm.console_log import ConsoleLogWriter
 from virtlet.vm.manager import ContainerSpec
 
 

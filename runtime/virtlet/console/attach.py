@@ -4,7 +4,7 @@ Why a hub: QEMU's ``<serial type='unix'>`` socket serves one client at a time, b
 sessions may watch the same VM.  The hub holds the one connection, copies every byte the guest prints to each
 session, and sends each session's input to the guest.  A slow session never stalls the guest or the other
 sessions: past its buffer limit its oldest bytes are dropped (and counted).  The CRI log does not depend on
-the hub at all: virtlogd records the console to RAW whether or not anyone is attached (see ``console_log``).
+the hub at all: virtlogd records the console to RAW whether or not anyone is attached (see ``virtlet.console.writer``).
 """
 
 from __future__ import annotations
