@@ -38,28 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import libvirt
-
 from virtlet import errors, failpoints
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer
+from virtlet.vm import guest as gu
 from virtlet.vm import guest_agent as ga
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
 
 log = logging.getLogger(__name__)
 
-
-def _undefine(dom: Any) -> None:
-    """Undefine with its NVRAM and managed save; a driver that does not know those flags (libvirt's test driver,
-    which the CRI fuzzer uses) gets a plain undefine: the VM then has neither."""
-    try:
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
-            raise
-        dom.undefine()
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -135,6 +124,9 @@ class VmManager:
     def domain_name(cid: str) -> str:
         return designer.domain_name(cid)
 
+    def _guest(self, cid: str) -> gu.Guest | None:
+        return gu.lookup(self.host, self.domain_name(cid))
+
     @staticmethod
     def _cid_of_domain(name: str) -> str | None:
         return designer.container_id_of(name)
@@ -174,7 +166,7 @@ class VmManager:
                 failpoints.hit("container.create.after_prepare")
                 self._undefine_exited_domains(spec.sandbox_id)
                 failpoints.hit("container.before_define")
-                self.host.define(xml)
+                gu.define(self.host, xml)
                 failpoints.hit("container.create.after_define")
                 done = {k: v for k, v in {**rec.extra, **extra}.items() if k != "creating"}
                 rec = self.store.update_container(cid, extra=done)
@@ -204,11 +196,11 @@ class VmManager:
         for old in self.store.list_containers(sandbox_id):
             if old.state != st.CONTAINER_EXITED:
                 continue
-            dom = self.host.lookup(self.domain_name(old.id))
-            if dom is not None and not dom.isActive():
+            guest = self._guest(old.id)
+            if guest is not None and not guest.is_active():
                 try:
-                    _undefine(dom)
-                except libvirt.libvirtError as exc:
+                    guest.undefine()
+                except errors.Internal as exc:
                     log.warning("cannot undefine exited domain of %s: %s", old.id, exc)
 
     # -- StartContainer -------------------------------------------------------------------------------
@@ -220,8 +212,8 @@ class VmManager:
             if rec.state != st.CONTAINER_CREATED:
                 raise errors.FailedPrecondition(f"container {cid} is {rec.state}; only a CREATED container starts")
             sandbox = self.store.require_sandbox(rec.sandbox_id)
-            dom = self.host.lookup(self.domain_name(cid))
-            if dom is None:
+            guest = self._guest(cid)
+            if guest is None:
                 raise errors.FailedPrecondition(f"container {cid}: its libvirt domain is gone; remove it")
             self._start_log_writer(rec, sandbox)
             failpoints.hit("container.start.after_log_writer")
@@ -231,14 +223,13 @@ class VmManager:
             self.parts.taps_before_start(sandbox)
             failpoints.hit("container.start.after_taps")
             try:
-                dom.create()
-            except libvirt.libvirtError as exc:
+                guest.start()
+            except errors.Internal as exc:
                 self.parts.after_exit(sandbox)
                 self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(),
-                                            exit_code=EXIT_ERROR, reason="StartError",
-                                            message=f"libvirt could not start the VM: {exc}")
+                                            exit_code=EXIT_ERROR, reason="StartError", message=str(exc))
                 self._stop_log_writer(cid)
-                raise errors.Internal(f"container {cid}: libvirt could not start the VM: {exc}") from exc
+                raise errors.Internal(f"container {cid}: {exc}") from exc
             failpoints.hit("container.start.after_domain_start")
             self._adopt_running(cid, sandbox)
 
@@ -263,11 +254,11 @@ class VmManager:
             self._stop_requested.add(cid)
             if not rec.extra.get("stop_requested"):
                 rec = self.store.update_container(cid, extra={**rec.extra, "stop_requested": True})
-            dom = self.host.lookup(self.domain_name(cid))
-            if dom is not None and dom.isActive():
+            guest = self._guest(cid)
+            if guest is not None and guest.is_active():
                 try:
-                    dom.shutdown()  # ACPI power button
-                except libvirt.libvirtError as exc:
+                    guest.shutdown()  # ACPI power button
+                except errors.Internal as exc:
                     log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
                 failpoints.hit("container.stop.after_shutdown_request")
                 deadline = time.monotonic() + max(timeout, 0)
@@ -277,19 +268,16 @@ class VmManager:
                 if self._domain_active(cid):
                     log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
                     try:
-                        dom.destroy()
-                    except libvirt.libvirtError as exc:
+                        guest.destroy()
+                    except errors.Internal as exc:
                         if self._domain_active(cid):
-                            raise errors.Internal(f"cannot destroy VM of container {cid}: {exc}") from exc
+                            raise errors.Internal(f"container {cid}: {exc}") from exc
                 failpoints.hit("container.stop.after_domain_stopped")
             self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
 
     def _domain_active(self, cid: str) -> bool:
-        dom = self.host.lookup(self.domain_name(cid))
-        try:
-            return bool(dom is not None and dom.isActive())
-        except libvirt.libvirtError:
-            return False
+        guest = self._guest(cid)
+        return guest is not None and guest.is_active()
 
     # -- RemoveContainer ------------------------------------------------------------------------------
     def remove(self, cid: str) -> None:
@@ -321,18 +309,18 @@ class VmManager:
 
     def _destroy_everything(self, cid: str) -> None:
         """Destroy + undefine the domain, stop the log writer, delete files.  Safe to repeat."""
-        dom = self.host.lookup(self.domain_name(cid))
-        if dom is not None:
+        guest = self._guest(cid)
+        if guest is not None:
             try:
-                if dom.isActive():
-                    dom.destroy()
-            except libvirt.libvirtError as exc:
+                if guest.is_active():
+                    guest.destroy()
+            except errors.Internal as exc:
                 log.warning("destroy of %s: %s", cid, exc)
             try:
-                _undefine(dom)
-            except libvirt.libvirtError as exc:
-                if self.host.lookup(self.domain_name(cid)) is not None:
-                    raise errors.Internal(f"cannot undefine VM of container {cid}: {exc}") from exc
+                guest.undefine()
+            except errors.Internal as exc:
+                if self._guest(cid) is not None:
+                    raise errors.Internal(f"container {cid}: {exc}") from exc
         self._stop_log_writer(cid)
         shutil.rmtree(self.container_dir(cid), ignore_errors=True)
         try:
@@ -343,12 +331,13 @@ class VmManager:
     # -- state from libvirt ---------------------------------------------------------------------------
     def _on_event(self, ev: lh.DomainEvent) -> None:
         cid = self._cid_of_domain(ev.name)
-        if cid is None or ev.event != lh.STOPPED:
+        exit_reason = gu.exit_of_event(ev)
+        if cid is None or exit_reason is None:
             return
-        threading.Thread(target=self._handle_stopped, args=(cid, ev.detail), daemon=True,
+        threading.Thread(target=self._handle_stopped, args=(cid, exit_reason), daemon=True,
                          name=f"exit-{cid[:8]}").start()
 
-    def _handle_stopped(self, cid: str, detail: int) -> None:
+    def _handle_stopped(self, cid: str, exit_reason: gu.ExitReason) -> None:
         with self._exited:
             self._exited.notify_all()
         with self._lock(cid):
@@ -357,7 +346,7 @@ class VmManager:
                 return
             if cid in self._stop_requested:
                 return  # StopContainer/RemoveContainer record the outcome themselves
-            code, reason, message = self._exit_from_detail(detail)
+            code, reason, message = self._exit_status(exit_reason)
             if rec.extra.get("stop_requested"):  # a StopContainer of an earlier virtletd was under way
                 code, reason, message = EXIT_OK, "Completed", "stopped by StopContainer"
             self._mark_exited(cid, code, reason, message)
@@ -366,16 +355,11 @@ class VmManager:
                 self.parts.after_exit(sandbox)
 
     @staticmethod
-    def _exit_from_detail(detail: int) -> tuple[int, str, str]:
-        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
+    def _exit_status(exit_reason: gu.ExitReason) -> tuple[int, str, str]:
+        """(exit code, reason, message) of a VM that went down by itself."""
+        if exit_reason.powered_off:
             return EXIT_OK, "Completed", "the guest powered off"
-        return EXIT_ERROR, "Error", f"the VM stopped: {lh.describe_stopped_detail(detail)}"
-
-    @staticmethod
-    def _exit_from_reason(reason: int) -> tuple[int, str, str]:
-        if reason == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN:
-            return EXIT_OK, "Completed", "the guest powered off"
-        return EXIT_ERROR, "Error", f"the VM stopped: {lh.describe_shutoff_reason(reason)}"
+        return EXIT_ERROR, "Error", f"the VM stopped: {exit_reason.description}"
 
     def _mark_exited(self, cid: str, code: int, reason: str, message: str) -> None:
         rec = self.store.get_container(cid)
@@ -391,14 +375,14 @@ class VmManager:
         rec = self.store.get_container(cid)
         if rec is None or rec.state != st.CONTAINER_RUNNING:
             return
-        dom = self.host.lookup(self.domain_name(cid))
-        if dom is None:
+        guest = self._guest(cid)
+        if guest is None:
             code, why, message = EXIT_ERROR, "Error", "the VM's libvirt domain disappeared"
         else:
-            state, reason = dom.state()
-            if state not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            exit_reason = guest.exit_reason()
+            if exit_reason is None:
                 return
-            code, why, message = self._exit_from_reason(reason)
+            code, why, message = self._exit_status(exit_reason)
         if rec.extra.get("stop_requested"):  # a StopContainer (or Remove) was under way: its outcome
             code, why, message = EXIT_OK, "Completed", "stopped by StopContainer"
         self._mark_exited(cid, code, why, message)
@@ -449,18 +433,15 @@ class VmManager:
         rec = self.store.require_container(cid)
         sandbox = self.store.get_sandbox(rec.sandbox_id)
         pod = f"{sandbox.namespace}/{sandbox.name}" if sandbox is not None else rec.name
-        dom = self.host.lookup(self.domain_name(cid))
-        try:
-            active = dom is not None and dom.isActive()
-        except libvirt.libvirtError:
-            active = False
-        if not active:
+        guest = self._guest(cid)
+        active = guest is not None and guest.is_active()
+        if guest is None or not active:
             raise errors.FailedPrecondition(f"VM pod {pod}: the VM of container {cid} is not running")
-        return ga.GuestAgent(ga.libvirt_transport(dom), pod)
+        return ga.GuestAgent(guest.agent_transport(), pod)
 
     def domain_xml(self, cid: str) -> str:
-        dom = self.host.lookup(self.domain_name(cid))
-        return dom.XMLDesc(0) if dom is not None else ""
+        guest = self._guest(cid)
+        return guest.xml() if guest is not None else ""
 
     # -- start-up recovery ----------------------------------------------------------------------------
     def recover(self) -> None:
@@ -498,7 +479,7 @@ class VmManager:
                     self._start_log_writer(rec, sandbox)
                     self.parts.after_start(sandbox)  # idempotent: taps a killed virtletd left in the host netns
                     log.info("container %s found running again", rec.id)
-            elif rec.state == st.CONTAINER_CREATED and self.host.lookup(self.domain_name(rec.id)) is None:
+            elif rec.state == st.CONTAINER_CREATED and self._guest(rec.id) is None:
                 self._mark_exited(rec.id, EXIT_ERROR, "Error", "the VM's libvirt domain disappeared")
             elif rec.state == st.CONTAINER_CREATED and sandbox is not None:
                 self.parts.after_exit(sandbox)  # taps a StartContainer killed before QEMU started left behind
@@ -507,12 +488,12 @@ class VmManager:
         """A virtlet domain is this virtletd's when its files live under our containers dir (or it carries no
         virtlet metadata at all, as a half-made domain may not).  Another virtletd with its own state dir on the
         same libvirt (tests, a second instance) keeps its domains."""
-        dom = self.host.lookup(name)
-        if dom is None:
+        guest = gu.lookup(self.host, name)
+        if guest is None:
             return False
         try:
-            meta = designer.virtlet_metadata(dom.XMLDesc(0))
-        except (libvirt.libvirtError, ValueError) as exc:
+            meta = designer.virtlet_metadata(guest.xml())
+        except (errors.Internal, ValueError) as exc:
             log.warning("cannot read domain %s: %s", name, exc)
             return False
         overlay = (meta or {}).get("overlay", "")
