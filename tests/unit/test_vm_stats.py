@@ -10,55 +10,26 @@ from typing import Any
 import libvirt
 import pytest
 
+from tests.fakes import libvirt as fake
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.runtime_service import RuntimeServicer
 from virtlet.network.plumbing import LinkNotFound
 from virtlet.sandbox.manager import SandboxManager
 from virtlet.state import store as st
+from virtlet.vm.libvirt_host import LibvirtHost
 from virtlet.vm.manager import VmManager
 
 SEC = 1_000_000_000
 
 
-class FakeDomain:
-    """What the sampler asks of a libvirt domain.  ``gone`` makes every call fail like a domain that stopped."""
-
-    def __init__(self, cpu_ns: int = 0, rss_kib: int = 150_000, actual_kib: int = 262_144, cgroup: bool = True) -> None:
-        self.cpu_ns = cpu_ns
-        self.rss_kib = rss_kib
-        self.actual_kib = actual_kib
-        self.cgroup = cgroup
-        self.gone = False
-
-    def _check(self) -> None:
-        if self.gone:
-            raise libvirt.libvirtError("Requested operation is not valid: domain is not running")
-
-    def getCPUStats(self, total: bool) -> list[dict[str, int]]:
-        self._check()
-        if not self.cgroup:
-            raise libvirt.libvirtError("Operation not supported: cgroup CPUACCT controller is not mounted")
-        return [{"cpu_time": self.cpu_ns, "user_time": 0, "system_time": 0}]
-
-    def memoryStats(self) -> dict[str, int]:
-        self._check()
-        return {"actual": self.actual_kib, "rss": self.rss_kib, "last_update": 0}
-
-    def info(self) -> list[int]:
-        state = libvirt.VIR_DOMAIN_SHUTOFF if self.gone else libvirt.VIR_DOMAIN_RUNNING
-        return [state, self.actual_kib, self.actual_kib, 1, 0 if self.gone else self.cpu_ns]
-
-
-class FakeHost:
-    def __init__(self) -> None:
-        self.domains: dict[str, FakeDomain] = {}
-
-    def subscribe(self, callback: Any) -> None:
-        pass
-
-    def lookup(self, name: str) -> FakeDomain | None:
-        return self.domains.get(name)
+def FakeDomain(cpu_ns: int = 0, rss_kib: int = 150_000, actual_kib: int = 262_144,
+               cgroup: bool = True) -> fake.FakeDomain:
+    """A running domain of the shared fake libvirt with these counters (``world.container`` adds it)."""
+    dom = fake.FakeDomain()
+    dom.cpu_ns, dom.rss_kib, dom.actual_kib, dom.cgroup = cpu_ns, rss_kib, actual_kib, cgroup
+    dom.state_reason = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+    return dom
 
 
 class Clock:
@@ -75,7 +46,8 @@ class World:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.store = st.StateStore(tmp / "v.db")
-        self.host = FakeHost()
+        self.conn = fake.FakeConnection()
+        self.host = LibvirtHost("fake:///", open_connection=self.conn.open)
         self.vms = VmManager(self.store, self.host, parts=None, state_dir=tmp / "state",  # type: ignore[arg-type]
                              run_dir=tmp / "run")
         self.clock = Clock()
@@ -104,7 +76,7 @@ class World:
         return self.store.require_sandbox(sid)
 
     def container(self, cid: str, sid: str, state: str = st.CONTAINER_RUNNING, labels: dict[str, str] | None = None,
-                  domain: FakeDomain | None = None, overlay_bytes: int = 3 * 4096) -> st.ContainerRecord:
+                  domain: fake.FakeDomain | None = None, overlay_bytes: int = 3 * 4096) -> st.ContainerRecord:
         cdir = self.vms.container_dir(cid)
         cdir.mkdir(parents=True)
         (cdir / "root.qcow2").write_bytes(b"\x01" * overlay_bytes)
@@ -118,7 +90,7 @@ class World:
         if state == st.CONTAINER_EXITED:
             self.store.update_container(cid, state=st.CONTAINER_EXITED)
         if domain is not None:
-            self.host.domains[VmManager.domain_name(cid)] = domain
+            self.conn.add_domain(VmManager.domain_name(cid), dom=domain)
         return self.store.require_container(cid)
 
     def container_stats(self, cid: str) -> api.ContainerStats:
@@ -223,7 +195,7 @@ def test_vanished_domain_does_not_fail_the_list(world: World) -> None:
     world.container("c1", "s1", domain=FakeDomain(cpu_ns=SEC))
     world.container("c2", "s2", domain=stopped)
     world.container("c3", "s3")  # RUNNING in the store, no domain in libvirt any more
-    stopped.gone = True
+    stopped.vanish_silently()
     by_id = {s.attributes.id: s for s in world.list_container_stats()}
     assert set(by_id) == {"c1", "c2", "c3"}
     assert by_id["c1"].cpu.usage_core_nano_seconds.value == SEC
@@ -282,7 +254,7 @@ def test_sandbox_sums_running_containers_and_reads_its_interface(world: World) -
     assert set(by_id) == {"old", "new"}
     assert by_id["new"].HasField("cpu") and not by_id["old"].HasField("cpu")
     world.clock.now += SEC
-    world.host.domains[VmManager.domain_name("new")].cpu_ns += SEC // 4
+    world.conn.domains[VmManager.domain_name("new")].cpu_ns += SEC // 4
     assert world.sandbox_stats("s1").linux.cpu.usage_nano_cores.value == SEC // 4
 
 

@@ -84,8 +84,11 @@ def describe_stopped_detail(detail: int) -> str:
 class LibvirtHost:
     """One libvirt connection, reopened on demand after libvirtd restarts."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, open_connection: Callable[[str], libvirt.virConnect] | None = None) -> None:
+        """``open_connection`` replaces ``libvirt.open`` (the unit tests' fake libvirt, ``tests/fakes/libvirt.py``);
+        with it, libvirt's own event loop is not started: the fake delivers its events itself."""
         self.uri = uri
+        self._open = open_connection
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.RLock()
         self._subscribers: list[Callable[[DomainEvent], None]] = []
@@ -102,9 +105,12 @@ class LibvirtHost:
                 except libvirt.libvirtError:
                     pass
                 self._conn = None
-            _ensure_event_loop()
             try:
-                conn = libvirt.open(self.uri)
+                if self._open is not None:
+                    conn = self._open(self.uri)
+                else:
+                    _ensure_event_loop()
+                    conn = libvirt.open(self.uri)
             except libvirt.libvirtError as exc:
                 self.last_error = str(exc)
                 raise errors.Unavailable(f"cannot connect to libvirt at {self.uri}: {exc}") from exc

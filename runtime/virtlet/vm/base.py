@@ -1,0 +1,162 @@
+"""The state and helpers the VM manager's parts share (``virtlet.vm.manager`` composes them into ``VmManager``):
+what CreateContainer hands over (``ContainerSpec``), the parts it composes (``VmParts``), per-container locks,
+paths, the domain lookup, the log writers, and the two steps every path ends with (``_mark_exited``,
+``_destroy_everything``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from virtlet import errors
+from virtlet.locks import KeyedLocks
+from virtlet.sandbox import podconfig
+from virtlet.state import store as st
+from virtlet.vm import designer
+from virtlet.vm import guest as gu
+from virtlet.vm import libvirt_host as lh
+from virtlet.vm import stats as vmstats
+
+log = logging.getLogger("virtlet.vm.manager")
+
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What CreateContainer gives the VM manager, free of protobuf types."""
+
+    sandbox_id: str
+    name: str
+    attempt: int
+    image: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    envs: list[tuple[str, str]] = field(default_factory=list)
+    log_path: str = ""  # relative to the sandbox's log_directory
+    memory_limit_bytes: int = 0
+    cpu: Any = None  # virtlet.vm.annotations.CpuResources
+    tty: bool = False
+    stdin: bool = False
+    config: bytes = b""
+
+
+class VmParts(Protocol):
+    """The pieces the manager composes (designed/validated elsewhere); see ``virtlet.vm.parts``."""
+
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: Any, cdir: Path,
+                console_sock: Path) -> tuple[str, dict[str, Any]]: ...
+
+    def taps_before_start(self, sandbox: st.SandboxRecord) -> None: ...
+
+    def after_start(self, sandbox: st.SandboxRecord) -> None: ...
+
+    def after_exit(self, sandbox: st.SandboxRecord) -> None: ...
+
+    def log_writer(self, raw: Path, cri_log: Path, state: Path) -> Any: ...
+
+    def image_status(self, name: str) -> Any: ...
+
+
+class VmBase:
+    def __init__(self, store: st.StateStore, host: lh.LibvirtHost, parts: VmParts, state_dir: Path,
+                 run_dir: Path) -> None:
+        self.store = store
+        self.host = host
+        self.parts = parts
+        self.containers_dir = state_dir / "containers"
+        self.console_dir = run_dir / "console"
+        self.containers_dir.mkdir(parents=True, exist_ok=True)
+        self.containers_dir.chmod(0o755)
+        self.console_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = KeyedLocks()
+        self._writers: dict[str, Any] = {}
+        self._stop_requested: set[str] = set()
+        self._exited = threading.Condition()
+        self.stats = vmstats.StatsSampler(lambda cid: self.host.lookup(self.domain_name(cid)))
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def container_dir(self, cid: str) -> Path:
+        return self.containers_dir / cid
+
+    def console_socket(self, cid: str) -> Path:
+        return self.console_dir / f"{cid}.sock"
+
+    @staticmethod
+    def domain_name(cid: str) -> str:
+        return designer.domain_name(cid)
+
+    def _guest(self, cid: str) -> gu.Guest | None:
+        return gu.lookup(self.host, self.domain_name(cid))
+
+    @staticmethod
+    def _cid_of_domain(name: str) -> str | None:
+        return designer.container_id_of(name)
+
+    @staticmethod
+    def _cri_log_path(sandbox: st.SandboxRecord, rec_log_path: str) -> Path | None:
+        path = podconfig.container_log_path(podconfig.log_directory(sandbox), rec_log_path)
+        return Path(path) if path else None
+
+
+    def _domain_active(self, cid: str) -> bool:
+        guest = self._guest(cid)
+        return guest is not None and guest.is_active()
+
+
+    def _destroy_everything(self, cid: str) -> None:
+        """Destroy + undefine the domain, stop the log writer, delete files.  Safe to repeat."""
+        guest = self._guest(cid)
+        if guest is not None:
+            try:
+                if guest.is_active():
+                    guest.destroy()
+            except errors.Internal as exc:
+                log.warning("destroy of %s: %s", cid, exc)
+            try:
+                guest.undefine()
+            except errors.Internal as exc:
+                if self._guest(cid) is not None:
+                    raise errors.Internal(f"container {cid}: {exc}") from exc
+        self._stop_log_writer(cid)
+        shutil.rmtree(self.container_dir(cid), ignore_errors=True)
+        try:
+            self.console_socket(cid).unlink()
+        except FileNotFoundError:
+            pass
+
+
+    def _mark_exited(self, cid: str, code: int, reason: str, message: str) -> None:
+        rec = self.store.get_container(cid)
+        if rec is None or rec.state == st.CONTAINER_EXITED:
+            return
+        self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(), exit_code=code,
+                                    reason=reason, message=message)
+        self._stop_log_writer(cid)
+        log.info("container %s exited: %d %s (%s)", cid, code, reason, message)
+
+
+    # -- logs -----------------------------------------------------------------------------------------
+    def _start_log_writer(self, rec: st.ContainerRecord, sandbox: st.SandboxRecord) -> None:
+        cri_log = self._cri_log_path(sandbox, rec.log_path)
+        if cri_log is None or rec.id in self._writers:
+            return
+        cdir = self.container_dir(rec.id)
+        cri_log.parent.mkdir(parents=True, exist_ok=True)
+        writer = self.parts.log_writer(cdir / "console.raw", cri_log, cdir / "console-log.state")
+        writer.start()
+        self._writers[rec.id] = writer
+
+    def _stop_log_writer(self, cid: str) -> None:
+        writer = self._writers.pop(cid, None)
+        if writer is not None:
+            writer.stop()
+

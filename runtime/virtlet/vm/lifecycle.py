@@ -1,0 +1,185 @@
+"""CreateContainer, StartContainer, StopContainer and RemoveContainer as domain operations (the crash-safety
+rules they follow are in ``virtlet.vm.manager``'s module doc)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from virtlet import errors, failpoints, preconditions
+from virtlet.state import store as st
+from virtlet.vm import guest as gu
+from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec
+from virtlet.vm.exits import VmExits
+
+log = logging.getLogger("virtlet.vm.manager")
+
+
+class VmLifecycle(VmExits):
+    # -- CreateContainer ------------------------------------------------------------------------------
+    def create(self, spec: ContainerSpec) -> st.ContainerRecord:
+        sandbox = self.store.require_sandbox(spec.sandbox_id)
+        preconditions.sandbox_ready("CreateContainer", sandbox.id, sandbox.state)
+        if not spec.image:
+            raise errors.InvalidArgument("container config: image.image is required")
+        image = self.parts.image_status(spec.image)
+        if image is None:
+            raise errors.NotFound(f"image {spec.image!r} is not present; pull it first (PullImage)")
+        cid = str(uuid.uuid4())
+        cdir = self.container_dir(cid)
+        rec = st.ContainerRecord(
+            id=cid, sandbox_id=spec.sandbox_id, name=spec.name, attempt=spec.attempt, state=st.CONTAINER_CREATED,
+            created_at=st.now_ns(), image=spec.image, image_ref=image.digest, log_path=spec.log_path,
+            labels=dict(spec.labels), annotations=dict(spec.annotations), config=spec.config,
+            extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path),
+                   "creating": True})
+        self._replace_unstarted(spec.sandbox_id)
+        with self._lock(cid):
+            self.store.add_container(rec)  # checks: sandbox READY, no other live container
+            try:
+                failpoints.hit("container.create.after_record")
+                cdir.mkdir(parents=True)
+                cdir.chmod(0o755)
+                xml, extra = self.parts.prepare(cid, spec, sandbox, image, cdir, self.console_socket(cid))
+                failpoints.hit("container.create.after_prepare")
+                self._undefine_exited_domains(spec.sandbox_id)
+                failpoints.hit("container.before_define")
+                gu.define(self.host, xml)
+                failpoints.hit("container.create.after_define")
+                done = {k: v for k, v in {**rec.extra, **extra}.items() if k != "creating"}
+                rec = self.store.update_container(cid, extra=done)
+            except BaseException:
+                self._destroy_everything(cid)
+                self.store.delete_container(cid)
+                raise
+        log.info("container %s created in sandbox %s (domain %s)", cid, spec.sandbox_id, self.domain_name(cid))
+        return rec
+
+    def _replace_unstarted(self, sandbox_id: str) -> None:
+        """Remove containers of the sandbox that are CREATED and were never started (see the module doc: the
+        kubelet gave up on them, and a VM pod holds one container)."""
+        for old in self.store.list_containers(sandbox_id):
+            if old.state == st.CONTAINER_CREATED:
+                log.warning("CreateContainer in sandbox %s replaces container %s (%s attempt %d), created and never "
+                            "started (a timed-out or retried CreateContainer)", sandbox_id, old.id, old.name,
+                            old.attempt)
+                with self._lock(old.id):  # waits for a create of it still in progress
+                    current = self.store.get_container(old.id)
+                    if current is not None and current.state == st.CONTAINER_CREATED:
+                        self.remove(old.id)
+
+    def _undefine_exited_domains(self, sandbox_id: str) -> None:
+        """A restarted container reuses the pod's domain UUID (= SMBIOS UUID): the exited one's domain must go
+        first.  Its record, files and log stay until the kubelet removes the container."""
+        for old in self.store.list_containers(sandbox_id):
+            if old.state != st.CONTAINER_EXITED:
+                continue
+            guest = self._guest(old.id)
+            if guest is not None and not guest.is_active():
+                try:
+                    guest.undefine()
+                except errors.Internal as exc:
+                    log.warning("cannot undefine exited domain of %s: %s", old.id, exc)
+
+    # -- StartContainer -------------------------------------------------------------------------------
+    def start(self, cid: str) -> None:
+        with self._lock(cid):
+            rec = self.store.require_container(cid)
+            if rec.state == st.CONTAINER_RUNNING:
+                return
+            if rec.state != st.CONTAINER_CREATED:
+                raise errors.FailedPrecondition(f"container {cid} is {rec.state}; only a CREATED container starts")
+            sandbox = self.store.require_sandbox(rec.sandbox_id)
+            guest = self._guest(cid)
+            if guest is None:
+                raise errors.FailedPrecondition(f"container {cid}: its libvirt domain is gone; remove it")
+            self._start_log_writer(rec, sandbox)
+            failpoints.hit("container.start.after_log_writer")
+            if self._domain_active(cid):  # started by an earlier call whose reply was lost: adopt it
+                self._adopt_running(cid, sandbox)
+                return
+            self.parts.taps_before_start(sandbox)
+            failpoints.hit("container.start.after_taps")
+            try:
+                guest.start()
+            except errors.Internal as exc:
+                self.parts.after_exit(sandbox)
+                self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(),
+                                            exit_code=EXIT_ERROR, reason="StartError", message=str(exc))
+                self._stop_log_writer(cid)
+                raise errors.Internal(f"container {cid}: {exc}") from exc
+            failpoints.hit("container.start.after_domain_start")
+            self._adopt_running(cid, sandbox)
+
+    def _adopt_running(self, cid: str, sandbox: st.SandboxRecord) -> None:
+        """The domain of a CREATED container runs: put its taps on the pod network, record RUNNING."""
+        self.parts.after_start(sandbox)  # idempotent: taps already in the pod netns stay
+        failpoints.hit("container.start.after_attach")
+        self.store.update_container(cid, state=st.CONTAINER_RUNNING, started_at=st.now_ns())
+        # an exit event may have raced with the update above: make the state agree with libvirt
+        self._reconcile(cid)
+
+    # -- StopContainer --------------------------------------------------------------------------------
+    def stop(self, cid: str, timeout: int) -> None:
+        with self._lock(cid):
+            rec = self.store.get_container(cid)
+            if rec is None or rec.state in (st.CONTAINER_EXITED,):
+                return
+            if rec.state == st.CONTAINER_CREATED:
+                self.store.update_container(cid, state=st.CONTAINER_EXITED, finished_at=st.now_ns(),
+                                            exit_code=EXIT_OK, reason="Completed", message="never started")
+                return
+            self._stop_requested.add(cid)
+            if not rec.extra.get("stop_requested"):
+                rec = self.store.update_container(cid, extra={**rec.extra, "stop_requested": True})
+            guest = self._guest(cid)
+            if guest is not None and guest.is_active():
+                try:
+                    guest.shutdown()  # ACPI power button
+                except errors.Internal as exc:
+                    log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
+                failpoints.hit("container.stop.after_shutdown_request")
+                deadline = time.monotonic() + max(timeout, 0)
+                while time.monotonic() < deadline and self._domain_active(cid):
+                    with self._exited:
+                        self._exited.wait(0.5)
+                if self._domain_active(cid):
+                    log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
+                    try:
+                        guest.destroy()
+                    except errors.Internal as exc:
+                        if self._domain_active(cid):
+                            raise errors.Internal(f"container {cid}: {exc}") from exc
+                failpoints.hit("container.stop.after_domain_stopped")
+            self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
+
+
+    # -- RemoveContainer ------------------------------------------------------------------------------
+    def remove(self, cid: str) -> None:
+        with self._lock(cid):
+            rec = self.store.get_container(cid)
+            if rec is None:
+                self._destroy_everything(cid)  # idempotent: leftovers of an unknown id go too
+                return
+            self._stop_requested.add(cid)
+            self._destroy_everything(cid)
+            failpoints.hit("container.remove.after_destroy")
+            if rec.state in (st.CONTAINER_RUNNING, st.CONTAINER_CREATED):
+                self._mark_exited(cid, EXIT_OK, "Completed", "removed")
+                sandbox = self.store.get_sandbox(rec.sandbox_id)
+                if sandbox is not None:
+                    self.parts.after_exit(sandbox)
+            self.store.delete_container(cid)
+            self._stop_requested.discard(cid)
+            self.stats.forget(cid)
+
+    def remove_all_in_sandbox(self, sandbox_id: str) -> None:
+        for rec in self.store.list_containers(sandbox_id):
+            self.remove(rec.id)
+
+    def stop_all_in_sandbox(self, sandbox_id: str) -> None:
+        for rec in self.store.list_containers(sandbox_id):
+            if rec.state in (st.CONTAINER_RUNNING, st.CONTAINER_CREATED):
+                self.stop(rec.id, 10)
+
