@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from virtlet.network.model import NicInfo, PodNetworkInfo
 from virtlet.state import store as st
 from virtlet.vm import designer
 
@@ -78,14 +79,15 @@ class FakePodNetwork:
         self.log.append(f"{what} {sid}")
 
     # -- NetworkHook (sandbox manager) ------------------------------------------------------------------
-    def setup(self, rec: st.SandboxRecord, spec: Any) -> dict[str, Any]:
+    def setup(self, rec: st.SandboxRecord, spec: Any) -> PodNetworkInfo:
         assert self.netns.exists(rec.id), "CNI ADD needs the pod's netns"
         self._step("setup", rec.id)
         self.cni.add(rec.id)
         self.dhcp.add(rec.id)
-        return {"hostname": spec.hostname,
-                "nics": [{"veth": "eth0", "tap": f"tap{rec.id[:8]}", "bridge": "br-fake", "mac": "52:54:00:00:00:01",
-                          "ip": "10.250.0.2", "prefix": 24, "gateway": "10.250.0.1"}]}
+        nic = NicInfo(index=0, mac="52:54:00:00:00:01", mtu=1500, ip="10.250.0.2", prefix=24, gateway="10.250.0.1",
+                      routes=[], veth="eth0", bridge="br-fake", tap=f"tap{rec.id[:8]}")
+        return PodNetworkInfo(sandbox_id=rec.id, netns_path=rec.netns, nics=[nic], dns_servers=[], dns_searches=[],
+                              dns_options=[])
 
     def teardown(self, rec: st.SandboxRecord) -> None:
         self._step("teardown", rec.id)

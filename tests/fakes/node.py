@@ -21,7 +21,6 @@ import pytest
 from tests.fakes.libvirt import FakeConnection
 from tests.fakes.network import FakeImage, FakePodNetwork, FakeVmParts
 from virtlet import failpoints
-from virtlet.cri.gen import api_pb2 as api
 from virtlet.sandbox import manager as sandbox_manager
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
@@ -139,12 +138,8 @@ class Node:
 
     # -- building blocks --------------------------------------------------------------------------------
     def sandbox_spec(self, name: str = "pod", attempt: int = 0) -> SandboxSpec:
-        config = api.PodSandboxConfig(
-            metadata=api.PodSandboxMetadata(name=name, namespace="default", uid=f"uid-{name}", attempt=attempt),
-            hostname=name, log_directory=str(self.log_dir / name))
         return SandboxSpec(name=name, namespace="default", uid=f"uid-{name}", attempt=attempt, hostname=name,
-                           runtime_handler="virtlet", log_directory=str(self.log_dir / name),
-                           config=config.SerializeToString())
+                           runtime_handler="virtlet", log_directory=str(self.log_dir / name))
 
     def container_spec(self, sid: str, attempt: int = 0) -> ContainerSpec:
         return ContainerSpec(sandbox_id=sid, name="vm", attempt=attempt, image=IMAGE, log_path=f"vm/{attempt}.log")

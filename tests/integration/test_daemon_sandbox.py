@@ -255,3 +255,54 @@ def test_loopback_only_network_is_refused_clearly(world_dir: Path, loopback_cni:
         assert d.runtime().ListPodSandbox(api.ListPodSandboxRequest()).items == []
     finally:
         d.stop()
+
+
+def test_upgrade_from_schema_1_database(virtletd: VirtletdProcess, world_dir: Path) -> None:
+    """virtletd started on a state database an older virtletd (schema 1) wrote migrates it and answers the CRI
+    from it: host name and log directory come out of the old stored PodSandboxConfig, the IPs out of the old
+    network JSON.  The dump's ids and paths are made unique to this test first (no fixed names on a shared node)."""
+    import sqlite3
+    import uuid
+
+    virtletd.stop()
+    dump = (Path(__file__).parents[1] / "unit" / "data" / "state-v1.sql").read_text()
+    ids = {c * 32: uuid.uuid4().hex for c in "abcd"}
+    cids = {f"{d * 8}-{d * 4}-{d * 4}-{d * 4}-{d * 12}": str(uuid.uuid4()) for d in "12"}
+    for old, new in {**ids, **cids}.items():
+        dump = dump.replace(old, new)
+    dump = dump.replace("/var/lib/virtlet/containers/1111", str(world_dir / "gone"))
+    logs = world_dir / "logs-v1"
+    db_path = virtletd.state_dir / "virtlet.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    con = sqlite3.connect(db_path)
+    con.executescript(dump)
+    for sid, blob in con.execute("SELECT id, config FROM sandboxes").fetchall():  # log dirs into the world dir
+        if blob:
+            cfg = api.PodSandboxConfig.FromString(blob)
+            cfg.log_directory = cfg.log_directory.replace("/var/log/pods", str(logs))
+            con.execute("UPDATE sandboxes SET config=? WHERE id=?", (cfg.SerializeToString(), sid))
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    virtletd.start()
+    rt = virtletd.runtime()
+    web, db = ids["a" * 32], ids["b" * 32]
+    status = rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=web, verbose=True), timeout=30)
+    assert status.status.network.ip == "10.244.1.5"
+    assert [ip.ip for ip in status.status.network.additional_ips] == ["fd00::5"]
+    info = json.loads(status.info["info"])
+    web_logs = f"{logs}/default_web_uid-web"
+    assert info["hostname"] == "web-host" and info["log_directory"] == web_logs
+    assert info["network"]["nics"][0]["mac"] == "0a:58:0a:f4:01:05" and "hostname" not in info["network"]
+    # the netns of the old pods is gone (as after a reboot): start-up recovery marks them NOTREADY
+    assert status.status.state == api.SANDBOX_NOTREADY
+    [running] = status.containers_statuses
+    assert running.id == cids["1" * 8 + "-1111-1111-1111-" + "1" * 12] and running.log_path == f"{web_logs}/vm/0.log"
+    stopped = rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=db), timeout=30).status
+    assert stopped.state == api.SANDBOX_NOTREADY and stopped.network.ip == "10.244.1.6"
+    exited = rt.ContainerStatus(api.ContainerStatusRequest(
+        container_id=cids["2" * 8 + "-2222-2222-2222-" + "2" * 12]), timeout=30).status
+    assert (exited.state, exited.exit_code, exited.reason) == (api.CONTAINER_EXITED, 3, "Error")
+    assert exited.log_path == f"{logs}/default_db_uid-db/vm/2.log"
+    assert {s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=30).items} >= {web, db}

@@ -270,10 +270,10 @@ def test_two_pods_reach_each_other_and_dhcp_survives_restart(net: Net) -> None:
     spec, info, vm = pods[0]
     restarted = net.pod_network()
     old_pid = info.dhcp_pid
-    restarted.reattach(info)
+    restarted.reattach(info, spec.hostname)
     assert info.dhcp_pid == old_pid
     os.kill(old_pid, 9)
-    restarted.reattach(info)
+    restarted.reattach(info, spec.hostname)
     assert info.dhcp_pid != old_pid and restarted.dhcp_pid(spec.sandbox_id, spec.netns_path) == info.dhcp_pid
     assert udhcpc(net, vm)["ip"] == info.nics[0].ip
 

@@ -25,6 +25,7 @@ from tests.helpers.daemon import VirtletdProcess
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.network import netns as vnetns
+from virtlet.network.model import NicInfo, PodNetworkInfo
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
 from virtlet.stream.client import AttachClient, PortForwardClient, UpgradeError
@@ -126,7 +127,11 @@ def world(tmp_path: Path) -> Iterator[World]:
         sid, cid = uuid.uuid4().hex, str(uuid.uuid4())
         store.add_sandbox(st.SandboxRecord(
             id=sid, name="vm", namespace="default", uid=tag, attempt=0, state=st.SANDBOX_READY, created_at=1,
-            runtime_handler="virtlet", netns=f"/var/run/netns/{netns}", network={"pod_ips": [vm_ip]}))
+            runtime_handler="virtlet", netns=f"/var/run/netns/{netns}", hostname="vm",
+            network=PodNetworkInfo(
+                sandbox_id=sid, netns_path=f"/var/run/netns/{netns}", dns_servers=[], dns_searches=[],
+                dns_options=[], nics=[NicInfo(index=0, mac="02:00:00:00:00:02", mtu=1500, ip=vm_ip, prefix=32,
+                                              gateway="", routes=[], veth="vm0", bridge="", tap="")])))
         store.add_container(st.ContainerRecord(
             id=cid, sandbox_id=sid, name="vm", attempt=0, state=st.CONTAINER_RUNNING, created_at=1, image="x",
             image_ref="x", log_path=""))

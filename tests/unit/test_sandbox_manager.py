@@ -28,7 +28,7 @@ def _sandbox_state(n: Node, sid: str) -> str | None:
 def test_run_makes_netns_then_network(n: Node) -> None:
     sid = n.run_sandbox()
     rec = n.d.store.require_sandbox(sid)
-    assert rec.state == st.SANDBOX_READY and rec.network["nics"][0]["tap"]
+    assert rec.state == st.SANDBOX_READY and rec.network is not None and rec.network.nics[0].tap
     assert n.net.log.of(sid) == ["netns.create", "setup"]
     assert n.net.leftovers() == {"netns": {sid}, "cni": {sid}, "dhcp": {sid}}
 

@@ -1,19 +1,30 @@
 """The state store: transitions, one live container per sandbox, persistence and schema version."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from virtlet import errors
+from virtlet.network.model import NicInfo, PodNetworkInfo, Route
 from virtlet.state import store as st
 
 
 def _sandbox(sid: str = "s1", **kw: object) -> st.SandboxRecord:
     base = dict(id=sid, name="pod", namespace="default", uid="u1", attempt=0, state=st.SANDBOX_CREATING,
                 created_at=st.now_ns(), runtime_handler="", netns=f"/var/run/netns/{sid}",
-                labels={"app": "x"}, annotations={"a": "b"}, config=b"\x01\x02")
+                labels={"app": "x"}, annotations={"a": "b"}, hostname="pod-host", log_directory="/var/log/pods/p")
     base.update(kw)
     return st.SandboxRecord(**base)  # type: ignore[arg-type]
+
+
+def _network(sid: str) -> PodNetworkInfo:
+    return PodNetworkInfo(
+        sandbox_id=sid, netns_path=f"/var/run/netns/{sid}", dns_servers=["10.96.0.10"], dns_searches=["svc"],
+        dns_options=["ndots:5"], dhcp_pid=7, nics=[NicInfo(
+            index=0, mac="0a:58:0a:00:00:02", mtu=1450, ip="10.0.0.2", prefix=24, gateway="10.0.0.1",
+            routes=[Route(dst="0.0.0.0/0", gw="10.0.0.1")], veth="eth0", bridge="vmbr0", tap=f"vt{sid}0",
+            ipv6=["fd00::2/64"])])
 
 
 def _container(cid: str = "c1", sid: str = "s1", **kw: object) -> st.ContainerRecord:
@@ -26,12 +37,15 @@ def _container(cid: str = "c1", sid: str = "s1", **kw: object) -> st.ContainerRe
 def test_roundtrip_and_reopen(tmp_path: Path) -> None:
     db = st.StateStore(tmp_path / "v.db")
     db.add_sandbox(_sandbox())
-    db.update_sandbox("s1", state=st.SANDBOX_READY, network={"pod_ips": ["10.0.0.2"]})
+    assert db.get_sandbox("s1").network is None  # type: ignore[union-attr]  # not set up yet
+    db.update_sandbox("s1", state=st.SANDBOX_READY, network=_network("s1"))
     db.close()
     db = st.StateStore(tmp_path / "v.db")
     rec = db.require_sandbox("s1")
-    assert rec.state == st.SANDBOX_READY and rec.network == {"pod_ips": ["10.0.0.2"]}
-    assert rec.labels == {"app": "x"} and rec.config == b"\x01\x02"
+    assert rec.state == st.SANDBOX_READY and rec.network == _network("s1")
+    assert isinstance(rec.network, PodNetworkInfo) and rec.network.pod_ips == ["10.0.0.2", "fd00::2"]
+    assert rec.network.nics[0].routes == [Route(dst="0.0.0.0/0", gw="10.0.0.1")]
+    assert rec.labels == {"app": "x"} and rec.hostname == "pod-host" and rec.log_directory == "/var/log/pods/p"
     assert db.schema_version() == st.SCHEMA_VERSION
     assert db._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -96,3 +110,13 @@ def test_duplicate_pod_attempt_refused_until_removed(tmp_path: Path) -> None:
         db.add_sandbox(_sandbox("s2"))
     db.delete_sandbox("s1")
     db.add_sandbox(_sandbox("s2"))
+
+
+def test_network_json_holds_no_copy_of_the_hostname_or_pod_ips(tmp_path: Path) -> None:
+    """One source per fact: the host name is the record's column, the pod IPs are derived from the NICs."""
+    db = st.StateStore(tmp_path / "v.db")
+    db.add_sandbox(_sandbox())
+    db.update_sandbox("s1", state=st.SANDBOX_READY, network=_network("s1"))
+    raw = json.loads(db._db.execute("SELECT network FROM sandboxes WHERE id='s1'").fetchone()[0])
+    assert "hostname" not in raw and "pod_ips" not in raw and raw["nics"][0]["tap"] == "vts10"
+    assert "config" not in [r[1] for r in db._db.execute("PRAGMA table_info(sandboxes)")]

@@ -14,6 +14,7 @@ from tests.fakes import libvirt as fake
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.runtime_service import RuntimeServicer
+from virtlet.network.model import NicInfo, PodNetworkInfo
 from virtlet.network.plumbing import LinkNotFound
 from virtlet.sandbox.manager import SandboxManager
 from virtlet.state import store as st
@@ -69,7 +70,10 @@ class World:
             id=sid, name=f"pod-{sid}", namespace="default", uid=f"uid-{sid}", attempt=0, state=st.SANDBOX_CREATING,
             created_at=st.now_ns(), runtime_handler="virtlet", netns=f"/var/run/netns/{sid}",
             labels=labels or {}, annotations={"note": sid}))
-        network = {"nics": [{"veth": veth, "tap": f"vt{sid}0", "bridge": "vmbr0"}]} if veth else {}
+        network = PodNetworkInfo(
+            sandbox_id=sid, netns_path=f"/var/run/netns/{sid}", dns_servers=[], dns_searches=[], dns_options=[],
+            nics=[NicInfo(index=0, mac="02:00:00:00:00:02", mtu=1500, ip="10.1.0.2", prefix=24, gateway="",
+                          routes=[], veth=veth, bridge="vmbr0", tap=f"vt{sid}0")]) if veth else None
         self.store.update_sandbox(sid, state=st.SANDBOX_READY, network=network)
         if state != st.SANDBOX_READY:
             self.store.update_sandbox(sid, state=state)

@@ -105,6 +105,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         _validate_metadata(md)
         vm_annotations.check_annotation_sizes(cfg.annotations, "pod")  # stored in the state db: bounded first
         _check_labels(cfg.labels)
+        # The one conversion of the PodSandboxConfig: below this layer a sandbox is typed facts, never a proto.
         spec = SandboxSpec(
             name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
             hostname=cfg.hostname or md.name, runtime_handler=request.runtime_handler,
@@ -112,8 +113,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
             port_mappings=[json_format.MessageToDict(p, preserving_proto_field_name=True)
                            for p in cfg.port_mappings],
             dns={"servers": list(cfg.dns_config.servers), "searches": list(cfg.dns_config.searches),
-                 "options": list(cfg.dns_config.options)},
-            config=cfg.SerializeToString())
+                 "options": list(cfg.dns_config.options)})
         rec = self.sandboxes.run(spec)
         return api.RunPodSandboxResponse(pod_sandbox_id=rec.id)
 
@@ -137,7 +137,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         status = api.PodSandboxStatus(
             id=rec.id, metadata=_metadata(rec), state=_sandbox_state(rec.state), created_at=rec.created_at,
             labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler)
-        ips = [ip for ip in rec.network.get("pod_ips", []) if ip]
+        ips = rec.network.pod_ips if rec.network is not None else []
         if ips:
             status.network.ip = ips[0]
             for extra in ips[1:]:
@@ -148,7 +148,9 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         status.linux.namespaces.options.ipc = api.POD
         resp = api.PodSandboxStatusResponse(status=status)
         if request.verbose:
-            info = {"id": rec.id, "state": rec.state, "netns": rec.netns, "network": rec.network,
+            network = {**rec.network.to_dict(), "pod_ips": rec.network.pod_ips} if rec.network is not None else {}
+            info = {"id": rec.id, "state": rec.state, "netns": rec.netns, "network": network,
+                    "hostname": rec.hostname, "log_directory": rec.log_directory,
                     "network_torn_down": rec.network_torn_down, "runtime_handler": rec.runtime_handler}
             resp.info["info"] = json.dumps(info, sort_keys=True)
         resp.containers_statuses.extend(self.statuses_for_sandbox(rec.id))
@@ -340,7 +342,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def _log_dir(self, sandbox_id: str) -> str:
         rec = self.store.get_sandbox(sandbox_id)
-        return podconfig.log_directory(rec) if rec is not None else ""
+        return rec.log_directory if rec is not None else ""
 
     def statuses_for_sandbox(self, sandbox_id: str) -> list[api.ContainerStatus]:
         log_dir = self._log_dir(sandbox_id)

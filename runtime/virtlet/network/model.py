@@ -66,7 +66,12 @@ class NicInfo:
 
 @dataclass
 class PodNetworkInfo:
-    """The network of one sandbox as virtletd needs to remember it (stored in the sandbox record)."""
+    """The network of one sandbox as virtletd needs to remember it: the typed ``network`` of the sandbox record
+    (``virtlet.state.store.SandboxRecord``) and ``network.json`` in the sandbox's run dir.
+
+    It holds only what the network set-up found (NICs with their MACs, taps, bridges, addresses and routes; the
+    DNS the VM is given; the DHCP server's pid).  The pod's host name is a fact of the sandbox record
+    (``SandboxRecord.hostname``), not of this result; the pod IPs are derived from the NICs (``pod_ips``)."""
 
     sandbox_id: str
     netns_path: str
@@ -74,7 +79,6 @@ class PodNetworkInfo:
     dns_servers: list[str]
     dns_searches: list[str]
     dns_options: list[str]
-    hostname: str
     dhcp_pid: int = 0
 
     @property
@@ -84,16 +88,22 @@ class PodNetworkInfo:
         v6 = [a.split("/")[0] for n in self.nics for a in n.ipv6]
         return v4 + v6
 
+    @property
+    def default_veth(self) -> str:
+        """The CNI interface of the first NIC inside the pod netns (the one the CRI reports stats for)."""
+        return self.nics[0].veth if self.nics else ""
+
     def to_dict(self) -> dict[str, Any]:
         return {"sandbox_id": self.sandbox_id, "netns_path": self.netns_path,
                 "nics": [n.to_dict() for n in self.nics], "dns_servers": list(self.dns_servers),
                 "dns_searches": list(self.dns_searches), "dns_options": list(self.dns_options),
-                "hostname": self.hostname, "dhcp_pid": self.dhcp_pid, "pod_ips": self.pod_ips}
+                "dhcp_pid": self.dhcp_pid}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PodNetworkInfo:
+        """Reads what ``to_dict`` wrote, and what earlier virtletd versions wrote (their ``hostname`` and
+        ``pod_ips`` keys are ignored: the host name lives in the sandbox record, the IPs come from the NICs)."""
         return cls(sandbox_id=d["sandbox_id"], netns_path=d["netns_path"],
                    nics=[NicInfo.from_dict(n) for n in d.get("nics", [])],
                    dns_servers=list(d.get("dns_servers", [])), dns_searches=list(d.get("dns_searches", [])),
-                   dns_options=list(d.get("dns_options", [])), hostname=d.get("hostname", ""),
-                   dhcp_pid=int(d.get("dhcp_pid", 0)))
+                   dns_options=list(d.get("dns_options", [])), dhcp_pid=int(d.get("dhcp_pid", 0)))

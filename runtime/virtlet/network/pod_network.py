@@ -67,7 +67,7 @@ class PodNetwork:
         try:
             info = self._plumb(spec, result)
             self._save(info)
-            info.dhcp_pid = self._dhcp(info).start()
+            info.dhcp_pid = self._dhcp(info, spec.hostname).start()
             self._save(info)
             return info
         except BaseException:
@@ -116,14 +116,14 @@ class PodNetwork:
         self.cni.delete(spec)
         shutil.rmtree(self._dir(spec.sandbox_id), ignore_errors=True)
 
-    def reattach(self, info: PodNetworkInfo) -> None:
+    def reattach(self, info: PodNetworkInfo, hostname: str) -> None:
         """At virtletd start-up: the DHCP server of a ready sandbox runs again (started when it died), and
-        taps already in the pod netns are on their bridge."""
+        taps already in the pod netns are on their bridge.  ``hostname`` is the pod's (the sandbox record's)."""
         self._dir(info.sandbox_id).mkdir(parents=True, exist_ok=True)
         for nic in info.nics:
             if plumbing.link_exists(nic.tap, info.netns_path):
                 plumbing.set_link(nic.tap, info.netns_path, master=nic.bridge, up=True)
-        info.dhcp_pid = self._dhcp(info).start()
+        info.dhcp_pid = self._dhcp(info, hostname).start()
         self._save(info)
 
     def dhcp_pid(self, sandbox_id: str, netns_path: str) -> int | None:
@@ -144,14 +144,14 @@ class PodNetwork:
         except (OSError, ValueError, KeyError):
             return None
 
-    def _dhcp(self, info: PodNetworkInfo) -> DhcpProcess:
-        """The DHCP process handle with its config file (re)written from ``info``."""
+    def _dhcp(self, info: PodNetworkInfo, hostname: str) -> DhcpProcess:
+        """The DHCP process handle with its config file (re)written from ``info`` and the pod's host name."""
         proc = DhcpProcess(self._dir(info.sandbox_id), info.netns_path)
         leases = [NicLease(mac=n.mac, tap=n.tap, ip=n.ip, prefix=n.prefix, gateway=n.gateway,
                            routes=[(r.dst, r.gw) for r in n.routes], mtu=n.mtu,
                            server_mac=self._server_mac(info, n)) for n in info.nics if n.ip]
         cfg = DhcpConfig(nics=leases, dns_servers=info.dns_servers, dns_searches=info.dns_searches,
-                         hostname=info.hostname, lease_time=self.lease_time)
+                         hostname=hostname, lease_time=self.lease_time)
         proc.config.write_text(json.dumps(cfg.to_dict()))
         return proc
 
@@ -190,7 +190,7 @@ class PodNetwork:
         _assign_routes(nics, result.routes)
         servers, searches, options = _dns(spec, result)
         return PodNetworkInfo(sandbox_id=spec.sandbox_id, netns_path=ns, nics=nics, dns_servers=servers,
-                              dns_searches=searches, dns_options=options, hostname=spec.hostname)
+                              dns_searches=searches, dns_options=options)
 
 
 def _new_mac(current: str, vm_mac: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from virtlet import errors, failpoints
 from virtlet.locks import KeyedLocks
 from virtlet.network import netns
+from virtlet.network.model import PodNetworkInfo
 from virtlet.state import store as st
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ SUPPORTED_HANDLERS = ("", "virtlet")
 
 @dataclass(frozen=True)
 class SandboxSpec:
+    """A RunPodSandbox request as typed facts: the CRI servicer converts the PodSandboxConfig into this once.
+    ``hostname`` is resolved already (the kubelet's, or the pod name); ``port_mappings`` and ``dns`` are only
+    for the network set-up and are not stored."""
+
     name: str
     namespace: str
     uid: str
@@ -36,13 +41,12 @@ class SandboxSpec:
     log_directory: str = ""
     port_mappings: list[dict[str, Any]] = field(default_factory=list)
     dns: dict[str, list[str]] = field(default_factory=dict)  # servers, searches, options
-    config: bytes = b""
 
 
 class NetworkHook(Protocol):
     """What the sandbox manager needs from pod networking (``virtlet.network``)."""
 
-    def setup(self, rec: st.SandboxRecord, spec: SandboxSpec) -> dict[str, Any]: ...
+    def setup(self, rec: st.SandboxRecord, spec: SandboxSpec) -> PodNetworkInfo: ...
 
     def teardown(self, rec: st.SandboxRecord) -> None: ...
 
@@ -72,7 +76,7 @@ class SandboxManager:
             id=sandbox_id, name=spec.name, namespace=spec.namespace, uid=spec.uid, attempt=spec.attempt,
             state=st.SANDBOX_CREATING, created_at=st.now_ns(), runtime_handler=spec.runtime_handler,
             netns=str(netns.path(sandbox_id)), labels=dict(spec.labels), annotations=dict(spec.annotations),
-            config=spec.config)
+            hostname=spec.hostname, log_directory=spec.log_directory)
         with self.lock(sandbox_id):
             self.store.add_sandbox(rec)  # committed before anything exists on the host; refuses a reserved name
             log.info("creating sandbox %s for pod %s/%s", sandbox_id, spec.namespace, spec.name)
@@ -80,7 +84,7 @@ class SandboxManager:
                 failpoints.hit("sandbox.run.after_record")
                 netns.create(sandbox_id)
                 failpoints.hit("sandbox.after_netns")
-                network: dict[str, Any] = {}
+                network: PodNetworkInfo | None = None
                 if self.network is not None:
                     network = self.network.setup(rec, spec)
                 failpoints.hit("sandbox.after_network")
@@ -152,7 +156,7 @@ class SandboxManager:
                 if not netns.exists(rec.id):
                     log.warning("sandbox %s lost its network namespace (host reboot?); marking NOTREADY", rec.id)
                     self.store.update_sandbox(rec.id, state=st.SANDBOX_NOTREADY)
-                elif self.network is not None and rec.network:
+                elif self.network is not None and rec.network is not None:
                     try:
                         self.network.reattach(rec)
                     except Exception:

@@ -1,8 +1,8 @@
-"""Adapts ``virtlet.network.PodNetwork`` to the sandbox manager: sandbox records in, JSON network info out."""
+"""Adapts ``virtlet.network.PodNetwork`` to the sandbox manager: sandbox records in, the typed network result
+out.  Every fact comes from the record (the host name included); the request's port mappings and DNS config are
+only needed by the set-up."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from virtlet.network.model import PodNetworkInfo, SandboxNetSpec
 from virtlet.network.pod_network import PodNetwork
@@ -11,10 +11,9 @@ from virtlet.state import store as st
 
 
 def _net_spec(rec: st.SandboxRecord, spec: SandboxSpec | None = None) -> SandboxNetSpec:
-    hostname = spec.hostname if spec is not None else rec.network.get("hostname", "") or rec.name
     return SandboxNetSpec(
         sandbox_id=rec.id, netns_path=rec.netns, pod_name=rec.name, pod_namespace=rec.namespace, pod_uid=rec.uid,
-        hostname=hostname, port_mappings=list(spec.port_mappings) if spec else [],
+        hostname=rec.hostname, port_mappings=list(spec.port_mappings) if spec else [],
         dns=dict(spec.dns) if spec else {})
 
 
@@ -22,12 +21,12 @@ class PodNetworkHook:
     def __init__(self, network: PodNetwork) -> None:
         self.network = network
 
-    def setup(self, rec: st.SandboxRecord, spec: SandboxSpec) -> dict[str, Any]:
-        return self.network.setup(_net_spec(rec, spec)).to_dict()
+    def setup(self, rec: st.SandboxRecord, spec: SandboxSpec) -> PodNetworkInfo:
+        return self.network.setup(_net_spec(rec, spec))
 
     def teardown(self, rec: st.SandboxRecord) -> None:
-        info = PodNetworkInfo.from_dict(rec.network) if rec.network.get("nics") is not None else None
-        self.network.teardown(_net_spec(rec), info)
+        self.network.teardown(_net_spec(rec), rec.network)
 
     def reattach(self, rec: st.SandboxRecord) -> None:
-        self.network.reattach(PodNetworkInfo.from_dict(rec.network))
+        if rec.network is not None:
+            self.network.reattach(rec.network, rec.hostname)

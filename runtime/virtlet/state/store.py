@@ -12,17 +12,19 @@ States:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from virtlet import errors, preconditions
+from virtlet.network.model import PodNetworkInfo
 from virtlet.state.states import (
     CONTAINER_CREATED,
     CONTAINER_EXITED,
@@ -32,6 +34,8 @@ from virtlet.state.states import (
     SANDBOX_NOTREADY,
     SANDBOX_READY,
 )
+
+log = logging.getLogger(__name__)
 
 _SANDBOX_TRANSITIONS = {
     SANDBOX_CREATING: {SANDBOX_READY, SANDBOX_NOTREADY},
@@ -52,6 +56,11 @@ def now_ns() -> int:
 
 @dataclass(frozen=True)
 class SandboxRecord:
+    """One pod sandbox: typed facts only, no CRI message.  The CRI servicer converts the PodSandboxConfig once
+    (``hostname`` is the kubelet's, or the pod name when it sent none; ``log_directory`` is where the kubelet
+    wants the containers' CRI logs); ``network`` is what the pod network set-up found (``None`` until it ran,
+    and for a virtletd without pod networking)."""
+
     id: str
     name: str
     namespace: str
@@ -63,8 +72,9 @@ class SandboxRecord:
     netns: str
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
-    config: bytes = b""  # serialized PodSandboxConfig, opaque here
-    network: dict[str, Any] = field(default_factory=dict)  # pod network info (JSON), empty until set up
+    hostname: str = ""
+    log_directory: str = ""
+    network: PodNetworkInfo | None = None
     network_torn_down: bool = False
 
 
@@ -90,9 +100,7 @@ class ContainerRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # runtime details: domain name, overlay, files
 
 
-_MIGRATIONS: tuple[str, ...] = (
-    # 1: initial schema
-    """
+_V1_SCHEMA = """
     CREATE TABLE sandboxes (
         id TEXT PRIMARY KEY, name TEXT NOT NULL, namespace TEXT NOT NULL, uid TEXT NOT NULL,
         attempt INTEGER NOT NULL, state TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -108,14 +116,101 @@ _MIGRATIONS: tuple[str, ...] = (
         config BLOB NOT NULL, extra TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX containers_by_sandbox ON containers (sandbox_id);
-    """,
+    """
+
+# PodSandboxConfig field numbers (protos/runtime/v1/api.proto) of the two strings schema 2 moves out of the blob.
+_POD_CONFIG_HOSTNAME = 2
+_POD_CONFIG_LOG_DIRECTORY = 3
+
+
+def _proto_strings(blob: bytes, wanted: set[int]) -> dict[int, str]:
+    """The top-level length-delimited fields ``wanted`` of a serialized protobuf message (the last one wins, as
+    protobuf merges).  Hand-written so the state layer stays free of generated CRI code; only the migration of
+    schema 1 uses it.  Raises ``ValueError`` on a truncated or malformed message."""
+    out: dict[int, str] = {}
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(blob) or shift > 63:
+                raise ValueError("truncated varint")
+            byte = blob[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while pos < len(blob):
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            varint()
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 2:
+            size = varint()
+            if pos + size > len(blob):
+                raise ValueError("truncated field")
+            if number in wanted:
+                out[number] = blob[pos:pos + size].decode("utf-8", "replace")
+            pos += size
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > len(blob):
+            raise ValueError("truncated field")
+    return out
+
+
+def _v2_sandbox_facts(db: sqlite3.Connection) -> None:
+    """Schema 2: the sandbox record holds its facts typed.  ``hostname`` and ``log_directory`` move out of the
+    stored PodSandboxConfig (the ``config`` blob, dropped), the network JSON loses its copies of the host name
+    and the pod IPs.  The host name is what the running pods were given: the PodSandboxConfig's, else the one
+    the network JSON held, else the pod name (as schema-1 virtletd resolved it)."""
+    db.execute("ALTER TABLE sandboxes ADD COLUMN hostname TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE sandboxes ADD COLUMN log_directory TEXT NOT NULL DEFAULT ''")
+    for row in db.execute("SELECT id, name, config, network FROM sandboxes").fetchall():
+        try:
+            strings = _proto_strings(bytes(row["config"]), {_POD_CONFIG_HOSTNAME, _POD_CONFIG_LOG_DIRECTORY})
+        except ValueError as exc:
+            log.warning("state migration: the stored pod config of sandbox %s is unreadable (%s); its log "
+                        "directory is lost (container log paths are reported as given)", row["id"], exc)
+            strings = {}
+        network = "{}"
+        old_hostname = ""
+        try:
+            raw = json.loads(row["network"] or "{}")
+            if isinstance(raw, dict) and raw.get("nics") is not None:
+                old_hostname = str(raw.get("hostname", "") or "")
+                network = json.dumps(PodNetworkInfo.from_dict(raw).to_dict(), sort_keys=True)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Decision: one bad row must not keep virtletd from starting (every other pod would be orphaned).
+            # The pod network's own copy (run_dir/<id>/network.json) still lets the teardown find what was made.
+            log.warning("state migration: the stored network of sandbox %s is unreadable (%s); dropped, the "
+                        "teardown uses the network's own record", row["id"], exc)
+        hostname = strings.get(_POD_CONFIG_HOSTNAME) or old_hostname or row["name"]
+        db.execute("UPDATE sandboxes SET hostname=?, log_directory=?, network=? WHERE id=?",
+                   (hostname, strings.get(_POD_CONFIG_LOG_DIRECTORY, ""), network, row["id"]))
+    db.execute("ALTER TABLE sandboxes DROP COLUMN config")
+
+
+# Each step runs in one transaction with the ``user_version`` it reaches; never edit a released step, add one.
+_MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    _V1_SCHEMA,  # 1: initial schema
+    _v2_sandbox_facts,  # 2: hostname, log_directory, typed network; no PodSandboxConfig blob
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_JSON_COLUMNS = {"labels", "annotations", "network", "extra"}
+_JSON_COLUMNS = {"labels", "annotations", "extra"}
 
 
 def _encode(name: str, value: Any) -> Any:
+    if name == "network":
+        return json.dumps(value.to_dict() if value is not None else {}, sort_keys=True)
     if name in _JSON_COLUMNS:
         return json.dumps(value, sort_keys=True)
     if isinstance(value, bool):
@@ -123,11 +218,18 @@ def _encode(name: str, value: Any) -> Any:
     return value
 
 
+def _decode_network(text: str) -> PodNetworkInfo | None:
+    raw = json.loads(text)
+    return PodNetworkInfo.from_dict(raw) if raw.get("nics") is not None else None
+
+
 def _decode_row(cls: type, row: sqlite3.Row) -> Any:
     values: dict[str, Any] = {}
     for key in row.keys():
         value = row[key]
-        if key in _JSON_COLUMNS:
+        if key == "network":
+            value = _decode_network(value)
+        elif key in _JSON_COLUMNS:
             value = json.loads(value)
         elif key == "network_torn_down":
             value = bool(value)
@@ -180,10 +282,16 @@ class StateStore:
                     f"state database {self.path} has schema version {current}, newer than this virtletd "
                     f"({SCHEMA_VERSION}); upgrade virtletd or move the state dir away")
             for version in range(current + 1, SCHEMA_VERSION + 1):
+                step = _MIGRATIONS[version - 1]
+                if current:
+                    log.info("migrating state database %s from schema %d to %d", self.path, version - 1, version)
                 with self._tx():
-                    for statement in _MIGRATIONS[version - 1].split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
+                    if callable(step):
+                        step(self._db)
+                    else:
+                        for statement in step.split(";"):
+                            if statement.strip():
+                                self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version = {version}")
 
     @contextmanager

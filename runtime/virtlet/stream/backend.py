@@ -133,7 +133,7 @@ class VirtletBackend:
 
     # -- port-forward -----------------------------------------------------------------------------------
     def pod_ip(self, rec: st.SandboxRecord) -> str:
-        ips = [str(ip).split("/")[0] for ip in rec.network.get("pod_ips", []) if ip]
+        ips = rec.network.pod_ips if rec.network is not None else []
         if not ips:
             raise errors.FailedPrecondition(f"pod sandbox {rec.id} has no IP address; nothing to forward to")
         v4 = [ip for ip in ips if ipaddress.ip_address(ip).version == 4]

@@ -103,7 +103,7 @@ class VmBase:
 
     @staticmethod
     def _cri_log_path(sandbox: st.SandboxRecord, rec_log_path: str) -> Path | None:
-        path = podconfig.container_log_path(podconfig.log_directory(sandbox), rec_log_path)
+        path = podconfig.container_log_path(sandbox.log_directory, rec_log_path)
         return Path(path) if path else None
 
 

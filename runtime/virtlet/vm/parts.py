@@ -10,8 +10,6 @@ from typing import Any
 
 from virtlet import cloudinit
 from virtlet.console.writer import ConsoleLogWriter
-from virtlet.network.model import PodNetworkInfo
-from virtlet.sandbox import podconfig
 from virtlet.state import store as st
 from virtlet.vm import designer, overlay
 from virtlet.vm import domain_xml as dx
@@ -22,10 +20,6 @@ from virtlet.vm.annotations import (
     parse_vm_options,
 )
 from virtlet.vm.manager import ContainerSpec
-
-
-def _network_info(sandbox: st.SandboxRecord) -> PodNetworkInfo | None:
-    return PodNetworkInfo.from_dict(sandbox.network) if sandbox.network.get("nics") is not None else None
 
 
 class VmParts:
@@ -61,12 +55,11 @@ class VmParts:
         cdir.chmod(0o711)
         root = cdir / "root.qcow2"
         overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
-        info = _network_info(sandbox)
+        info = sandbox.network
         nics = info.nics if info is not None else []
-        hostname = (info.hostname if info is not None and info.hostname else "") or podconfig.hostname(sandbox)
         seed = cdir / "config.iso"
         cloudinit.build_seed_iso(cloudinit.CloudInitRequest(
-            pod_name=sandbox.name, pod_namespace=sandbox.namespace, pod_uid=sandbox.uid, hostname=hostname,
+            pod_name=sandbox.name, pod_namespace=sandbox.namespace, pod_uid=sandbox.uid, hostname=sandbox.hostname,
             annotations=pod_annotations, env=list(spec.envs),
             nics=[cloudinit.NicConfig(
                 mac=n.mac, mtu=n.mtu or None, addresses=([f"{n.ip}/{n.prefix}"] if n.ip else []) + list(n.ipv6),
@@ -84,17 +77,17 @@ class VmParts:
         return dx.to_string(domain), extra
 
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None:
-        info = _network_info(sandbox)
+        info = sandbox.network
         if self.network is not None and info is not None and info.nics:
             self.network.host_taps_for_start(info)
 
     def after_start(self, sandbox: st.SandboxRecord) -> None:
-        info = _network_info(sandbox)
+        info = sandbox.network
         if self.network is not None and info is not None and info.nics:
             self.network.attach_after_start(info)
 
     def after_exit(self, sandbox: st.SandboxRecord) -> None:
-        info = _network_info(sandbox)
+        info = sandbox.network
         if self.network is not None and info is not None and info.nics:
             self.network.release_taps(info)
 

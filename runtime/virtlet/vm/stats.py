@@ -229,10 +229,9 @@ class StatsSampler:
             network=self._network(rec), containers=samples)
 
     def _network(self, rec: st.SandboxRecord) -> NetworkSample | None:
-        nics = rec.network.get("nics") or []
-        if not nics or not rec.netns or not nics[0].get("veth"):
+        name = rec.network.default_veth if rec.network is not None else ""
+        if not name or not rec.netns:
             return None  # no CNI interface (e.g. a loopback-only network)
-        name = nics[0]["veth"]
         try:
             counters = self.read_link(rec.netns, name)
         except errors.NotFound as exc:
