@@ -13,6 +13,7 @@ import pytest
 
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.network.model import NicInfo, PodNetworkInfo, Route
+from virtlet.state import migrations
 from virtlet.state import store as st
 
 DUMP = Path(__file__).parent / "data" / "state-v1.sql"
@@ -119,11 +120,11 @@ def test_unreadable_network_json_does_not_stop_the_migration(tmp_path: Path) -> 
 ])
 def test_proto_strings_agrees_with_protobuf(config: api.PodSandboxConfig) -> None:
     """The migration's hand-written reader finds the same hostname and log_directory as protobuf does."""
-    got = st._proto_strings(config.SerializeToString(), {2, 3})
+    got = migrations._proto_strings(config.SerializeToString(), {2, 3})
     assert (got.get(2, ""), got.get(3, "")) == (config.hostname, config.log_directory)
 
 
 @pytest.mark.parametrize("blob", [b"\x12\x05ab", b"\x12", b"\x80", b"\x0f"])
 def test_proto_strings_refuses_malformed(blob: bytes) -> None:
     with pytest.raises(ValueError):
-        st._proto_strings(blob, {2, 3})
+        migrations._proto_strings(blob, {2, 3})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,7 +14,7 @@ from google.protobuf import json_format
 
 import virtlet
 from virtlet import errors, preconditions
-from virtlet.cri import stats_pb
+from virtlet.cri import stats_pb, validation
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.sandbox import podconfig
@@ -29,27 +28,6 @@ log = logging.getLogger(__name__)
 RUNTIME_NAME = "virtlet"
 RUNTIME_API_VERSION = "v1"
 HANDLER = "virtlet"
-
-# Kubernetes label syntax: optional DNS-subdomain prefix "/" name (<= 63), value (<= 63, may be empty)
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-
-
-def validate_label_selector(selector: dict[str, str]) -> None:
-    """Reject a label selector no Kubernetes label could match (INVALID_ARGUMENT naming the bad entry)."""
-    for key, value in selector.items():
-        prefix, _, name = key.rpartition("/")
-        if (not _LABEL_NAME.match(name) or (prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)))
-                or key.count("/") > 1):
-            raise errors.InvalidArgument(
-                f"label selector: {key!r} is not a valid label key (optional DNS prefix/, then up to 63 "
-                f"alphanumerics, '-', '_' or '.')")
-        if not _LABEL_VALUE.match(value):
-            raise errors.InvalidArgument(
-                f"label selector: value {value!r} of {key!r} is not a valid label value (up to 63 alphanumerics, "
-                f"'-', '_' or '.', starting and ending alphanumeric)")
-
 
 def _sandbox_state(state: str) -> int:
     return api.SANDBOX_READY if state == st.SANDBOX_READY else api.SANDBOX_NOTREADY
@@ -102,9 +80,9 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         if not request.HasField("config") or not cfg.HasField("metadata"):
             raise errors.InvalidArgument("RunPodSandbox: config.metadata (name, namespace, uid) is required")
         md = cfg.metadata
-        _validate_metadata(md)
+        validation.pod_metadata(md)
         vm_annotations.check_annotation_sizes(cfg.annotations, "pod")  # stored in the state db: bounded first
-        _check_labels(cfg.labels)
+        validation.labels_size(cfg.labels)
         # The one conversion of the PodSandboxConfig: below this layer a sandbox is typed facts, never a proto.
         spec = SandboxSpec(
             name=md.name, namespace=md.namespace, uid=md.uid, attempt=md.attempt,
@@ -119,20 +97,20 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def StopPodSandbox(self, request: api.StopPodSandboxRequest,
                        context: grpc.ServicerContext) -> api.StopPodSandboxResponse:
-        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         self.sandboxes.stop(request.pod_sandbox_id)
         return api.StopPodSandboxResponse()
 
     def RemovePodSandbox(self, request: api.RemovePodSandboxRequest,
                          context: grpc.ServicerContext) -> api.RemovePodSandboxResponse:
-        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         remover = self.containers.remove_all_in_sandbox if self.containers is not None else None
         self.sandboxes.remove(request.pod_sandbox_id, remover)
         return api.RemovePodSandboxResponse()
 
     def PodSandboxStatus(self, request: api.PodSandboxStatusRequest,
                          context: grpc.ServicerContext) -> api.PodSandboxStatusResponse:
-        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         rec = self.store.require_sandbox(request.pod_sandbox_id)
         status = api.PodSandboxStatus(
             id=rec.id, metadata=_metadata(rec), state=_sandbox_state(rec.state), created_at=rec.created_at,
@@ -160,7 +138,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
                        context: grpc.ServicerContext) -> api.ListPodSandboxResponse:
         flt = request.filter
         if flt.label_selector:
-            validate_label_selector(dict(flt.label_selector))
+            validation.label_selector(dict(flt.label_selector))
         items = []
         for rec in self.store.list_sandboxes():
             if rec.state == st.SANDBOX_CREATING:
@@ -187,7 +165,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         from virtlet.vm.annotations import CpuResources
         from virtlet.vm.manager import ContainerSpec
 
-        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         cfg = request.config
         if not request.HasField("config") or not cfg.HasField("metadata") or not cfg.metadata.name:
             raise errors.InvalidArgument("CreateContainer: config.metadata.name is required")
@@ -203,31 +181,31 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def StartContainer(self, request: api.StartContainerRequest,
                        context: grpc.ServicerContext) -> api.StartContainerResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         self._vms().start(request.container_id)
         return api.StartContainerResponse()
 
     def StopContainer(self, request: api.StopContainerRequest,
                       context: grpc.ServicerContext) -> api.StopContainerResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         self._vms().stop(request.container_id, int(request.timeout))
         return api.StopContainerResponse()
 
     def RemoveContainer(self, request: api.RemoveContainerRequest,
                         context: grpc.ServicerContext) -> api.RemoveContainerResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         self._vms().remove(request.container_id)
         return api.RemoveContainerResponse()
 
     def ReopenContainerLog(self, request: api.ReopenContainerLogRequest,
                            context: grpc.ServicerContext) -> api.ReopenContainerLogResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         self._vms().reopen_log(request.container_id)
         return api.ReopenContainerLogResponse()
 
     def ContainerStatus(self, request: api.ContainerStatusRequest,
                         context: grpc.ServicerContext) -> api.ContainerStatusResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         rec = self.store.require_container(request.container_id)
         resp = api.ContainerStatusResponse(status=container_status(rec, self._log_dir(rec.sandbox_id)))
         if request.verbose and self.containers is not None:
@@ -240,7 +218,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
                        context: grpc.ServicerContext) -> api.ListContainersResponse:
         flt = request.filter
         if flt.label_selector:
-            validate_label_selector(dict(flt.label_selector))
+            validation.label_selector(dict(flt.label_selector))
         items = []
         for rec in self.store.list_containers(flt.pod_sandbox_id or None):
             if flt.id and not rec.id.startswith(flt.id):
@@ -259,7 +237,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     # -- stats (numbers explained in virtlet.vm.stats) ---------------------------------------------------
     def ContainerStats(self, request: api.ContainerStatsRequest,
                        context: grpc.ServicerContext) -> api.ContainerStatsResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         rec = self.store.require_container(request.container_id)
         return api.ContainerStatsResponse(stats=stats_pb.container_stats(self._vms().container_stats(rec)))
 
@@ -273,7 +251,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def PodSandboxStats(self, request: api.PodSandboxStatsRequest,
                         context: grpc.ServicerContext) -> api.PodSandboxStatsResponse:
-        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         rec = self.store.require_sandbox(request.pod_sandbox_id)
         return api.PodSandboxStatsResponse(stats=stats_pb.sandbox_stats(self._vms().sandbox_stats(rec)))
 
@@ -288,7 +266,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     def UpdateContainerResources(self, request: api.UpdateContainerResourcesRequest,
                                  context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
         # A VM's vCPUs and memory are fixed at CreateContainer; accept the kubelet's call and say so.
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         self.store.require_container(request.container_id)
         log.info("UpdateContainerResources for %s ignored: VM resources are fixed at creation",
                  request.container_id)
@@ -297,7 +275,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:
         # Runs through the QEMU guest agent (virtlet.vm.guest_agent): exit code and output of a finished command;
         # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         preconditions.require_cmd("ExecSync", request.cmd)
         preconditions.container_running("ExecSync", request.container_id,
                                          self.store.require_container(request.container_id).state)
@@ -309,7 +287,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return api.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         if request.tty:
             raise errors.FailedPrecondition(
                 "interactive exec with a terminal is not supported for VM pods; use `kubectl attach -it` for the "
@@ -329,14 +307,14 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return self.streaming
 
     def Attach(self, request: api.AttachRequest, context: grpc.ServicerContext) -> api.AttachResponse:
-        _require_id(request.container_id, "container_id")
+        validation.require_id(request.container_id, "container_id")
         url = self._streaming().attach_url(request.container_id, stdin=request.stdin, stdout=request.stdout,
                                            stderr=request.stderr, tty=request.tty)
         return api.AttachResponse(url=url)
 
     def PortForward(self, request: api.PortForwardRequest,
                     context: grpc.ServicerContext) -> api.PortForwardResponse:
-        _require_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         return api.PortForwardResponse(url=self._streaming().port_forward_url(request.pod_sandbox_id,
                                                                               list(request.port)))
 
@@ -373,57 +351,8 @@ def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStat
 def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> list[Any]:
     """The records a stats filter picks: id prefix and labels, matched like ListContainers/ListPodSandbox."""
     if selector:
-        validate_label_selector(selector)
+        validation.label_selector(selector)
     return [r for r in records if r.id.startswith(id_prefix) and all(r.labels.get(k) == v for k, v in selector.items())]
-
-
-# Ids virtletd issues are uuid4 (hex for sandboxes, dashed for containers).  Other code builds file and socket
-# paths from an id even when the id is unknown (RemoveContainer cleans up leftovers of unknown ids), so an id
-# that is not a plain word (``..``, ``a/b``, NUL, 300 characters) never gets past the servicer.  Short unknown
-# words ("nope") keep the answers the kubelet expects: NOT_FOUND from *Status, success from Stop/Remove.
-MAX_ID_LENGTH = 128
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def _validate_metadata(md: api.PodSandboxMetadata) -> None:
-    """Pod name and namespace as Kubernetes allows them (DNS subdomain, DNS label), uid a plain word: they reach
-    CNI_ARGS (``;`` and ``=`` separate its pairs), file names and logs, so anything else is INVALID_ARGUMENT
-    here instead of an INTERNAL from a CNI plugin later."""
-    for what, value, limit, pattern in (("metadata.name", md.name, 253, _DNS_SUBDOMAIN),
-                                        ("metadata.namespace", md.namespace, 63, _DNS_SUBDOMAIN),
-                                        ("metadata.uid", md.uid, MAX_ID_LENGTH, _UID)):
-        if value and (len(value) > limit or not pattern.fullmatch(value)):
-            shown = value if len(value) <= 80 else value[:80] + "..."
-            raise errors.InvalidArgument(
-                f"pod sandbox config: {what} {shown!r} is not valid (at most {limit} characters; "
-                + ("letters, digits, '_', '.', '-')" if what == "metadata.uid" else
-                   "lowercase letters, digits, '-' and '.', starting and ending alphanumeric)"))
-
-
-#: Labels are short in Kubernetes (63-byte values); all of a pod's together are bounded like its annotations.
-MAX_LABELS_TOTAL = 256 * 1024
-
-
-def _check_labels(labels: Any) -> None:
-    total = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
-                for k, v in labels.items())
-    if total > MAX_LABELS_TOTAL:
-        raise errors.InvalidArgument(
-            f"RunPodSandbox: the pod's labels are {total} bytes together, more than {MAX_LABELS_TOTAL} (256 KiB)")
-
-
-def _require_id(value: str, name: str) -> None:
-    if not value:
-        raise errors.InvalidArgument(f"{name} is required")
-    if len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
-        shown = value if len(value) <= 80 else value[:80] + "..."
-        raise errors.InvalidArgument(
-            f"{name} {shown!r} is not an id virtletd issues (letters, digits, '_', '.', '-'; starting with a "
-            f"letter or digit; at most {MAX_ID_LENGTH} characters)")
 
 
 def _unimplemented(name: str, later: str) -> Callable[..., Any]:
