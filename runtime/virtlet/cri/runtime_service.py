@@ -17,6 +17,7 @@ from virtlet import errors, preconditions
 from virtlet.cri import stats_pb, validation
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
+from virtlet.cri.ports import Containers, StreamingUrls
 from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
@@ -38,17 +39,20 @@ def _metadata(rec: st.SandboxRecord) -> api.PodSandboxMetadata:
 
 
 class RuntimeServicer(api_grpc.RuntimeServiceServicer):
-    """CRI RuntimeService of virtletd.  ``status_conditions`` and the container hooks are set by the daemon."""
+    """CRI RuntimeService of virtletd, built by the daemon with every part it uses: the sandbox manager, the VM
+    manager (``containers``) and the streaming service.  Without ``containers``/``streaming`` (unit tests of
+    other calls) the calls that need them answer UNAVAILABLE."""
 
     def __init__(self, sandboxes: SandboxManager, status_probe: Callable[[], list[api.RuntimeCondition]],
-                 status_info: Callable[[], dict[str, str]] | None = None) -> None:
+                 status_info: Callable[[], dict[str, str]] | None = None, *,
+                 containers: Containers | None = None, streaming: StreamingUrls | None = None) -> None:
         self.sandboxes = sandboxes
         self.store = sandboxes.store
         self.status_probe = status_probe
         self.status_info = status_info or (lambda: {})
         self.pod_cidr = ""
-        # set by the VM manager when present
-        self.containers: Any = None
+        self.containers = containers
+        self.streaming = streaming
 
     # -- runtime ---------------------------------------------------------------------------------------
     def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
@@ -104,8 +108,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     def RemovePodSandbox(self, request: api.RemovePodSandboxRequest,
                          context: grpc.ServicerContext) -> api.RemovePodSandboxResponse:
         validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
-        remover = self.containers.remove_all_in_sandbox if self.containers is not None else None
-        self.sandboxes.remove(request.pod_sandbox_id, remover)
+        self.sandboxes.remove(request.pod_sandbox_id)  # VMs, network, namespace, record: in that order
         return api.RemovePodSandboxResponse()
 
     def PodSandboxStatus(self, request: api.PodSandboxStatusRequest,
@@ -155,7 +158,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return api.ListPodSandboxResponse(items=items)
 
     # -- containers (VMs) ------------------------------------------------------------------------------
-    def _vms(self) -> Any:
+    def _vms(self) -> Containers:
         if self.containers is None:
             raise errors.Unavailable("virtletd runs without a VM manager (libvirt unavailable at start-up)")
         return self.containers
@@ -298,10 +301,8 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
                                          stdout=request.stdout, stderr=request.stderr)
         return api.ExecResponse(url=url)
 
-    # -- streaming (added for issue 9: URLs of virtlet.stream.service.StreamingService, set by the daemon) --
-    streaming: Any = None
-
-    def _streaming(self) -> Any:
+    # -- streaming (issue 9: URLs of virtlet.stream.service.StreamingService) ----------------------------------
+    def _streaming(self) -> StreamingUrls:
         if self.streaming is None:
             raise errors.Unavailable("virtletd runs without a streaming server; attach and port-forward are off")
         return self.streaming
