@@ -30,7 +30,7 @@ RUNTIME_NAME = "virtlet"
 RUNTIME_API_VERSION = "v1"
 HANDLER = "virtlet"
 
-def _sandbox_state(state: str) -> int:
+def _sandbox_state(state: str) -> api.PodSandboxState:
     return api.SANDBOX_READY if state == st.SANDBOX_READY else api.SANDBOX_NOTREADY
 
 
@@ -328,14 +328,14 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return [container_status(r, log_dir) for r in self.store.list_containers(sandbox_id)]
 
 
-_CONTAINER_STATES = {
+_CONTAINER_STATES: dict[str, api.ContainerState] = {
     st.CONTAINER_CREATED: api.CONTAINER_CREATED,
     st.CONTAINER_RUNNING: api.CONTAINER_RUNNING,
     st.CONTAINER_EXITED: api.CONTAINER_EXITED,
 }
 
 
-def _container_state(state: str) -> int:
+def _container_state(state: str) -> api.ContainerState:
     return _CONTAINER_STATES.get(state, api.CONTAINER_UNKNOWN)
 
 
