@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -349,7 +349,10 @@ def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStat
         annotations=rec.annotations, log_path=log_path)
 
 
-def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> list[Any]:
+_Rec = TypeVar("_Rec", st.SandboxRecord, st.ContainerRecord)
+
+
+def _select(records: list[_Rec], id_prefix: str, selector: dict[str, str]) -> list[_Rec]:
     """The records a stats filter picks: id prefix and labels, matched like ListContainers/ListPodSandbox."""
     if selector:
         validation.label_selector(selector)
