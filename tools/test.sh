@@ -50,6 +50,7 @@ fi
 
 echo "== lint"
 "$VENV/bin/ruff" check .
+"$VENV/bin/mypy"  # strict on runtime/virtlet except the generated CRI code ([tool.mypy] in pyproject.toml)
 "$VENV/bin/python" tools/gen_protos.py --check
 
 if [ "$QUICK" != 1 ]; then

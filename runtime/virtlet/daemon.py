@@ -111,17 +111,16 @@ class Virtletd:
                                           cfg.image_source_allow, cfg.image_max_size, cfg.image_name_fallback))
         self.cni_config = CniConfigStore(cfg.cni_conf_dir, cfg.cni_bin_dir)
         self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net")
-        self.sandboxes = SandboxManager(self.store, PodNetworkHook(self.pod_network))
         self.vms = VmManager(self.store, self.libvirt,
                              VmParts(self.image_store, self.pod_network, self.kvm.domain_type, kvm.find_emulator(),
                                      max_root_volume_size=cfg.max_root_volume_size),
                              cfg.state_dir, cfg.run_dir)
-        self.sandboxes.before_stop.append(self.vms.stop_all_in_sandbox)
-        self.runtime = RuntimeServicer(self.sandboxes, self.status_conditions, self.status_info)
-        self.runtime.containers = self.vms
+        # the sandbox manager owns a pod's order: stop its VMs, tear down its network, remove
+        self.sandboxes = SandboxManager(self.store, PodNetworkHook(self.pod_network), containers=self.vms)
         self.streaming = StreamingService(cfg.stream_address, self.store, self.vms.console_dir,  # issue 9
-                                          agents=self.vms.guest_agent)
-        self.runtime.streaming = self.streaming
+                                          vms=self.vms)
+        self.runtime = RuntimeServicer(self.sandboxes, self.status_conditions, self.status_info,
+                                       containers=self.vms, streaming=self.streaming)
         self.images = ImageServicer(self.image_store)
         self.server = CriServer(cfg.listen, self.runtime, self.images)
         self._stopping = threading.Event()

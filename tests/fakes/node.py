@@ -43,7 +43,7 @@ class Virtletd:
         self.vms.recover()
 
     def remove_sandbox(self, sid: str) -> None:
-        self.sandboxes.remove(sid, self.vms.remove_all_in_sandbox)
+        self.sandboxes.remove(sid)
 
 
 class Frozen:
@@ -83,9 +83,8 @@ class Node:
     def virtletd(self) -> Virtletd:
         store = st.StateStore(self.tmp / "virtlet.db")
         host = LibvirtHost("fake:///", open_connection=self.conn.open)
-        sandboxes = SandboxManager(store, self.net)
         vms = VmManager(store, host, self.parts, state_dir=self.tmp / "state", run_dir=self.tmp / "run")
-        sandboxes.before_stop.append(vms.stop_all_in_sandbox)
+        sandboxes = SandboxManager(store, self.net, containers=vms)  # wired as daemon.py does
         host.connect()
         return Virtletd(store, host, sandboxes, vms)
 

@@ -202,9 +202,7 @@ def servicer(tmp_path: Path) -> RuntimeServicer:
         store.add_container(_container(cid, sid))
     store.update_container("run", state=st.CONTAINER_RUNNING)
     sandboxes: Any = type("Sandboxes", (), {"store": store})()
-    svc = RuntimeServicer(sandboxes, lambda: [])
-    svc.containers = FakeVms(FakeAgent(exitcode=0, out=b"hi\n"))
-    return svc
+    return RuntimeServicer(sandboxes, lambda: [], containers=FakeVms(FakeAgent(exitcode=0, out=b"hi\n")))
 
 
 def test_exec_sync_runs_in_a_running_vm(servicer: RuntimeServicer) -> None:
@@ -513,8 +511,9 @@ def test_a_stalled_agent_does_not_block_other_calls(tmp_path: Path) -> None:
 
 
 def test_exec_sync_with_a_misbehaving_agent_is_failed_precondition(servicer: RuntimeServicer) -> None:
-    servicer.containers = type("Vms", (), {"guest_agent": lambda self, cid: ga.GuestAgent(
+    vms: Any = type("Vms", (), {"guest_agent": lambda self, cid: ga.GuestAgent(
         Scripted(started={"pid": None}), "default/vm")})()
+    servicer = RuntimeServicer(servicer.sandboxes, lambda: [], containers=vms)
     with pytest.raises(errors.FailedPrecondition) as exc:
         servicer.ExecSync(api.ExecSyncRequest(container_id="run", cmd=["true"], timeout=5), Context())
     assert "guest agent misbehaved" in str(exc.value)

@@ -55,8 +55,7 @@ class World:
         self.vms.stats.clock = self.clock
         self.links: dict[tuple[str, str], dict[str, int]] = {}
         self.vms.stats.read_link = self._read_link
-        self.rt = RuntimeServicer(SandboxManager(self.store), lambda: [])
-        self.rt.containers = self.vms
+        self.rt = RuntimeServicer(SandboxManager(self.store, containers=self.vms), lambda: [], containers=self.vms)
 
     def _read_link(self, netns_path: str, ifname: str) -> dict[str, int]:
         try:

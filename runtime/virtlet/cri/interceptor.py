@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -18,6 +18,12 @@ from google.protobuf.message import Message
 from virtlet import errors
 
 log = logging.getLogger("virtlet.cri")
+
+# grpc-stubs makes ServerInterceptor generic in request and response; grpcio's class cannot be subscripted
+if TYPE_CHECKING:
+    ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    ServerInterceptor = grpc.ServerInterceptor
 
 _ID_FIELDS = ("pod_sandbox_id", "container_id")
 _REDACTED = "<redacted>"
@@ -32,8 +38,9 @@ def call_ids(request: Any) -> str:
         if isinstance(value, str) and value:
             parts.append(f"{name}={_log_value(value)}")
     image = getattr(request, "image", None)
-    if isinstance(image, Message) and getattr(image, "image", ""):
-        parts.append(f"image={_log_value(image.image)}")
+    image_name = getattr(image, "image", "") if isinstance(image, Message) else ""
+    if isinstance(image_name, str) and image_name:
+        parts.append(f"image={_log_value(image_name)}")
     return " ".join(parts)
 
 
@@ -104,8 +111,9 @@ def _wrap_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]
             code = exc.code
             _abort(context, exc)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError" or context.code() is not None:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            set_code = _status_code(context)
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError" or set_code is not None:
+                code = set_code or grpc.StatusCode.UNKNOWN
                 raise
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
@@ -124,6 +132,13 @@ def _wrap_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]
     return handler
 
 
+def _status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The code a handler already set (or aborted with).  grpcio has ``ServicerContext.code()``; the grpc-stubs
+    type stubs do not list it."""
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+    return code
+
+
 def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         start = time.monotonic()
@@ -134,7 +149,7 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any
             code = exc.code
             _abort(context, exc)
         except Exception as exc:
-            if type(exc).__name__ == "_AbortError" or context.code() is not None:
+            if type(exc).__name__ == "_AbortError" or _status_code(context) is not None:
                 raise
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
@@ -145,7 +160,7 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any
     return handler
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):
+class ErrorMappingInterceptor(ServerInterceptor):
     """Wraps every unary and server-streaming handler with error mapping and the call log line."""
 
     def intercept_service(self, continuation: Callable[..., Any], handler_call_details: Any) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -17,6 +17,7 @@ from virtlet import errors, preconditions
 from virtlet.cri import stats_pb, validation
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
+from virtlet.cri.ports import Containers, StreamingUrls
 from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
@@ -29,7 +30,7 @@ RUNTIME_NAME = "virtlet"
 RUNTIME_API_VERSION = "v1"
 HANDLER = "virtlet"
 
-def _sandbox_state(state: str) -> int:
+def _sandbox_state(state: str) -> api.PodSandboxState:
     return api.SANDBOX_READY if state == st.SANDBOX_READY else api.SANDBOX_NOTREADY
 
 
@@ -38,17 +39,20 @@ def _metadata(rec: st.SandboxRecord) -> api.PodSandboxMetadata:
 
 
 class RuntimeServicer(api_grpc.RuntimeServiceServicer):
-    """CRI RuntimeService of virtletd.  ``status_conditions`` and the container hooks are set by the daemon."""
+    """CRI RuntimeService of virtletd, built by the daemon with every part it uses: the sandbox manager, the VM
+    manager (``containers``) and the streaming service.  Without ``containers``/``streaming`` (unit tests of
+    other calls) the calls that need them answer UNAVAILABLE."""
 
     def __init__(self, sandboxes: SandboxManager, status_probe: Callable[[], list[api.RuntimeCondition]],
-                 status_info: Callable[[], dict[str, str]] | None = None) -> None:
+                 status_info: Callable[[], dict[str, str]] | None = None, *,
+                 containers: Containers | None = None, streaming: StreamingUrls | None = None) -> None:
         self.sandboxes = sandboxes
         self.store = sandboxes.store
         self.status_probe = status_probe
         self.status_info = status_info or (lambda: {})
         self.pod_cidr = ""
-        # set by the VM manager when present
-        self.containers: Any = None
+        self.containers = containers
+        self.streaming = streaming
 
     # -- runtime ---------------------------------------------------------------------------------------
     def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
@@ -104,8 +108,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     def RemovePodSandbox(self, request: api.RemovePodSandboxRequest,
                          context: grpc.ServicerContext) -> api.RemovePodSandboxResponse:
         validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
-        remover = self.containers.remove_all_in_sandbox if self.containers is not None else None
-        self.sandboxes.remove(request.pod_sandbox_id, remover)
+        self.sandboxes.remove(request.pod_sandbox_id)  # VMs, network, namespace, record: in that order
         return api.RemovePodSandboxResponse()
 
     def PodSandboxStatus(self, request: api.PodSandboxStatusRequest,
@@ -155,7 +158,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return api.ListPodSandboxResponse(items=items)
 
     # -- containers (VMs) ------------------------------------------------------------------------------
-    def _vms(self) -> Any:
+    def _vms(self) -> Containers:
         if self.containers is None:
             raise errors.Unavailable("virtletd runs without a VM manager (libvirt unavailable at start-up)")
         return self.containers
@@ -298,10 +301,8 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
                                          stdout=request.stdout, stderr=request.stderr)
         return api.ExecResponse(url=url)
 
-    # -- streaming (added for issue 9: URLs of virtlet.stream.service.StreamingService, set by the daemon) --
-    streaming: Any = None
-
-    def _streaming(self) -> Any:
+    # -- streaming (issue 9: URLs of virtlet.stream.service.StreamingService) ----------------------------------
+    def _streaming(self) -> StreamingUrls:
         if self.streaming is None:
             raise errors.Unavailable("virtletd runs without a streaming server; attach and port-forward are off")
         return self.streaming
@@ -327,14 +328,14 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         return [container_status(r, log_dir) for r in self.store.list_containers(sandbox_id)]
 
 
-_CONTAINER_STATES = {
+_CONTAINER_STATES: dict[str, api.ContainerState] = {
     st.CONTAINER_CREATED: api.CONTAINER_CREATED,
     st.CONTAINER_RUNNING: api.CONTAINER_RUNNING,
     st.CONTAINER_EXITED: api.CONTAINER_EXITED,
 }
 
 
-def _container_state(state: str) -> int:
+def _container_state(state: str) -> api.ContainerState:
     return _CONTAINER_STATES.get(state, api.CONTAINER_UNKNOWN)
 
 
@@ -348,7 +349,10 @@ def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStat
         annotations=rec.annotations, log_path=log_path)
 
 
-def _select(records: list[Any], id_prefix: str, selector: dict[str, str]) -> list[Any]:
+_Rec = TypeVar("_Rec", st.SandboxRecord, st.ContainerRecord)
+
+
+def _select(records: list[_Rec], id_prefix: str, selector: dict[str, str]) -> list[_Rec]:
     """The records a stats filter picks: id prefix and labels, matched like ListContainers/ListPodSandbox."""
     if selector:
         validation.label_selector(selector)

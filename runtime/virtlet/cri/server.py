@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from virtlet import errors
 from virtlet.cri import versions
-from virtlet.cri.interceptor import ErrorMappingInterceptor
+from virtlet.cri.interceptor import ErrorMappingInterceptor, ServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def serve_grpc_on_unix(server: grpc.Server, path: Path, mode: int = SOCKET_MODE)
     bind_unix_socket(path, mode, bind)
 
 
-class CallGate(grpc.ServerInterceptor):
+class CallGate(ServerInterceptor):
     """Counts running unary handlers; once closed, refuses new calls with UNAVAILABLE.
 
     The outermost interceptor: a refused call never reaches a servicer, and the count covers the whole

@@ -57,7 +57,7 @@ def service_name(service: str, version: str = "v1") -> str:
     return f"runtime.{version}.{service}"
 
 
-def _method_handler(spec: MethodSpec, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def _method_handler(spec: MethodSpec, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler[Any, Any]:
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -75,7 +75,7 @@ def _unimplemented(name: str) -> Callable[..., Any]:
     return behaviour
 
 
-def method_handlers(servicer: Any, service: str) -> dict[str, grpc.RpcMethodHandler]:
+def method_handlers(servicer: Any, service: str) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """Handlers for every v1 method of ``service``, calling the servicer's method of the same name (a method
     the servicer lacks answers UNIMPLEMENTED)."""
     return {spec.name: _method_handler(spec, getattr(servicer, spec.name, None) or _unimplemented(spec.name))

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mode(args: argparse.Namespace) -> str:
     if args.mode != "auto":
-        return args.mode
+        mode: str = args.mode
+        return mode
     if args.endpoint or Path(DEFAULT_ENDPOINT.removeprefix("unix://")).exists():
         return "node"
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
@@ -83,7 +84,8 @@ def ssh_command(user: str, port: int, ssh_args: list[str], alias: str) -> list[s
     """The system ssh to run against a local forwarded port (the user's options come first and win)."""
     exe = shutil.which("ssh") or "ssh"
     extra = ssh_args[1:] if ssh_args[:1] == ["--"] else ssh_args
-    opts, command = [], []
+    opts: list[str] = []
+    command: list[str] = []
     i = 0
     while i < len(extra):  # options (with their values) until the first non-option: the remote command
         a = extra[i]

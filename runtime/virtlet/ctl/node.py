@@ -65,7 +65,8 @@ class NodeClient:
 
     # -- lookups ----------------------------------------------------------------------------------------
     def version(self) -> api.VersionResponse:
-        return self.call(self.runtime, "Version", api.VersionRequest(version="v1"))
+        resp: api.VersionResponse = self.call(self.runtime, "Version", api.VersionRequest(version="v1"))
+        return resp
 
     def sandboxes(self) -> list[api.PodSandbox]:
         return list(self.call(self.runtime, "ListPodSandbox", api.ListPodSandboxRequest()).items)
@@ -77,7 +78,8 @@ class NodeClient:
     def container_info(self, container_id: str) -> dict[str, Any]:
         resp = self.call(self.runtime, "ContainerStatus",
                          api.ContainerStatusRequest(container_id=container_id, verbose=True))
-        return json.loads(resp.info.get("info", "{}") or "{}")
+        info: dict[str, Any] = json.loads(resp.info.get("info", "{}") or "{}")
+        return info
 
     def find_sandbox(self, ref: str) -> api.PodSandbox:
         """A pod by id (or unique id prefix), ``namespace/name`` or ``name`` (namespace ``default``)."""
@@ -115,11 +117,13 @@ class NodeClient:
 
     def attach_url(self, container_id: str) -> str:
         req = api.AttachRequest(container_id=container_id, stdin=True, stdout=True, tty=True)
-        return self.call(self.runtime, "Attach", req).url
+        resp: api.AttachResponse = self.call(self.runtime, "Attach", req)
+        return resp.url
 
     def port_forward_url(self, sandbox_id: str, ports: list[int]) -> str:
-        return self.call(self.runtime, "PortForward",
-                         api.PortForwardRequest(pod_sandbox_id=sandbox_id, port=ports)).url
+        resp: api.PortForwardResponse = self.call(self.runtime, "PortForward",
+                                                  api.PortForwardRequest(pod_sandbox_id=sandbox_id, port=ports))
+        return resp.url
 
     def domain_xml(self, container_id: str) -> str:
         return str(self.container_info(container_id).get("domain_xml", ""))

@@ -22,6 +22,7 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from virtlet import errors
 
@@ -88,7 +89,7 @@ class SourcePolicy:
                     f"{what}: host {host!r} resolves to {ip}, which the node's image source policy denies: "
                     f"{why}.  Images from such addresses need a translation written by the node admin, or "
                     "the admin may allow the range with --image-source-allow (image_source_allow)")
-            out.append((family, sockaddr))
+            out.append(cast(Address, (family, sockaddr)))  # TCP over IPv4/IPv6: an IP sockaddr
         return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import os
 import queue
@@ -52,7 +53,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _sync_file_range = _libc_sync_file_range()
@@ -147,7 +148,7 @@ class HashingFileSink:
 
     def _write(self, view: memoryview) -> None:
         while view:
-            n = disk(lambda v=view: os.write(self.fd, v), self.what, self.size)
+            n = disk(functools.partial(os.write, self.fd, view), self.what, self.size)
             view = view[n:]
             self.size += n
         if _sync_file_range is not None and self.size - self._synced >= WRITEBACK_BYTES:

@@ -258,7 +258,8 @@ class CniRunner:
 
     def _read_cache(self, sandbox_id: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._cache_path(sandbox_id).read_text())
+            cached: dict[str, Any] = json.loads(self._cache_path(sandbox_id).read_text())
+            return cached
         except FileNotFoundError:
             return None
         except ValueError as exc:

@@ -285,7 +285,7 @@ def serve(config: DhcpConfig, sock: socket.socket, stop_fd: int | None = None) -
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         stop_fd = wake_r
-    watch = [sock, stop_fd]
+    watch: list[socket.socket | int] = [sock, stop_fd]
     try:
         while not stopping:
             try:

@@ -26,7 +26,8 @@ def _netns_path(netns: str) -> str:
 
 def socket_in_netns(netns: str, family: int, socket_type: int, proto: int = 0) -> socket.socket:
     """A new socket created inside the network namespace ``netns`` (a path or an ``ip netns`` name)."""
-    result: dict[str, Any] = {}
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
 
     def enter_and_create() -> None:
         try:
@@ -37,16 +38,16 @@ def socket_in_netns(netns: str, family: int, socket_type: int, proto: int = 0) -
                     raise OSError(err, f"setns({netns}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            result["sock"] = socket.socket(family, socket_type, proto)
+            made.append(socket.socket(family, socket_type, proto))
         except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
+            failed.append(exc)
 
     thread = threading.Thread(target=enter_and_create, name="netns-socket", daemon=True)
     thread.start()
     thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["sock"]
+    if failed:
+        raise failed[0]
+    return made[0]
 
 
 def install() -> None:
@@ -62,8 +63,9 @@ def install() -> None:
                       proto: int = 0, fileno: int | None = None, flags: int = os.O_CREAT, libc: Any = None,
                       timeout: Any = None) -> socket.socket:
         if netns is None or fileno is not None:
-            return original(netns=netns, family=family, socket_type=socket_type, proto=proto, fileno=fileno,
-                            flags=flags, libc=libc)
+            sock: socket.socket = original(netns=netns, family=family, socket_type=socket_type, proto=proto,
+                                           fileno=fileno, flags=flags, libc=libc)
+            return sock
         return socket_in_netns(netns, family, socket_type, proto)
 
     p2netns.create_socket = create_socket

@@ -158,7 +158,8 @@ class PodNetwork:
     @staticmethod
     def _server_mac(info: PodNetworkInfo, nic: NicInfo) -> str:
         try:
-            return plumbing.link_info(nic.bridge, info.netns_path)["mac"]
+            mac: str = plumbing.link_info(nic.bridge, info.netns_path)["mac"]
+            return mac
         except errors.VirtletError:
             return "02:00:00:00:00:01"
 

@@ -80,7 +80,7 @@ class Dispatcher:
         """Send one request per backend at once; a secondary that fails or is slower than ``list_timeout`` is
         skipped (with a warning), a failing primary fails the call."""
         timeout = self._timeout(context)
-        started: list[tuple[Backend, grpc.Future]] = []
+        started: list[tuple[Backend, grpc.Future[Any]]] = []
         for runtime, request in requests.items():
             backend = self.backends[runtime]
             limit = timeout if runtime == PRIMARY else min(self.list_timeout, timeout or self.list_timeout)

@@ -6,8 +6,6 @@ functions take the runtime name and mutate the message; for the primary they cha
 
 from __future__ import annotations
 
-from typing import Any
-
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy.naming import PRIMARY, external_id, external_image
 
@@ -58,7 +56,7 @@ def container_status(runtime: str, s: api.ContainerStatus) -> None:
         image_spec(runtime, s.image)
 
 
-def container_stats(runtime: str, stats: Any) -> None:
+def container_stats(runtime: str, stats: api.ContainerStats | api.WindowsContainerStats) -> None:
     """ContainerStats and WindowsContainerStats: the attributes carry the id."""
     stats.attributes.id = external_id(runtime, stats.attributes.id)
 
@@ -69,8 +67,8 @@ def sandbox_stats(runtime: str, stats: api.PodSandboxStats) -> None:
     stats.attributes.id = external_id(runtime, stats.attributes.id)
     for c in stats.linux.containers:
         container_stats(runtime, c)
-    for c in stats.windows.containers:
-        container_stats(runtime, c)
+    for w in stats.windows.containers:
+        container_stats(runtime, w)
 
 
 def sandbox_status_response(runtime: str, resp: api.PodSandboxStatusResponse) -> None:

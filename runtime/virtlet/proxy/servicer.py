@@ -36,14 +36,14 @@ class CriProxy(Dispatcher):
     # -- RuntimeService: runtime-wide ------------------------------------------------------------------------
 
     def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
-        resp = self._call(PRIMARY, RT, "Version", request, context)
+        resp: api.VersionResponse = self._call(PRIMARY, RT, "Version", request, context)
         resp.runtime_api_version = self.served_version
         return resp
 
     def Status(self, request: api.StatusRequest, context: grpc.ServicerContext) -> api.StatusResponse:
         """The primary's status, plus one ``<name>/RuntimeReady`` condition per secondary (the kubelet only
         acts on RuntimeReady/NetworkReady, so a down virtletd does not make the node NotReady)."""
-        resp = self._call(PRIMARY, RT, "Status", request, context)
+        resp: api.StatusResponse = self._call(PRIMARY, RT, "Status", request, context)
         add_handlers = len(resp.runtime_handlers) > 0
         for backend in self.backends.secondaries:
             cond = resp.status.conditions.add(type=f"{backend.name}/RuntimeReady")
@@ -76,14 +76,15 @@ class CriProxy(Dispatcher):
 
     def RuntimeConfig(self, request: api.RuntimeConfigRequest,
                       context: grpc.ServicerContext) -> api.RuntimeConfigResponse:
-        return self._call(PRIMARY, RT, "RuntimeConfig", request, context)
+        resp: api.RuntimeConfigResponse = self._call(PRIMARY, RT, "RuntimeConfig", request, context)
+        return resp
 
     # -- sandboxes -------------------------------------------------------------------------------------------
 
     def RunPodSandbox(self, request: api.RunPodSandboxRequest,
                       context: grpc.ServicerContext) -> api.RunPodSandboxResponse:
         runtime = self.rules.sandbox_runtime(request.runtime_handler, request.config.annotations)
-        resp = self._call(runtime, RT, "RunPodSandbox", request, context)
+        resp: api.RunPodSandboxResponse = self._call(runtime, RT, "RunPodSandbox", request, context)
         resp.pod_sandbox_id = external_id(runtime, resp.pod_sandbox_id)
         return resp
 
@@ -157,7 +158,7 @@ class CriProxy(Dispatcher):
             value = getattr(spec, name)
             if value and self.rules.split_image(value)[0] == runtime:
                 setattr(spec, name, self.rules.split_image(value)[1])
-        resp = self._call(runtime, RT, "CreateContainer", request, context)
+        resp: api.CreateContainerResponse = self._call(runtime, RT, "CreateContainer", request, context)
         resp.container_id = external_id(runtime, resp.container_id)
         return resp
 

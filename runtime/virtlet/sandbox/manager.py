@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,13 +52,25 @@ class NetworkHook(Protocol):
     def reattach(self, rec: st.SandboxRecord) -> None: ...
 
 
+class PodContainers(Protocol):
+    """What the sandbox manager needs from the containers of a pod (``virtlet.vm.manager.VmManager``)."""
+
+    def stop_all_in_sandbox(self, sandbox_id: str) -> None: ...
+
+    def remove_all_in_sandbox(self, sandbox_id: str) -> None: ...
+
+
 class SandboxManager:
-    def __init__(self, store: st.StateStore, network: NetworkHook | None = None) -> None:
+    """The one owner of a pod's order: StopPodSandbox stops its VMs, then tears down the network, then the
+    namespace; RemovePodSandbox does all that, then removes the VMs, then the record.  ``containers`` may be
+    None only where no VM runs (tests of the sandbox alone)."""
+
+    def __init__(self, store: st.StateStore, network: NetworkHook | None = None,
+                 containers: PodContainers | None = None) -> None:
         self.store = store
         self.network = network
+        self.containers = containers
         self.lock = KeyedLocks()
-        # called with a sandbox id before its network goes away (the VM manager stops its containers)
-        self.before_stop: list[Callable[[str], None]] = []
 
     # -- RunPodSandbox --------------------------------------------------------------------------------
     def run(self, spec: SandboxSpec) -> st.SandboxRecord:
@@ -115,8 +126,8 @@ class SandboxManager:
             rec = self.store.get_sandbox(sandbox_id)
             if rec is None:
                 return  # the kubelet expects success for an unknown id
-            for hook in self.before_stop:
-                hook(sandbox_id)
+            if self.containers is not None:
+                self.containers.stop_all_in_sandbox(sandbox_id)
             failpoints.hit("sandbox.stop.after_containers")
             if not rec.network_torn_down:
                 if self.network is not None:
@@ -129,14 +140,14 @@ class SandboxManager:
                 self.store.update_sandbox(sandbox_id, state=st.SANDBOX_NOTREADY)
 
     # -- RemovePodSandbox -----------------------------------------------------------------------------
-    def remove(self, sandbox_id: str, remove_containers: Callable[[str], None] | None = None) -> None:
+    def remove(self, sandbox_id: str) -> None:
         with self.lock(sandbox_id):
             if self.store.get_sandbox(sandbox_id) is None:
                 return
             self.stop(sandbox_id)
             failpoints.hit("sandbox.remove.after_stop")
-            if remove_containers is not None:
-                remove_containers(sandbox_id)
+            if self.containers is not None:
+                self.containers.remove_all_in_sandbox(sandbox_id)
             failpoints.hit("sandbox.remove.after_containers")
             self.store.delete_sandbox(sandbox_id)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from virtlet import errors, preconditions
 from virtlet.network.model import PodNetworkInfo
@@ -35,6 +35,10 @@ from virtlet.state.states import (
     SANDBOX_NOTREADY,
     SANDBOX_READY,
 )
+
+__all__ = [  # the states are re-exported: the layers above name them as ``store.SANDBOX_READY``
+    "CONTAINER_CREATED", "CONTAINER_EXITED", "CONTAINER_RUNNING", "CONTAINER_UNKNOWN", "SANDBOX_CREATING",
+    "SANDBOX_NOTREADY", "SANDBOX_READY", "SCHEMA_VERSION", "ContainerRecord", "SandboxRecord", "StateStore", "now_ns"]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,10 @@ def _decode_network(text: str) -> PodNetworkInfo | None:
     return PodNetworkInfo.from_dict(raw) if raw.get("nics") is not None else None
 
 
-def _decode_row(cls: type, row: sqlite3.Row) -> Any:
+_Record = TypeVar("_Record", "SandboxRecord", "ContainerRecord")
+
+
+def _decode_row(cls: type[_Record], row: sqlite3.Row) -> _Record:
     values: dict[str, Any] = {}
     for key in row.keys():
         value = row[key]

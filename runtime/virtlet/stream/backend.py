@@ -25,7 +25,7 @@ from virtlet import errors, preconditions
 from virtlet.console.attach import ConsoleHub, ConsoleSession
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
-from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
+from virtlet.stream.model import AttachRequest, ExecRequest, ExecResultLike, GuestAgents, PortForwardRequest
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ class _CountedSession:
 
 
 class VirtletBackend:
-    """Attach, exec and port-forward for the containers and sandboxes in ``store``.  ``agents`` gives the guest
-    agent of a container (``VmManager.guest_agent``); without it exec answers UNAVAILABLE."""
+    """Attach, exec and port-forward for the containers and sandboxes in ``store``.  ``vms`` gives the guest
+    agent of a container (the ``VmManager``); without it exec answers UNAVAILABLE."""
 
     def __init__(self, store: st.StateStore, console_dir: Path, *, host_fallback: bool = True,
-                 agents: Callable[[str], Any] | None = None) -> None:
+                 vms: GuestAgents | None = None) -> None:
         self.store = store
-        self.agents = agents
+        self.vms = vms
         self.console_dir = Path(console_dir)
         self.host_fallback = host_fallback
         self._lock = threading.Lock()
@@ -124,12 +124,12 @@ class VirtletBackend:
 
     # -- exec -------------------------------------------------------------------------------------------
     def run_exec(self, container_id: str, cmd: tuple[str, ...], stdin: bytes | None,
-                 alive: Callable[[], bool]) -> Any:
+                 alive: Callable[[], bool]) -> ExecResultLike:
         """Run ``cmd`` in the VM through its guest agent, without a time limit (a client that leaves ends it)."""
-        if self.agents is None:
+        if self.vms is None:
             raise errors.Unavailable("virtletd runs without a VM manager; exec is unavailable")
         preconditions.container_running("Exec", container_id, self.store.require_container(container_id).state)
-        return self.agents(container_id).exec(list(cmd), stdin, timeout=None, alive=alive)
+        return self.vms.guest_agent(container_id).exec(list(cmd), stdin, timeout=None, alive=alive)
 
     # -- port-forward -----------------------------------------------------------------------------------
     def pod_ip(self, rec: st.SandboxRecord) -> str:

@@ -205,7 +205,8 @@ def _read_status(error: SpdyStream, protocol: str, timeout: float) -> dict[str, 
         chunks.append(data)
     text = b"".join(chunks).decode(errors="replace")
     if protocol.startswith(("v4.", "v5.")) and text:
-        return json.loads(text)
+        status: dict[str, Any] = json.loads(text)  # a Kubernetes metav1.Status
+        return status
     return text
 
 

@@ -7,7 +7,7 @@ behind them and virtletd puts its VMs (``backend.VirtletBackend``).
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,9 +48,27 @@ class ConsoleSessionLike(Protocol):
 
 
 class ExecResultLike(Protocol):
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
+    @property
+    def exit_code(self) -> int: ...
+
+    @property
+    def stdout(self) -> bytes: ...
+
+    @property
+    def stderr(self) -> bytes: ...
+
+
+class ExecAgent(Protocol):
+    """A running VM's guest agent (``virtlet.vm.guest_agent.GuestAgent``), as far as exec uses it."""
+
+    def exec(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float | None = None,
+             alive: Callable[[], bool] | None = None, max_output: int | None = None) -> ExecResultLike: ...
+
+
+class GuestAgents(Protocol):
+    """What the streaming backend needs of the VM manager (``VmManager``): a container's guest agent."""
+
+    def guest_agent(self, cid: str) -> ExecAgent: ...
 
 
 class Backend(Protocol):

@@ -224,14 +224,14 @@ def serve_websocket(ws: ChannelSocket, ports: list[int], req: PortForwardRequest
             socks[i] = sock
             threading.Thread(target=pump, args=(i, sock), daemon=True, name=f"portforward-ws-{port}").start()
         while True:
-            msg = ws.receive()
-            if msg is None:
+            frame = ws.receive()
+            if frame is None:
                 break
-            channel, data = msg
-            sock = socks.get(channel // 2) if channel % 2 == 0 else None
-            if sock is not None and data:
+            channel, data = frame
+            target = socks.get(channel // 2) if channel % 2 == 0 else None
+            if target is not None and data:
                 try:
-                    sock.sendall(data)
+                    target.sendall(data)
                 except OSError as exc:  # the VM port stopped reading (send_timeout) or went away
                     log.info("port-forward to %s: %s; closing that connection", req.sandbox_id, exc)
                     with contextlib.suppress(OSError):

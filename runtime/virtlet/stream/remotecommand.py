@@ -166,7 +166,12 @@ def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags
                 stream.discard = True  # sizes are accepted and ignored
             streams[kind] = stream
         gone = threading.Event()
-        threading.Thread(target=lambda: (conn.closed.wait(), gone.set()), daemon=True).start()
+
+        def watch_close() -> None:
+            conn.closed.wait()
+            gone.set()
+
+        threading.Thread(target=watch_close, daemon=True).start()
         stdin, stdout, stderr = streams.get("stdin"), streams.get("stdout"), streams.get("stderr")
         outcome = session(_stream_reader(stdin) if stdin else None, stdout.write if stdout else None,
                           stderr.write if stderr else None, gone)

@@ -7,15 +7,14 @@ A streaming address that cannot be bound does not stop virtletd (VMs and CRI kee
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from virtlet import errors
 from virtlet.state import store as st
 from virtlet.stream.backend import VirtletBackend
 from virtlet.stream.limits import DEFAULT, Limits
-from virtlet.stream.model import AttachRequest, ExecRequest, PortForwardRequest
+from virtlet.stream.model import AttachRequest, ExecRequest, GuestAgents, PortForwardRequest
 from virtlet.stream.remotecommand import normalize
 from virtlet.stream.server import StreamServer
 
@@ -24,12 +23,12 @@ log = logging.getLogger(__name__)
 
 class StreamingService:
     """``start()``/``stop()`` with the daemon; ``attach_url``/``exec_url``/``port_forward_url`` for the CRI
-    servicer.  ``agents`` gives a container's guest agent (for exec)."""
+    servicer.  ``vms`` gives a container's guest agent (for exec)."""
 
     def __init__(self, address: str, store: st.StateStore, console_dir: Path, *, ttl: float = 60.0,
-                 agents: Callable[[str], Any] | None = None, limits: Limits = DEFAULT) -> None:
+                 vms: GuestAgents | None = None, limits: Limits = DEFAULT) -> None:
         self.address = address
-        self.backend = VirtletBackend(store, console_dir, agents=agents)
+        self.backend = VirtletBackend(store, console_dir, vms=vms)
         self.server = StreamServer(address, self.backend, ttl=ttl, limits=limits)
         self.error = ""
         self.running = False

@@ -11,7 +11,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from virtlet import errors
 from virtlet.locks import KeyedLocks
@@ -21,6 +21,11 @@ from virtlet.vm import designer
 from virtlet.vm import guest as gu
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
+from virtlet.vm.annotations import CpuResources
+
+if TYPE_CHECKING:  # types only: the image store is not imported at run time here
+    from virtlet.images.store import ImageRecord
+
 
 log = logging.getLogger("virtlet.vm.manager")
 
@@ -42,16 +47,26 @@ class ContainerSpec:
     envs: list[tuple[str, str]] = field(default_factory=list)
     log_path: str = ""  # relative to the sandbox's log_directory
     memory_limit_bytes: int = 0
-    cpu: Any = None  # virtlet.vm.annotations.CpuResources
+    cpu: CpuResources | None = None
     tty: bool = False
     stdin: bool = False
     config: bytes = b""
 
 
+class LogWriter(Protocol):
+    """A container's console log writer (``virtlet.console.writer.ConsoleLogWriter``)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def reopen(self) -> None: ...
+
+
 class VmParts(Protocol):
     """The pieces the manager composes (designed/validated elsewhere); see ``virtlet.vm.parts``."""
 
-    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: Any, cdir: Path,
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]: ...
 
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None: ...
@@ -60,9 +75,9 @@ class VmParts(Protocol):
 
     def after_exit(self, sandbox: st.SandboxRecord) -> None: ...
 
-    def log_writer(self, raw: Path, cri_log: Path, state: Path) -> Any: ...
+    def log_writer(self, raw: Path, cri_log: Path, state: Path) -> LogWriter: ...
 
-    def image_status(self, name: str) -> Any: ...
+    def image_status(self, name: str) -> ImageRecord | None: ...
 
 
 class VmBase:
@@ -77,7 +92,7 @@ class VmBase:
         self.containers_dir.chmod(0o755)
         self.console_dir.mkdir(parents=True, exist_ok=True)
         self._lock = KeyedLocks()
-        self._writers: dict[str, Any] = {}
+        self._writers: dict[str, LogWriter] = {}
         self._stop_requested: set[str] = set()
         self._exited = threading.Condition()
         self.stats = vmstats.StatsSampler(lambda cid: self.host.lookup(self.domain_name(cid)))

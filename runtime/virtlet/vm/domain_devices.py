@@ -183,7 +183,7 @@ class VncGraphics:
         listen = el.find("listen")
         if listen is not None and listen.get("type") == "socket":
             return cls(listen_type="socket", socket=listen.get("socket", ""))
-        address = el.get("listen") or (listen.get("address", "") if listen is not None else "")
+        address = el.get("listen") or (listen.get("address") or "" if listen is not None else "")
         return cls(listen_type="address", address=address, autoport=el.get("autoport") == "yes")
 
 
@@ -231,12 +231,15 @@ class Devices:
     def to_xml(self) -> ET.Element:
         el = ET.Element("devices")
         sub(el, "emulator", self.emulator)
-        for item in [*self.disks, *self.controllers, *self.interfaces, *self.serials]:
+        devices: list[Disk | Controller | EthernetInterface | UnixSerial] = [
+            *self.disks, *self.controllers, *self.interfaces, *self.serials]
+        for item in devices:
             el.append(item.to_xml())
         if self.serials:
             el.append(self.serials[0].console_xml())
-        for item in [*self.channels, *self.graphics]:
-            el.append(item.to_xml())
+        more: list[GuestAgentChannel | VncGraphics] = [*self.channels, *self.graphics]
+        for extra in more:
+            el.append(extra.to_xml())
         if self.memballoon:
             el.append(self.memballoon.to_xml())
         if self.rng:

@@ -48,7 +48,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from virtlet import errors
 
@@ -242,7 +242,7 @@ _WRAPPED = re.compile(r"^Guest agent command failed, error was '(.*)'$", re.DOTA
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

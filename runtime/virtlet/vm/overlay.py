@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from virtlet import errors
 
@@ -32,7 +33,7 @@ def _qemu_img(args: list[str], what: str) -> str:
     return out.stdout
 
 
-def image_info(path: Path, fmt: str | None = None) -> dict[str, object]:
+def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
     """``qemu-img info`` of ``path`` as a dict; ``-U`` so a disk in use by a running VM can be read too.
 
     Give ``fmt`` when it is known: a raw disk whose content looks like another format must not be probed.
@@ -40,12 +41,13 @@ def image_info(path: Path, fmt: str | None = None) -> dict[str, object]:
     if not path.exists():
         raise errors.NotFound(f"disk image {path} does not exist")
     args = ["info", "--output=json", "-U", *(["-f", fmt] if fmt else []), str(path)]
-    return json.loads(_qemu_img(args, f"reading {path}"))
+    info: dict[str, Any] = json.loads(_qemu_img(args, f"reading {path}"))
+    return info
 
 
 def virtual_size(path: Path, fmt: str | None = None) -> int:
     """The disk size the guest sees, in bytes."""
-    return int(image_info(path, fmt)["virtual-size"])  # type: ignore[call-overload]
+    return int(image_info(path, fmt)["virtual-size"])
 
 
 def backing_file(path: Path) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtlet import cloudinit
 from virtlet.console.writer import ConsoleLogWriter
@@ -21,12 +21,16 @@ from virtlet.vm.annotations import (
 )
 from virtlet.vm.manager import ContainerSpec
 
+if TYPE_CHECKING:  # types only: no import of the image store or pod network at run time here
+    from virtlet.images.store import ImageRecord, ImageStore
+    from virtlet.network.pod_network import PodNetwork
+
 
 class VmParts:
     """Default parts of virtletd.  ``images`` is the image store, ``network`` the PodNetwork (or None);
     ``max_root_volume_size`` is the largest ``VirtletRootVolumeSize`` a pod may ask for (config key)."""
 
-    def __init__(self, images: Any, network: Any, domain_type: str, emulator: str,
+    def __init__(self, images: ImageStore, network: PodNetwork | None, domain_type: str, emulator: str,
                  host_cpus: int | None = None, max_root_volume_size: int = DEFAULT_MAX_ROOT_VOLUME_SIZE) -> None:
         self.images = images
         self.network = network
@@ -35,10 +39,10 @@ class VmParts:
         self.host_cpus = host_cpus or os.cpu_count() or 1
         self.max_root_volume_size = max_root_volume_size
 
-    def image_status(self, name: str) -> Any:
+    def image_status(self, name: str) -> ImageRecord | None:
         return self.images.status(name)
 
-    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: Any, cdir: Path,
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]:
         """``image`` is the store's record of ``spec.image`` (the manager looked it up already)."""
         # validate everything first: a bad annotation must leave nothing behind
