@@ -97,7 +97,8 @@ def test_reset_after_an_inventory_that_moves_every_path_leaves_nothing_behind(tm
     image = ok(sh(str(SHARED / "build-node-image.sh"), timeout=900, env=env)).strip().splitlines()[-1]
     wheelhouse = ok(sh(str(SHARED / "build-wheelhouse.sh"), timeout=900, env=env)).strip().splitlines()[-1]
     apt_cache = REPO / ".cache/ansible-reset/apt"
-    apt_cache.mkdir(parents=True, exist_ok=True)
+    # apt needs partial/ in its archives directory and does not make it there itself.
+    (apt_cache / "partial").mkdir(parents=True, exist_ok=True)
     inventory = tmp_path / "inventory"
     (inventory / "group_vars").mkdir(parents=True)
     (inventory / "hosts.yml").write_text(yaml.safe_dump({"virtlet_nodes": {"hosts": {node: {
