@@ -159,6 +159,7 @@ def test_runtime_config_is_accepted_by_virtletd(tmp_path: Path) -> None:
               "-e", f"virtlet_runtime_image_translations_dir={etc}/images",
               "-e", f"virtlet_runtime_state_dir={tmp_path}/state",
               "-e", f"virtlet_runtime_image_dir={tmp_path}/img",
+              "-e", f"virtlet_runtime_fact_dir={tmp_path}/facts",
               "-e", "virtlet_runtime_systemd=false", "-e", "virtlet_runtime_log_level=debug"]
     extra = ["-e", json.dumps({"virtlet_runtime_image_translations": translations})]
     first = run("ansible-playbook", *common, *extra)
