@@ -21,7 +21,7 @@ tests/helpers/containerd.py, runtime/virtlet/network/plumbing.py and netns.py):
 - processes the tests start: virtletd, the CRI proxy, the per-pod DHCP server, the test containerd and its
   shims, QEMU of ``virtlet-*`` domains, dnsmasq, the fresh-host test's mount-namespace holder;
 - temp dirs and mounts of the test fixtures (``/var/tmp/virtlet-test-*``, ``/var/tmp/vtcd-*``, …), host-local
-  IPAM dirs of the test networks, the molecule podman nodes (``virtlet-mol-*``).
+  IPAM dirs of the test networks, the molecule and reset-test podman nodes (``virtlet-mol-*``, ``virtlet-reset-*``).
 
 It reads only; it removes nothing (what is found says which test or earlier run to look at).  The ``after``
 comparison assumes no other test run shares the machine meanwhile, as in CI.
@@ -123,7 +123,7 @@ def files_and_mounts() -> list[str]:
 
 def podman_nodes() -> list[str]:
     out = _run("podman", "ps", "--all", "--format", "{{.Names}}")
-    return sorted(n for n in (out or "").split() if n.startswith("virtlet-mol-"))
+    return sorted(n for n in (out or "").split() if n.startswith(("virtlet-mol-", "virtlet-reset-")))
 
 
 CHECKS = {
