@@ -40,7 +40,11 @@ class VmLifecycle(VmExits):
             try:
                 failpoints.hit("container.create.after_record")
                 cdir.mkdir(parents=True)
-                cdir.chmod(0o755)
+                # The directory holds the seed ISO (user-data, the pod's environment) and the guest's disk.  QEMU runs
+                # as its own user (libvirt-qemu), which libvirt's dynamic ownership gives the disk and the ISO at start,
+                # but it must still search this directory to open them: 0711 (no listing for others) is the tightest
+                # mode that works; 0700 would stop the VM from starting.  The ISO itself is 0600.
+                cdir.chmod(0o711)
                 xml, extra = self.parts.prepare(cid, spec, sandbox, image, cdir, self.console_socket(cid))
                 failpoints.hit("container.create.after_prepare")
                 self._undefine_exited_domains(spec.sandbox_id)

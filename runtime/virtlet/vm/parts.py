@@ -52,11 +52,6 @@ class VmParts:
         options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
                                    sandbox.uid, self.host_cpus, self.max_root_volume_size)
         cloudinit.parse_cloudinit_options(pod_annotations)
-        # The directory holds the seed ISO (user-data, the pod's environment) and the guest's disk.  QEMU runs
-        # as its own user (libvirt-qemu), which libvirt's dynamic ownership gives the disk and the ISO at start,
-        # but it must still search this directory to open them: 0711 (no listing for others) is the tightest
-        # mode that works; 0700 would stop the VM from starting.  The ISO itself is 0600.
-        cdir.chmod(0o711)
         root = cdir / "root.qcow2"
         overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
         info = sandbox.network
