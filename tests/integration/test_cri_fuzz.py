@@ -279,13 +279,14 @@ class CriMachine(RuleBasedStateMachine):
 
     # -- containers ------------------------------------------------------------------------------------
     def _live_container_in(self, sid: str) -> bool:
-        return any(c.sandbox_id == sid and c.state in (api.CONTAINER_CREATED, api.CONTAINER_RUNNING)
-                   for c in self.ct.values())
+        """A running container blocks a new one; a CREATED, never started one is replaced by the next
+        CreateContainer (the kubelet's retry after a timeout; docs/recovery.md)."""
+        return any(c.sandbox_id == sid and c.state == api.CONTAINER_RUNNING for c in self.ct.values())
 
     @precondition(lambda self: any(m.state == api.SANDBOX_READY and m.valid for m in self.sb.values()))
     @rule(target=containers, data=st.data(), image=st.sampled_from(GOOD_IMAGES))
     def create_valid_container(self, data: st.DataObject, image: str) -> str:
-        """A container the kubelet could send, in a READY sandbox: succeeds unless the sandbox has one."""
+        """A container the kubelet could send, in a READY sandbox: succeeds unless the sandbox has a running one."""
         sid = data.draw(st.sampled_from([s for s in self.made_sandboxes if s in self.sb and self.sb[s].valid
                                          and self.sb[s].state == api.SANDBOX_READY]), label="sandbox")
         self.call("PullImage", api.PullImageRequest(image=api.ImageSpec(image=image)), service="img",
@@ -331,6 +332,8 @@ class CriMachine(RuleBasedStateMachine):
 
     def _made_container(self, cid: str, sid: str) -> str:
         assert cid and cid not in self.ct, f"CreateContainer returned id {cid!r} twice or empty"
+        for old in [c for c, m in self.ct.items() if m.sandbox_id == sid and m.state == api.CONTAINER_CREATED]:
+            del self.ct[old]  # replaced (never started)
         self.ct[cid] = ContainerModel(sid, api.CONTAINER_CREATED)
         return cid
 
