@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 @pytest.mark.molecule
 @pytest.mark.skipif(shutil.which("podman") is None or not (BIN / "molecule").exists(),
                     reason="needs podman (apt) and molecule + molecule-plugins[podman] (pip)")
+@pytest.mark.timeout(30 * 60)  # longer than the 600 s default: two nodes, site.yml twice, reset
 def test_molecule_default_scenario() -> None:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", ANSIBLE_NOCOLOR="1", PY_COLORS="0",
                ANSIBLE_FORCE_COLOR="0")

@@ -90,6 +90,7 @@ def snapshot(node: str, name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.molecule
 @pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman (apt)")
+@pytest.mark.timeout(40 * 60)  # a node image build, site.yml and reset.yml on a cold apt cache
 def test_reset_after_an_inventory_that_moves_every_path_leaves_nothing_behind(tmp_path: Path) -> None:
     node = f"virtlet-reset-{secrets.token_hex(4)}"
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
