@@ -22,6 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import report
+
 from virtlet.images import ImageStore
 from virtlet.images.policy import SourcePolicy
 
@@ -149,6 +153,11 @@ def main() -> None:
             (f"{args.concurrency} concurrent pulls", f"{conc_t:.2f} s",
              f"{downloads} download(s), goal 1 " + ("OK" if downloads == 1 else "MISSED")),
         ]
+        report.emit([
+            report.Row("image_pull", "HTTP pull throughput vs curl", ratio, "ratio", 0.9, better="higher",
+                       note=f"{mib} MiB, pull {mib / p:.0f} MiB/s, curl {mib / c:.0f} MiB/s, sha256 on the fly"),
+            report.Row("image_pull", f"{args.concurrency} concurrent pulls of one image: downloads", downloads,
+                       "count", 1)])
         w = max(len(r[0]) for r in rows)
         print(f"{'measure':<{w}}  {'value':>10}  note")
         for r in rows:

@@ -1,0 +1,115 @@
+"""Every bench with its goal, one table: ``sudo .venv/bin/python bench/run_all.py [--quick] [--only NAME ...]``.
+
+Runs each bench below as its own process (so one failing bench does not hide the others' rows), collects the
+rows each one emits (``bench/report.py``), prints one table (measured, goal, ratio, OK/MISSED) and writes the
+rows as JSON (``--json``, default ``.cache/bench/latest.json``).  ``--update-docs`` puts the table, the date
+and the machine into ``docs/performance.md`` between its ``bench:begin``/``bench:end`` markers.  Benches
+compare against a reference measured in the same run (containerd, curl, a hand-made domain) because these
+machines are shared and noisy; nothing here is asserted in the test command.  Needs what the README's test
+command set up (venv, libvirt daemons, guest images, containerd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import report
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "performance.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# name -> (arguments for a full run, arguments for --quick)
+BENCHES: dict[str, tuple[list[str], list[str]]] = {
+    "pod_start": (["--rounds", "3"], ["--rounds", "1"]),
+    "vm_boot": (["--rounds", "3"], ["--rounds", "1"]),
+    "cri_latency": (["--sandboxes", "50", "--calls", "500"], ["--sandboxes", "50", "--calls", "100"]),
+    "criproxy_latency": (["--pods", "50", "--calls", "300"], ["--pods", "10", "--calls", "100"]),
+    "image_pull": (["--size-mb", "1024"], ["--size-mb", "256", "--repeat", "2"]),
+}
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    kvm = "KVM" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "TCG (no KVM)"
+    return f"{platform.node()}: {cpus} CPUs, {mem_gib:.0f} GiB, {platform.release()}, {kvm}"
+
+
+def run_one(name: str, args: list[str], sink: Path) -> tuple[int, float]:
+    env = dict(os.environ, **{report.ENV: str(sink)})
+    print(f"== {name} {' '.join(args)}", flush=True)
+    t0 = time.monotonic()
+    rc = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *args], env=env, cwd=REPO).returncode
+    return rc, time.monotonic() - t0
+
+
+def markdown(rows: list[report.Row], when: str, where: str, failed: list[str]) -> str:
+    lines = [f"Latest run: {when}, {where}.", "",
+             "| bench | measure | measured | goal | ratio | status | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cmp = "≤" if r.better == "lower" else "≥"
+        goal = f"{cmp} {r.goal:g} {r.unit}" if r.goal is not None else ""
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
+        lines.append(f"| {r.bench} | {r.measure} | {r.measured:.3g} {r.unit} | {goal} | {ratio} | {r.status} | "
+                     f"{r.note} |")
+    if failed:
+        lines += ["", f"Benches that failed in this run (no rows): {', '.join(failed)}."]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(doc: Path, table_md: str) -> None:
+    text = doc.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(f"{head}{BEGIN}\n{table_md}{END}{tail}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and smaller sizes (a smoke run)")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these benches")
+    parser.add_argument("--json", type=Path, default=REPO / ".cache" / "bench" / "latest.json")
+    parser.add_argument("--update-docs", action="store_true", help="write the table into docs/performance.md")
+    args = parser.parse_args()
+    names = args.only or list(BENCHES)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="virtlet-bench-all-") as tmp:
+        sink = Path(tmp) / "rows.jsonl"
+        sink.touch()
+        for name in names:
+            full, quick = BENCHES[name]
+            rc, took = run_one(name, quick if args.quick else full, sink)
+            print(f"== {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f} s", flush=True)
+            if rc != 0:
+                failed.append(name)
+        rows = report.load(str(sink))
+    print()
+    print(report.table(rows))
+    missed = [r for r in rows if r.status == "MISSED"]
+    print(f"\n{len(rows)} rows, {len(missed)} MISSED, benches failed: {', '.join(failed) or 'none'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"when": when, "machine": machine(), "failed": failed,
+                                     "rows": [asdict(r) | {"status": r.status} for r in rows]}, indent=1))
+    print(f"rows written to {args.json}")
+    if args.update_docs:
+        update_docs(DOC, markdown(rows, when, machine(), failed))
+        print(f"table written to {DOC}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""bench/report.py: the one row format every bench emits and run_all prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench import report
+
+
+def test_status_follows_the_goal_direction() -> None:
+    assert report.Row("b", "m", 0.9, "ratio", 1.0).status == "OK"
+    assert report.Row("b", "m", 1.1, "ratio", 1.0).status == "MISSED"
+    assert report.Row("b", "m", 0.95, "ratio", 0.9, better="higher").status == "OK"
+    assert report.Row("b", "m", 0.8, "ratio", 0.9, better="higher").status == "MISSED"
+    assert report.Row("b", "m", 3.0, "s").status == "-"
+    assert report.Row("b", "m", 3.0, "s").ratio is None
+
+
+def test_emit_appends_json_lines_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [report.Row("b", "first", 1.0, "s", 2.0), report.Row("b", "second", 5.0, "ms")]
+    monkeypatch.delenv(report.ENV, raising=False)
+    report.emit(rows)  # alone: nothing written anywhere
+    sink = tmp_path / "rows.jsonl"
+    monkeypatch.setenv(report.ENV, str(sink))
+    report.emit(rows[:1])
+    report.emit(rows[1:])
+    assert [json.loads(line)["measure"] for line in sink.read_text().splitlines()] == ["first", "second"]
+    assert report.load(str(sink)) == rows
+
+
+def test_table_has_one_line_per_row_with_status() -> None:
+    text = report.table([report.Row("pod_start", "ratio", 2.5, "ratio", 1.0),
+                         report.Row("image_pull", "throughput", 0.95, "ratio", 0.9, better="higher")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["bench", "measure", "measured", "goal", "ratio", "status"]
+    assert lines[2].endswith("MISSED") and "<= 1 ratio" in lines[2]
+    assert lines[3].endswith("OK") and ">= 0.9 ratio" in lines[3]
