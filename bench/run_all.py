@@ -35,6 +35,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "pod_start": (["--rounds", "3"], ["--rounds", "1"]),
     "vm_boot": (["--rounds", "3"], ["--rounds", "1"]),
+    "density": (["--pods", "50", "--parallel", "10"], ["--pods", "5", "--parallel", "4"]),
     "cri_latency": (["--sandboxes", "50", "--calls", "500"], ["--sandboxes", "50", "--calls", "100"]),
     "criproxy_latency": (["--pods", "50", "--calls", "300"], ["--pods", "10", "--calls", "100"]),
     "image_pull": (["--size-mb", "1024"], ["--size-mb", "256", "--repeat", "2"]),
