@@ -17,6 +17,8 @@ APT_PACKAGES=(
   podman
   # test clients and tools
   curl openssh-client sqlite3 procps psmisc openssl python3-venv
+  # the stand-in for cluster DNS in the nested-Kubernetes example test
+  dnsmasq-base
 )
 
 missing=()
