@@ -26,6 +26,7 @@ from virtlet.proxy import config as cfgmod
 from virtlet.proxy.backends import Backends
 from virtlet.proxy.routing import Rules
 from virtlet.proxy.servicer import CriProxy
+from virtlet.proxy.state import ProxyState
 
 log = logging.getLogger("virtlet.proxy")
 
@@ -38,6 +39,7 @@ class ProxyServer:
         self.path = Path(cfg.listen)
         self.backends = Backends(cfg.primary, dict(cfg.secondaries), cfg.probe_timeout)
         rules = Rules(frozenset(cfg.secondaries), cfg.handlers)
+        self.state = ProxyState(cfg.state_dir)
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="criproxy"),
@@ -45,7 +47,7 @@ class ProxyServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                      ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)])
         for version in versions.VERSIONS:
-            proxy = CriProxy(self.backends, rules, version, cfg.list_timeout)
+            proxy = CriProxy(self.backends, rules, version, cfg.list_timeout, self.state)
             versions.add_servicers(self.server, proxy, proxy, versions=(version,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
