@@ -289,3 +289,8 @@ def test_bad_config_stops_the_proxy(world_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "virtlet.proxy.main", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "secondaries.virtlet.cloud" in proc.stderr
+    (world_dir / "not-a-dir").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "virtlet.proxy.main", "--listen", str(world_dir / "p.sock"),
+                           "--state-dir", str(world_dir / "not-a-dir" / "state")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "state_dir" in proc.stderr and not (world_dir / "p.sock").exists()

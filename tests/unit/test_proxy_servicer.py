@@ -3,6 +3,7 @@ is cut off by the list deadline, v1alpha2-only backends are spoken to in v1alpha
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -12,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from virtlet import errors
 from virtlet.cri import versions
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy import config
@@ -132,3 +134,18 @@ def test_events_are_merged_and_prefixed(world: tuple[Any, FakeRuntime, FakeRunti
     got = {next(stream).container_id for _ in range(2)}
     stream.cancel()
     assert got == {"primary-c", external_id("virtlet.cloud", "vm-c")}
+
+
+def test_damaged_or_unwritable_state_is_survived(tmp_path: Path) -> None:
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "ids.json").write_text('{"ids": {"zz": ["virtlet.cloud", "sandbox", "a"]')  # torn write
+    (st / "last-virtlet.cloud-ListPodSandbox.pb").write_bytes(b"\xff\xff\xff")
+    state = ProxyState(st)  # both ignored (logged), nothing raised
+    assert state.last_list("virtlet.cloud", "ListPodSandbox", api.ListPodSandboxRequest()) is None
+    shutil.rmtree(st)  # the directory is gone (tests run as root, so a mode would not stop the writes)
+    shown = state.record("virtlet.cloud", "sandbox", "a")  # cannot write: kept in memory, no error
+    assert state.resolve(shown) == ("virtlet.cloud", "a") and not st.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(errors.FailedPrecondition, match="state_dir"):
+        ProxyState(tmp_path / "file" / "sub")

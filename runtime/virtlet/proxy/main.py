@@ -37,9 +37,9 @@ class ProxyServer:
     def __init__(self, cfg: cfgmod.ProxyConfig, workers: int = 32) -> None:
         self.cfg = cfg
         self.path = Path(cfg.listen)
+        self.state = ProxyState(cfg.state_dir)
         self.backends = Backends(cfg.primary, dict(cfg.secondaries), cfg.probe_timeout)
         rules = Rules(frozenset(cfg.secondaries), cfg.handlers)
-        self.state = ProxyState(cfg.state_dir)
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="criproxy"),
@@ -77,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)
-    server = ProxyServer(cfg)
+    try:
+        server = ProxyServer(cfg)
+    except errors.VirtletError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     try:
         server.start()
     except errors.VirtletError as exc:

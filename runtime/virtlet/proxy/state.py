@@ -23,6 +23,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
+from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy.naming import external_id
 
@@ -55,10 +58,31 @@ class ProxyState:
         self._ids: dict[str, tuple[str, str, str]] = {}  # shown id -> (runtime, kind, backend id)
         self._lists: dict[tuple[str, str], bytes] = {}  # (runtime, method) -> serialized raw response
         self._synced: set[tuple[str, str]] = set()  # (runtime, kind) listed in full since start
+        self._write_failed = False
         if state_dir is not None:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(state_dir, 0o700)
+            try:
+                state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(state_dir, 0o700)
+            except OSError as exc:
+                raise errors.FailedPrecondition(
+                    f"state_dir: cannot use {state_dir}: {exc.strerror}; give the proxy a writable "
+                    "directory (--state-dir)") from exc
             self._load()
+
+    def _store(self, name: str, data: bytes) -> None:
+        """Write a state file; a failure (disk full, read-only) is logged once and the proxy goes on from
+        memory: losing the file only costs a rebuild after a restart, failing CRI calls would cost pods."""
+        if self.dir is None:
+            return
+        try:
+            _write(self.dir / name, data)
+            if self._write_failed:
+                self._write_failed = False
+                log.info("state dir %s is writable again", self.dir)
+        except OSError as exc:
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("cannot write %s in state dir %s: %s (kept in memory)", name, self.dir, exc)
 
     def _load(self) -> None:
         assert self.dir is not None
@@ -74,13 +98,20 @@ class ProxyState:
             log.warning("id index %s is unreadable (%s); it is rebuilt from the backends' lists", path, exc)
         for f in self.dir.glob("last-*.pb"):
             runtime, _, method = f.name.removeprefix("last-").removesuffix(".pb").rpartition("-")
-            if method in LIST_KINDS:
-                self._lists[(runtime, method)] = f.read_bytes()
+            if method not in LIST_KINDS:
+                continue
+            try:
+                data = f.read_bytes()
+                LIST_KINDS[method][1]().ParseFromString(data)  # a torn or foreign file is not served
+            except (OSError, DecodeError) as exc:
+                log.warning("last-known list %s is unreadable (%s); ignored", f, exc)
+                continue
+            self._lists[(runtime, method)] = data
 
     def _save_ids(self) -> None:
         if self.dir is not None:
             ids = {k: list(v) for k, v in sorted(self._ids.items())}
-            _write(self.dir / ID_FILE, json.dumps({"version": 1, "ids": ids}).encode())
+            self._store(ID_FILE, json.dumps({"version": 1, "ids": ids}).encode())
 
     # -- id index --------------------------------------------------------------------------------------------
 
@@ -128,8 +159,7 @@ class ProxyState:
             if self._lists.get((runtime, method)) == data:
                 return
             self._lists[(runtime, method)] = data
-            if self.dir is not None:
-                _write(self.dir / f"last-{runtime}-{method}.pb", data)
+            self._store(f"last-{runtime}-{method}.pb", data)
 
     def last_list(self, runtime: str, method: str, request: Any) -> Any | None:
         """The last-known answer of ``runtime`` to ``method``, narrowed by ``request.filter``; None if none."""
