@@ -30,7 +30,7 @@ NO_DEADLINE = 3600.0
 
 Out = Callable[[str, Any], None] | None
 Fallback = Callable[[str], Any] | None
-SYNC_RETRY_S = 1.0
+SYNC_RETRY_S = 5.0
 
 
 class Dispatcher:
@@ -49,12 +49,13 @@ class Dispatcher:
     def split_id(self, value: str, what: str) -> tuple[str, str]:
         """``(runtime, backend id)`` of an id in a request: the legacy ``<runtime>__<id>`` form, else the id
         index, else the primary's.  While a secondary has not been listed in full since the proxy started
-        (the index file was lost), a 64-hex id not in the index makes the proxy list it first."""
+        and the index file was lost, a 64-hex id not in the index makes the proxy list it first (at most every
+        ``SYNC_RETRY_S`` while that fails, so containerd's own ids are not slowed by a hung secondary)."""
         runtime, raw = self.rules.split_id(value, what)
         if runtime != PRIMARY or not HEX64.match(value):
             return runtime, raw
         hit = self.state.resolve(value)
-        if hit is None:
+        if hit is None and not self.state.index_loaded:
             for backend in self.backends.secondaries:
                 if not self.state.synced(backend.name) and self._sync(backend):
                     hit = self.state.resolve(value)

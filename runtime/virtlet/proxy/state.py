@@ -59,6 +59,7 @@ class ProxyState:
         self._lists: dict[tuple[str, str], bytes] = {}  # (runtime, method) -> serialized raw response
         self._synced: set[tuple[str, str]] = set()  # (runtime, kind) listed in full since start
         self._write_failed = False
+        self.index_loaded = False  # ids.json was read at start: only a lost index needs rebuilding on a miss
         if state_dir is not None:
             try:
                 state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -92,6 +93,7 @@ class ProxyState:
             for shown, (runtime, kind, raw) in data["ids"].items():
                 if HEX64.match(shown) and external_id(runtime, raw) == shown:
                     self._ids[shown] = (runtime, kind, raw)
+            self.index_loaded = True
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
