@@ -36,7 +36,8 @@ def _start_proxy(base: Path, primary: str, virtlet: str) -> tuple[subprocess.Pop
     sock = base / "criproxy.sock"
     with open(base / "criproxy.log", "ab") as log:
         cmd = [sys.executable, "-m", "virtlet.proxy.main", "--listen", str(sock), "--primary", primary,
-               "--secondary", f"virtlet.cloud={virtlet}", "--log-level", "warning"]
+               "--secondary", f"virtlet.cloud={virtlet}", "--log-level", "warning",
+               "--state-dir", str(base / "criproxy-state")]
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{sock}")
     deadline = time.monotonic() + 20

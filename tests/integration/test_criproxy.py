@@ -23,6 +23,8 @@ from tests.helpers.containerd import BUSYBOX_IMAGE, ContainerdProcess
 from tests.helpers.daemon import VirtletdProcess
 from virtlet.cri import versions
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.proxy.naming import external_id
+from virtlet.proxy.state import HEX64
 
 pytestmark = pytest.mark.network
 
@@ -37,6 +39,7 @@ class ProxyProcess:
         self.log_path = base / "criproxy.log"
         self.cmd = [sys.executable, "-m", "virtlet.proxy.main", "--listen", str(self.socket), "--primary",
                     primary, "--secondary", f"virtlet.cloud={virtlet}", "--list-timeout", "2",
+                    "--state-dir", str(base / "criproxy-state"),
                     "--log-level", "debug", *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
@@ -155,7 +158,7 @@ def test_routing_through_the_proxy(world_dir: Path, containerd: ContainerdProces
     # an ordinary pod on containerd, with a running busybox container
     pod_cfg = _pod(world_dir, "plain")
     plain = rt.RunPodSandbox(api.RunPodSandboxRequest(config=pod_cfg), timeout=60).pod_sandbox_id
-    assert "__" not in plain and plain in _sandbox_ids(containerd.runtime())
+    assert HEX64.match(plain) and plain in _sandbox_ids(containerd.runtime())
     cid = _run_container(rt, plain, pod_cfg)
     assert rt.ContainerStatus(api.ContainerStatusRequest(container_id=cid), timeout=10).status.state == \
         api.CONTAINER_RUNNING
@@ -168,10 +171,11 @@ def test_routing_through_the_proxy(world_dir: Path, containerd: ContainerdProces
     by_annotation = rt.RunPodSandbox(api.RunPodSandboxRequest(config=_pod(
         world_dir, "vm-a", {"kubernetes.io/target-runtime": "virtlet.cloud"})), timeout=60).pod_sandbox_id
     raw_vm = _sandbox_ids(virtletd.runtime())
-    for sid in (by_handler, by_annotation):
-        assert sid.startswith("virtlet.cloud__") and sid.removeprefix("virtlet.cloud__") in raw_vm
+    for sid in (by_handler, by_annotation):  # 64-hex ids like containerd's, routed by the proxy's id index
+        assert HEX64.match(sid) and sid in {external_id("virtlet.cloud", r) for r in raw_vm}
         st = rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10)
         assert st.status.id == sid
+    assert len({s[:13] for s in (plain, by_handler, by_annotation)}) == 3  # what crictl shows: distinct
 
     # lists merge both runtimes; filters naming one runtime's id ask only that one
     for version in ("v1", "v1alpha2"):
@@ -220,8 +224,10 @@ def test_routing_through_the_proxy(world_dir: Path, containerd: ContainerdProces
     assert _sandbox_ids(containerd.runtime()) == {plain}  # nothing was created on the wrong side
 
     # Stop/Remove reach the right runtime
+    raw = next(r for r in raw_vm if external_id("virtlet.cloud", r) == by_handler)
+    legacy = rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=f"virtlet.cloud__{raw}"), timeout=10)
+    assert legacy.status.id == by_handler  # ids of the earlier prefix form still route
     rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=by_handler), timeout=60)
-    raw = by_handler.removeprefix("virtlet.cloud__")
     assert virtletd.runtime().PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=raw),
                                                timeout=10).status.state == api.SANDBOX_NOTREADY
     rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=by_handler), timeout=60)
@@ -246,9 +252,10 @@ def test_virtletd_down_and_back(world_dir: Path, containerd: ContainerdProcess, 
     assert _sandbox_ids(rt) == {plain, vm}
 
     virtletd.stop()
-    # lists still answer (within a short call deadline) with containerd's pods
+    # lists still answer (within a short call deadline) with containerd's pods and virtletd's last-known ones
     for version in ("v1", "v1alpha2"):
-        assert _sandbox_ids(proxy.runtime(version)) == {plain}
+        assert _sandbox_ids(proxy.runtime(version)) == {plain, vm}
+    assert _sandbox_ids(rt, id=vm) == {vm}
     assert rt.ListContainers(api.ListContainersRequest(), timeout=5).containers == []
     code, msg = _code(lambda: rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=vm), timeout=10))
     assert code == grpc.StatusCode.UNAVAILABLE and "virtlet.cloud" in msg
@@ -258,7 +265,7 @@ def test_virtletd_down_and_back(world_dir: Path, containerd: ContainerdProcess, 
     conds = {c.type: c for c in rt.Status(api.StatusRequest(), timeout=10).status.conditions}
     assert conds["RuntimeReady"].status and not conds["virtlet.cloud/RuntimeReady"].status
     assert "virtlet.cloud" in conds["virtlet.cloud/RuntimeReady"].message
-    assert "is left out of lists" in proxy.log()
+    assert "lists show its last-known sandboxes" in proxy.log()
 
     virtletd.start()
     deadline = time.monotonic() + 20
@@ -282,3 +289,8 @@ def test_bad_config_stops_the_proxy(world_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "virtlet.proxy.main", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "secondaries.virtlet.cloud" in proc.stderr
+    (world_dir / "not-a-dir").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "virtlet.proxy.main", "--listen", str(world_dir / "p.sock"),
+                           "--state-dir", str(world_dir / "not-a-dir" / "state")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "state_dir" in proc.stderr and not (world_dir / "p.sock").exists()

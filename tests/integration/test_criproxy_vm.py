@@ -17,6 +17,7 @@ from tests.integration.test_criproxy import containerd as containerd
 from tests.integration.test_vm_lifecycle import MARKER
 from virtlet.console.cri_format import read_cri_lines
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.proxy.state import HEX64
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.network]
 
@@ -42,16 +43,16 @@ def test_vm_pod_and_container_pod_through_the_proxy(vm_proxy: ProxyProcess, worl
     assert ref.startswith("virtlet.cloud/")
     plain_cfg = _pod(world_dir, "plain")
     plain = rt.RunPodSandbox(api.RunPodSandboxRequest(config=plain_cfg), timeout=120).pod_sandbox_id
-    assert not plain.startswith("virtlet.cloud__")
+    assert HEX64.match(plain)
     plain_c = _run_container(rt, plain, plain_cfg)
     vm_cfg = _pod(world_dir, "vm-by-handler")
     vm = rt.RunPodSandbox(api.RunPodSandboxRequest(config=vm_cfg, runtime_handler="virtlet"),
                           timeout=120).pod_sandbox_id
-    assert vm.startswith("virtlet.cloud__")
+    assert HEX64.match(vm)
     vm_c = rt.CreateContainer(api.CreateContainerRequest(pod_sandbox_id=vm, sandbox_config=vm_cfg, config=(
         api.ContainerConfig(metadata=api.ContainerMetadata(name="vm"), image=api.ImageSpec(image=vm_image),
                             log_path="vm/0.log"))), timeout=120).container_id
-    assert vm_c.startswith("virtlet.cloud__")
+    assert HEX64.match(vm_c) and len({plain[:13], vm[:13], vm_c[:13], plain_c[:13]}) == 4
     rt.StartContainer(api.StartContainerRequest(container_id=vm_c), timeout=120)
     log_path = Path(rt.ContainerStatus(api.ContainerStatusRequest(container_id=vm_c)).status.log_path)
     deadline = time.monotonic() + 240

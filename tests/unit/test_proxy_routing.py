@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ RULES = Rules(frozenset({V}), {"virtlet": V})
 
 # -- naming -------------------------------------------------------------------------------------------------
 
+S1, C1 = naming.external_id(V, "s1"), naming.external_id(V, "c1")
+
+
 def test_ids_round_trip() -> None:
-    assert naming.external_id(V, "abc") == "virtlet.cloud__abc"
+    shown = naming.external_id(V, "abc")
+    assert len(shown) == 64 and int(shown, 16) >= 0 and shown == hashlib.sha256(b"virtlet.cloud/abc").hexdigest()
+    assert naming.legacy_id(V, "abc") == "virtlet.cloud__abc"
     assert naming.external_id(PRIMARY, "abc") == "abc"
     assert naming.external_id(V, "") == ""
     assert naming.split_id("virtlet.cloud__abc", {V}) == (V, "abc")
@@ -113,7 +119,7 @@ def test_rewrite_image_and_container() -> None:
     c = api.Container(id="c1", pod_sandbox_id="s1", image=api.ImageSpec(image="h/p"), image_ref="sha256:aa")
     rewrite.container(V, c)
     assert (c.id, c.pod_sandbox_id, c.image.image, c.image_ref) == (
-        "virtlet.cloud__c1", "virtlet.cloud__s1", "virtlet.cloud/h/p", "virtlet.cloud/sha256:aa")
+        C1, S1, "virtlet.cloud/h/p", "virtlet.cloud/sha256:aa")
     untouched = api.Container(id="c1", pod_sandbox_id="s1", image_ref="sha256:aa")
     rewrite.container(PRIMARY, untouched)
     assert (untouched.id, untouched.image_ref) == ("c1", "sha256:aa")
@@ -123,20 +129,20 @@ def test_rewrite_status_stats_events() -> None:
     resp = api.PodSandboxStatusResponse(status=api.PodSandboxStatus(id="s1"),
                                         containers_statuses=[api.ContainerStatus(id="c1")])
     rewrite.sandbox_status_response(V, resp)
-    assert (resp.status.id, resp.containers_statuses[0].id) == ("virtlet.cloud__s1", "virtlet.cloud__c1")
+    assert (resp.status.id, resp.containers_statuses[0].id) == (S1, C1)
     stats = api.PodSandboxStats(attributes=api.PodSandboxAttributes(id="s1"), linux=api.LinuxPodSandboxStats(
         containers=[api.ContainerStats(attributes=api.ContainerAttributes(id="c1"))]))
     rewrite.sandbox_stats(V, stats)
-    assert (stats.attributes.id, stats.linux.containers[0].attributes.id) == ("virtlet.cloud__s1",
-                                                                              "virtlet.cloud__c1")
+    assert (stats.attributes.id, stats.linux.containers[0].attributes.id) == (S1,
+                                                                              C1)
     ev = api.ContainerEventResponse(container_id="c1", pod_sandbox_status=api.PodSandboxStatus(id="s1"))
     rewrite.container_event(V, ev)
-    assert (ev.container_id, ev.pod_sandbox_status.id) == ("virtlet.cloud__c1", "virtlet.cloud__s1")
+    assert (ev.container_id, ev.pod_sandbox_status.id) == (C1, S1)
     m = api.PodSandboxMetrics(pod_sandbox_id="s1",
                               container_metrics=[api.ContainerMetrics(container_id="c1")])
     rewrite.sandbox_metrics(V, m)
-    assert m.pod_sandbox_id == "virtlet.cloud__s1"
-    assert m.container_metrics[0].container_id == "virtlet.cloud__c1"
+    assert m.pod_sandbox_id == S1
+    assert m.container_metrics[0].container_id == C1
 
 
 # -- config -------------------------------------------------------------------------------------------------

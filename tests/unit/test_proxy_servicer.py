@@ -3,6 +3,7 @@ is cut off by the list deadline, v1alpha2-only backends are spoken to in v1alpha
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -12,10 +13,13 @@ from typing import Any
 import grpc
 import pytest
 
+from virtlet import errors
 from virtlet.cri import versions
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy import config
 from virtlet.proxy.main import ProxyServer
+from virtlet.proxy.naming import external_id
+from virtlet.proxy.state import ProxyState
 
 
 class FakeRuntime:
@@ -57,7 +61,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Any, FakeRuntime, FakeRuntime]]:
     cfg = config.from_mapping({"listen": str(tmp_path / "proxy.sock"),
                                "primary": str(tmp_path / "primary.sock"),
                                "secondaries": {"virtlet.cloud": str(tmp_path / "vm.sock")},
-                               "list_timeout": 0.5})
+                               "list_timeout": 0.5, "state_dir": str(tmp_path / "state")})
     proxy = ProxyServer(cfg, workers=4)
     proxy.start()
     channel = grpc.insecure_channel(f"unix://{tmp_path}/proxy.sock")
@@ -76,10 +80,44 @@ def test_lists_merge_and_narrow(world: tuple[Any, FakeRuntime, FakeRuntime]) -> 
     channel, primary, vm = world
     rt = versions.runtime_stub(channel, "v1alpha2")
     ids = [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=5).items]
-    assert ids == ["primary-sb", "virtlet.cloud__vm-sb"]
+    assert ids == ["primary-sb", external_id("virtlet.cloud", "vm-sb")]
     narrowed = api.ListPodSandboxRequest(filter=api.PodSandboxFilter(id="virtlet.cloud__x"))
     rt.ListPodSandbox(narrowed, timeout=5)
     assert vm.seen[-1] == "x" and len(primary.seen) == 1  # only the secondary was asked, without the prefix
+    narrowed = api.ListPodSandboxRequest(filter=api.PodSandboxFilter(id=ids[1]))  # the shown id, via the index
+    rt.ListPodSandbox(narrowed, timeout=5)
+    assert vm.seen[-1] == "vm-sb" and len(primary.seen) == 1
+
+
+def test_last_known_list_stands_in_for_a_down_secondary(tmp_path: Path) -> None:
+    """A secondary that answered once and then hangs is answered for by its last list; the state dir keeps it
+    (and the id index) for the next proxy on the same dir."""
+    state = ProxyState(tmp_path / "st")
+    state.remember_list("virtlet.cloud", "ListPodSandbox", api.ListPodSandboxResponse(items=[
+        api.PodSandbox(id="a", state=api.SANDBOX_READY, labels={"app": "x"}),
+        api.PodSandbox(id="b", state=api.SANDBOX_NOTREADY)]))
+    again = ProxyState(tmp_path / "st")
+    assert again.resolve(external_id("virtlet.cloud", "a")) == ("virtlet.cloud", "a")
+    assert not again.synced("virtlet.cloud")  # loaded from disk, not yet confirmed by a list since start
+    req = api.ListPodSandboxRequest(filter=api.PodSandboxFilter(
+        state=api.PodSandboxStateValue(state=api.SANDBOX_READY)))
+    assert [i.id for i in again.last_list("virtlet.cloud", "ListPodSandbox", req).items] == ["a"]
+    req = api.ListPodSandboxRequest(filter=api.PodSandboxFilter(label_selector={"app": "y"}))
+    assert list(again.last_list("virtlet.cloud", "ListPodSandbox", req).items) == []
+    assert again.last_list("virtlet.cloud", "ListContainers", api.ListContainersRequest()) is None
+    assert oct((tmp_path / "st").stat().st_mode & 0o777) == "0o700"
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in (tmp_path / "st").iterdir())
+    state.replace("virtlet.cloud", "sandbox", ["b"])  # "a" is gone from a full list: forgotten
+    assert state.resolve(external_id("virtlet.cloud", "a")) is None
+
+
+def test_hung_secondary_keeps_its_last_known_sandboxes(world: tuple[Any, FakeRuntime, FakeRuntime]) -> None:
+    channel, _, vm = world
+    rt = versions.runtime_stub(channel)
+    shown = external_id("virtlet.cloud", "vm-sb")
+    assert [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=5).items] == ["primary-sb", shown]
+    vm.hang.set()
+    assert [s.id for s in rt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=5).items] == ["primary-sb", shown]
 
 
 def test_hung_secondary_is_cut_off_by_the_list_deadline(world: tuple[Any, FakeRuntime, FakeRuntime]) -> None:
@@ -95,4 +133,19 @@ def test_events_are_merged_and_prefixed(world: tuple[Any, FakeRuntime, FakeRunti
     stream = versions.runtime_stub(channel).GetContainerEvents(api.GetEventsRequest(), timeout=10)
     got = {next(stream).container_id for _ in range(2)}
     stream.cancel()
-    assert got == {"primary-c", "virtlet.cloud__vm-c"}
+    assert got == {"primary-c", external_id("virtlet.cloud", "vm-c")}
+
+
+def test_damaged_or_unwritable_state_is_survived(tmp_path: Path) -> None:
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "ids.json").write_text('{"ids": {"zz": ["virtlet.cloud", "sandbox", "a"]')  # torn write
+    (st / "last-virtlet.cloud-ListPodSandbox.pb").write_bytes(b"\xff\xff\xff")
+    state = ProxyState(st)  # both ignored (logged), nothing raised
+    assert state.last_list("virtlet.cloud", "ListPodSandbox", api.ListPodSandboxRequest()) is None
+    shutil.rmtree(st)  # the directory is gone (tests run as root, so a mode would not stop the writes)
+    shown = state.record("virtlet.cloud", "sandbox", "a")  # cannot write: kept in memory, no error
+    assert state.resolve(shown) == ("virtlet.cloud", "a") and not st.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(errors.FailedPrecondition, match="state_dir"):
+        ProxyState(tmp_path / "file" / "sub")

@@ -21,7 +21,8 @@ from virtlet.proxy.naming import ID_SEPARATOR
 LOG_LEVELS = ("debug", "info", "warning", "error")
 VIRTLET_RUNTIME = "virtlet.cloud"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
-KEYS = ("listen", "primary", "secondaries", "virtlet_handler", "log_level", "list_timeout", "probe_timeout")
+KEYS = ("listen", "primary", "secondaries", "virtlet_handler", "log_level", "list_timeout", "probe_timeout",
+        "state_dir")
 
 
 class ConfigError(errors.InvalidArgument):
@@ -37,6 +38,7 @@ class ProxyConfig:
     log_level: str = "info"
     list_timeout: float = 2.0
     probe_timeout: float = 5.0
+    state_dir: Path = Path("/var/lib/virtlet-criproxy")
 
     @property
     def handlers(self) -> dict[str, str]:
@@ -90,6 +92,10 @@ def from_mapping(data: Mapping[str, Any], base: ProxyConfig | None = None) -> Pr
             if not isinstance(value, str):
                 raise ConfigError(f"virtlet_handler: expected a handler name or '', got {value!r}")
             values[key] = value
+        elif key == "state_dir":
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ConfigError(f"state_dir: expected an absolute directory path, got {value!r}")
+            values[key] = Path(value)
         elif key == "log_level":
             if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
                 raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -119,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", help=f"one of {', '.join(LOG_LEVELS)} (default info)")
     ap.add_argument("--list-timeout", type=float, help="seconds a secondary may take in a list (default 2)")
     ap.add_argument("--probe-timeout", type=float, help="seconds for the CRI version probe (default 5)")
+    ap.add_argument("--state-dir", help="directory for the id index and last-known lists "
+                                        "(default /var/lib/virtlet-criproxy)")
     return ap
 
 
@@ -139,7 +147,7 @@ def load(argv: Sequence[str] | None = None) -> ProxyConfig:
     flags: dict[str, Any] = {k: v for k, v in (
         ("listen", args.listen), ("primary", args.primary), ("virtlet_handler", args.virtlet_handler),
         ("log_level", args.log_level), ("list_timeout", args.list_timeout),
-        ("probe_timeout", args.probe_timeout)) if v is not None}
+        ("probe_timeout", args.probe_timeout), ("state_dir", args.state_dir)) if v is not None}
     if args.secondary:
         pairs: dict[str, str] = {}
         for item in args.secondary:

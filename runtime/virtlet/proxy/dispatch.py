@@ -1,5 +1,6 @@
-"""How the CRI proxy reaches its backends: one call routed by an id or image prefix, or one list call fanned
-out to every backend at once (a secondary that is down or slow is left out, a failing primary fails the call).
+"""How the CRI proxy reaches its backends: one call routed by its id (through the id index) or image prefix,
+or one list call fanned out to every backend at once (a failing primary fails the call; a secondary that is
+down or slow is answered for by its last-known list, see ``state``, or left out if it never answered).
 
 ``CriProxy`` (``servicer``) builds the CRI methods on these.
 """
@@ -8,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from virtlet import errors
+from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy.backends import Backend, Backends
 from virtlet.proxy.naming import PRIMARY, display
 from virtlet.proxy.routing import Rules
+from virtlet.proxy.state import HEX64, LIST_KINDS, ProxyState
 
 log = logging.getLogger("virtlet.proxy")
 
@@ -25,18 +29,54 @@ IMG = "ImageService"
 NO_DEADLINE = 3600.0
 
 Out = Callable[[str, Any], None] | None
+Fallback = Callable[[str], Any] | None
+SYNC_RETRY_S = 5.0
 
 
 class Dispatcher:
     """Routes calls to ``backends`` by ``rules``; remembers which secondaries are down (to log each change once)."""
 
-    def __init__(self, backends: Backends, rules: Rules, list_timeout: float = 2.0) -> None:
+    def __init__(self, backends: Backends, rules: Rules, list_timeout: float = 2.0,
+                 state: ProxyState | None = None) -> None:
         self.backends = backends
         self.rules = rules
         self.list_timeout = list_timeout
+        self.state = state if state is not None else ProxyState(None)
         self._down: set[str] = set()
         self._down_lock = threading.Lock()
+        self._sync_tried: dict[str, float] = {}
 
+    def split_id(self, value: str, what: str) -> tuple[str, str]:
+        """``(runtime, backend id)`` of an id in a request: the legacy ``<runtime>__<id>`` form, else the id
+        index, else the primary's.  While a secondary has not been listed in full since the proxy started
+        and the index file was lost, a 64-hex id not in the index makes the proxy list it first (at most every
+        ``SYNC_RETRY_S`` while that fails, so containerd's own ids are not slowed by a hung secondary)."""
+        runtime, raw = self.rules.split_id(value, what)
+        if runtime != PRIMARY or not HEX64.match(value):
+            return runtime, raw
+        hit = self.state.resolve(value)
+        if hit is None and not self.state.index_loaded:
+            for backend in self.backends.secondaries:
+                if not self.state.synced(backend.name) and self._sync(backend):
+                    hit = self.state.resolve(value)
+                    if hit is not None:
+                        break
+        return hit if hit is not None else (PRIMARY, value)
+
+    def _sync(self, backend: Backend) -> bool:
+        """List ``backend``'s sandboxes and containers into the index (at most once a second while it fails)."""
+        now = time.monotonic()
+        if now - self._sync_tried.get(backend.name, -SYNC_RETRY_S) < SYNC_RETRY_S:
+            return False
+        self._sync_tried[backend.name] = now
+        try:
+            for method in LIST_KINDS:
+                req = api.ListPodSandboxRequest() if method == "ListPodSandbox" else api.ListContainersRequest()
+                self.state.remember_list(backend.name, method, backend.call(RT, method, req, self.list_timeout))
+        except errors.VirtletError as exc:
+            log.debug("cannot index %s yet: %s", display(backend.name), exc)
+            return False
+        return True
 
     @staticmethod
     def _timeout(context: grpc.ServicerContext) -> float | None:
@@ -53,11 +93,11 @@ class Dispatcher:
         return resp
 
     def _by_sandbox(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
-        runtime, request.pod_sandbox_id = self.rules.split_id(request.pod_sandbox_id, "pod_sandbox_id")
+        runtime, request.pod_sandbox_id = self.split_id(request.pod_sandbox_id, "pod_sandbox_id")
         return self._call(runtime, RT, method, request, context, out)
 
     def _by_container(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
-        runtime, request.container_id = self.rules.split_id(request.container_id, "container_id")
+        runtime, request.container_id = self.split_id(request.container_id, "container_id")
         return self._call(runtime, RT, method, request, context, out)
 
     def _by_image(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
@@ -73,14 +113,17 @@ class Dispatcher:
                 log.info("%s at %s answers again", display(backend.name), backend.address)
             elif not up and not was_down:
                 self._down.add(backend.name)
-                log.warning("%s is left out of lists while it is down: %s", display(backend.name), reason)
+                log.warning("%s is down (lists show its last-known sandboxes and containers): %s",
+                            display(backend.name), reason)
 
     def _fan_out(self, service: str, method: str, requests: dict[str, Any],
-                 context: grpc.ServicerContext) -> list[tuple[str, Any]]:
-        """Send one request per backend at once; a secondary that fails or is slower than ``list_timeout`` is
-        skipped (with a warning), a failing primary fails the call."""
+                 context: grpc.ServicerContext, fallback: Fallback = None) -> list[tuple[str, Any]]:
+        """Send one request per backend at once; a failing primary fails the call.  A secondary that fails or
+        is slower than ``list_timeout`` is answered for by ``fallback(name)`` (its last-known list) or, when
+        that gives None, skipped; either way with one warning."""
         timeout = self._timeout(context)
         started: list[tuple[Backend, grpc.Future[Any]]] = []
+        results: list[tuple[str, Any]] = []
         for runtime, request in requests.items():
             backend = self.backends[runtime]
             limit = timeout if runtime == PRIMARY else min(self.list_timeout, timeout or self.list_timeout)
@@ -90,7 +133,7 @@ class Dispatcher:
                 if runtime == PRIMARY:
                     raise
                 self._mark(backend, False, str(exc))
-        results = []
+                self._stand_in(results, runtime, fallback)
         for backend, future in started:
             try:
                 results.append((backend.name, future.result()))
@@ -99,17 +142,27 @@ class Dispatcher:
                 if backend.name == PRIMARY:
                     raise err from None
                 self._mark(backend, False, str(err))
+                self._stand_in(results, backend.name, fallback)
                 continue
             if backend.name != PRIMARY:
                 self._mark(backend, True)
+        results.sort(key=lambda r: r[0])  # the primary ("") first, then the secondaries by name
         return results
+
+    @staticmethod
+    def _stand_in(results: list[tuple[str, Any]], runtime: str, fallback: Fallback) -> None:
+        known = fallback(runtime) if fallback is not None else None
+        if known is not None:
+            results.append((runtime, known))
 
     def _list(self, method: str, request: Any, context: grpc.ServicerContext, ids: tuple[str, ...],
               service: str = RT) -> list[tuple[str, Any]]:
-        """Fan out a list call whose ``request.filter`` may name ids (``ids`` are the filter's id fields)."""
+        """Fan out a list call whose ``request.filter`` may name ids (``ids`` are the filter's id fields).
+        ListPodSandbox and ListContainers answers of secondaries are remembered (unfiltered ones) and stand in
+        for a secondary that is down."""
         filt = request.filter if request.HasField("filter") else None
         pairs = [(name, getattr(filt, name)) for name in ids] if filt is not None else []
-        targets, stripped = self.rules.list_targets(*pairs)
+        targets, stripped = self.rules.list_targets(*pairs, split=self.split_id)
         requests: dict[str, Any] = {}
         for runtime in sorted(targets):  # PRIMARY ("") first
             if stripped and runtime != PRIMARY:
@@ -120,4 +173,16 @@ class Dispatcher:
                 requests[runtime] = req
             else:
                 requests[runtime] = request
-        return self._fan_out(service, method, requests, context)
+        if method not in LIST_KINDS:
+            return self._fan_out(service, method, requests, context)
+        stood_in: set[str] = set()
+
+        def last_known(runtime: str) -> Any:
+            stood_in.add(runtime)
+            return self.state.last_list(runtime, method, requests[runtime])
+
+        results = self._fan_out(service, method, requests, context, last_known)
+        for runtime, resp in results:
+            if runtime != PRIMARY and runtime not in stood_in and not requests[runtime].HasField("filter"):
+                self.state.remember_list(runtime, method, resp)
+        return results

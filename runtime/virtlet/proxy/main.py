@@ -26,6 +26,7 @@ from virtlet.proxy import config as cfgmod
 from virtlet.proxy.backends import Backends
 from virtlet.proxy.routing import Rules
 from virtlet.proxy.servicer import CriProxy
+from virtlet.proxy.state import ProxyState
 
 log = logging.getLogger("virtlet.proxy")
 
@@ -36,6 +37,7 @@ class ProxyServer:
     def __init__(self, cfg: cfgmod.ProxyConfig, workers: int = 32) -> None:
         self.cfg = cfg
         self.path = Path(cfg.listen)
+        self.state = ProxyState(cfg.state_dir)
         self.backends = Backends(cfg.primary, dict(cfg.secondaries), cfg.probe_timeout)
         rules = Rules(frozenset(cfg.secondaries), cfg.handlers)
         self.health = health.HealthServicer()
@@ -45,7 +47,7 @@ class ProxyServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                      ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)])
         for version in versions.VERSIONS:
-            proxy = CriProxy(self.backends, rules, version, cfg.list_timeout)
+            proxy = CriProxy(self.backends, rules, version, cfg.list_timeout, self.state)
             versions.add_servicers(self.server, proxy, proxy, versions=(version,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
@@ -75,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)
-    server = ProxyServer(cfg)
+    try:
+        server = ProxyServer(cfg)
+    except errors.VirtletError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     try:
         server.start()
     except errors.VirtletError as exc:

@@ -6,7 +6,7 @@ unit-tested without any gRPC (``tests/unit/test_proxy_routing.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from virtlet import errors
@@ -72,18 +72,21 @@ class Rules:
     def handler_for(self, runtime: str) -> str:
         return next((h for h, r in sorted(self.handlers.items()) if r == runtime), "")
 
-    def list_targets(self, *filter_ids: tuple[str, str]) -> tuple[set[str], dict[str, str]]:
-        """Backends a filtered list must ask, and the filter ids stripped for them.
+    def list_targets(self, *filter_ids: tuple[str, str],
+                     split: Callable[[str, str], tuple[str, str]] | None = None) -> tuple[set[str], dict[str, str]]:
+        """Backends a filtered list must ask, and the filter ids as that backend knows them.
 
         ``filter_ids`` are ``(what, value)`` pairs; empty values do not narrow.  Ids naming different
-        runtimes can match nothing, so no backend is asked.
+        runtimes can match nothing, so no backend is asked.  ``split`` resolves an id (default: the legacy
+        prefix form only; the proxy passes its id-index lookup).
         """
+        split = split or self.split_id
         targets = {PRIMARY, *self.secondaries}
         stripped: dict[str, str] = {}
         for what, value in filter_ids:
             if not value:
                 continue
-            runtime, raw = self.split_id(value, what)
+            runtime, raw = split(value, what)
             targets &= {runtime}
             stripped[what] = raw
         return targets, stripped

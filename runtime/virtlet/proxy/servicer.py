@@ -19,8 +19,9 @@ from virtlet.proxy import rewrite
 from virtlet.proxy.backends import Backends
 from virtlet.proxy.dispatch import IMG, NO_DEADLINE, RT, Dispatcher
 from virtlet.proxy.events import merged_events
-from virtlet.proxy.naming import PRIMARY, display, external_id, external_image
+from virtlet.proxy.naming import PRIMARY, display, external_image
 from virtlet.proxy.routing import Rules
+from virtlet.proxy.state import CONTAINER, SANDBOX, ProxyState
 
 log = logging.getLogger("virtlet.proxy")
 
@@ -29,8 +30,8 @@ class CriProxy(Dispatcher):
     """Routes CRI calls between the primary runtime and the secondaries (see docs/criproxy.md)."""
 
     def __init__(self, backends: Backends, rules: Rules, served_version: str = "v1",
-                 list_timeout: float = 2.0) -> None:
-        super().__init__(backends, rules, list_timeout)
+                 list_timeout: float = 2.0, state: ProxyState | None = None) -> None:
+        super().__init__(backends, rules, list_timeout, state)
         self.served_version = served_version
 
     # -- RuntimeService: runtime-wide ------------------------------------------------------------------------
@@ -85,7 +86,7 @@ class CriProxy(Dispatcher):
                       context: grpc.ServicerContext) -> api.RunPodSandboxResponse:
         runtime = self.rules.sandbox_runtime(request.runtime_handler, request.config.annotations)
         resp: api.RunPodSandboxResponse = self._call(runtime, RT, "RunPodSandbox", request, context)
-        resp.pod_sandbox_id = external_id(runtime, resp.pod_sandbox_id)
+        resp.pod_sandbox_id = self.state.record(runtime, SANDBOX, resp.pod_sandbox_id)
         return resp
 
     def StopPodSandbox(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -112,7 +113,7 @@ class CriProxy(Dispatcher):
         resp = api.ListPodSandboxResponse()
         for runtime, part in self._list("ListPodSandbox", request, context, ("id",)):
             for item in part.items:
-                item.id = external_id(runtime, item.id)
+                item.id = self.state.record(runtime, SANDBOX, item.id)
             resp.items.extend(part.items)
         return resp
 
@@ -151,7 +152,7 @@ class CriProxy(Dispatcher):
 
     def CreateContainer(self, request: api.CreateContainerRequest,
                         context: grpc.ServicerContext) -> api.CreateContainerResponse:
-        runtime, request.pod_sandbox_id = self.rules.split_id(request.pod_sandbox_id, "pod_sandbox_id")
+        runtime, request.pod_sandbox_id = self.split_id(request.pod_sandbox_id, "pod_sandbox_id")
         spec = request.config.image
         spec.image = self.rules.container_image(runtime, spec.image)
         for name in ("image_ref", "user_specified_image"):
@@ -159,7 +160,7 @@ class CriProxy(Dispatcher):
             if value and self.rules.split_image(value)[0] == runtime:
                 setattr(spec, name, self.rules.split_image(value)[1])
         resp: api.CreateContainerResponse = self._call(runtime, RT, "CreateContainer", request, context)
-        resp.container_id = external_id(runtime, resp.container_id)
+        resp.container_id = self.state.record(runtime, CONTAINER, resp.container_id)
         return resp
 
     def StartContainer(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -202,6 +203,7 @@ class CriProxy(Dispatcher):
         resp = api.ListContainersResponse()
         for runtime, part in self._list("ListContainers", request, context, ("id", "pod_sandbox_id")):
             for c in part.containers:
+                self.state.record(runtime, CONTAINER, c.id)
                 rewrite.container(runtime, c)
             resp.containers.extend(part.containers)
         return resp
