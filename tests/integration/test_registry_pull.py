@@ -201,3 +201,27 @@ def test_node_credentials_translation_and_bearer(world_dir: Path, netns_guard: N
             daemon.image().RemoveImage(api.RemoveImageRequest(image=api.ImageSpec(image=image_id)))
             assert _pull(daemon, f"{reg.host}/vm/tiny:v1", api.AuthConfig(registry_token=token)) == image_id
     _secret_free(world_dir, PASSWORD, OTHER_PASSWORD)
+
+
+@pytest.mark.libvirt
+@pytest.mark.network
+def test_vm_boots_from_registry_image(vm_virtletd: VirtletdProcess, world_dir: Path,
+                                      basic_registry: tuple[Registry, dict[str, str]]) -> None:
+    """One VM pod (real QEMU) from a containerDisk pulled with an imagePullSecret; the daemon runs at debug
+    level, which logs request bodies: the password must still not appear."""
+    from tests.integration.test_vm_lifecycle import MARKER, Pod
+
+    reg, digests = basic_registry
+    name = f"{reg.host}/vm/tiny:v1"
+    image_id = _pull(vm_virtletd, name, api.AuthConfig(username=USER, password=PASSWORD))
+    pod = Pod(vm_virtletd, world_dir, "vm-registry", image=name)
+    try:
+        pod.run_sandbox()
+        pod.create()
+        pod.start()
+        pod.wait_log(MARKER)
+        st = pod.status().status
+        assert st.image_ref == image_id, st
+    finally:
+        pod.stop_and_remove()
+    _secret_free(world_dir, PASSWORD)
