@@ -225,3 +225,30 @@ def test_vm_boots_from_registry_image(vm_virtletd: VirtletdProcess, world_dir: P
     finally:
         pod.stop_and_remove()
     _secret_free(world_dir, PASSWORD)
+
+
+def test_image_source_policy_applies_to_registries(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                                   tiny: Path) -> None:
+    """A plain reference chosen by a pod author is checked like an untranslated name (loopback denied); a
+    registry the admin listed is trusted, but the token realm it names is the registry's choice: checked."""
+    base = world_dir / "registry"
+    base.mkdir()
+    with TokenServer(base, {USER: PASSWORD}) as tokens, Registry(base, token=tokens) as reg:
+        Pusher(reg.host, "Bearer " + tokens.sign(USER, "repository:vm/tiny:pull,push")).container_disk(
+            "vm/tiny", "v1", tiny)
+        right = api.AuthConfig(username=USER, password=PASSWORD)
+        with _daemon(world_dir, netns_guard, loopback_cni, "registries: {}\n") as daemon:
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", right)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+            assert "image source policy" in err.details() and "127.0.0.0/8" in err.details()
+            assert tokens.requests == []
+            _nothing_stored(daemon, world_dir)
+        (world_dir / "virtletd.log").unlink()
+        with _daemon(world_dir, netns_guard, loopback_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", right)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+            assert "image source policy" in err.details() and tokens.url.removeprefix("http://").split(":")[0] \
+                in err.details()
+            assert tokens.requests == []  # refused before connecting
+            _nothing_stored(daemon, world_dir)
+    _secret_free(world_dir, PASSWORD)
