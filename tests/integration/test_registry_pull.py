@@ -252,3 +252,32 @@ def test_image_source_policy_applies_to_registries(world_dir: Path, netns_guard:
             assert tokens.requests == []  # refused before connecting
             _nothing_stored(daemon, world_dir)
     _secret_free(world_dir, PASSWORD)
+
+
+def test_sigkill_mid_registry_pull(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                   basic_registry: tuple[Registry, dict[str, str]]) -> None:
+    """virtletd SIGKILLed after the disk left the registry but before the commit: after the restart no partial
+    image is left and the pull works."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg, _digests = basic_registry
+    name, right = f"{reg.host}/vm/tiny:v1", api.AuthConfig(username=USER, password=PASSWORD)
+    with _daemon(world_dir, netns_guard, loopback_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+        daemon.stop()
+        daemon.env = {"VIRTLET_FAILPOINT": "image.pull.after_download"}
+        daemon.start()
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(_pull, daemon, name, right)
+            deadline = time.monotonic() + 120
+            while "failpoint image.pull.after_download reached" not in daemon.log():
+                assert not fut.done() and time.monotonic() < deadline, daemon.log()
+                time.sleep(0.1)
+            assert list((world_dir / "images" / "tmp").iterdir())  # the partial download exists now
+            daemon.kill()
+            with pytest.raises(grpc.RpcError):
+                fut.result(timeout=60)
+        daemon.env = {}
+        daemon.start()
+        _nothing_stored(daemon, world_dir)
+        assert _pull(daemon, name, right) == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
