@@ -281,3 +281,32 @@ def test_sigkill_mid_registry_pull(world_dir: Path, netns_guard: NetnsGuard, loo
         daemon.start()
         _nothing_stored(daemon, world_dir)
         assert _pull(daemon, name, right) == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+
+
+def test_virtletctl_image_push(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path, tiny: Path) -> None:
+    """``virtletctl image push`` publishes the tiny disk to a Bearer-auth registry; virtletd pulls it back."""
+    import subprocess
+    import sys
+
+    base = world_dir / "registry"
+    base.mkdir()
+    with TokenServer(base, {USER: PASSWORD}) as tokens, Registry(base, token=tokens) as reg:
+        cmd = [sys.executable, "-m", "virtlet.ctl.main", "image", "push", "--username", USER, "--password-stdin",
+               str(tiny), f"{reg.host}/vm/pushed:1"]
+        wrong = subprocess.run(cmd, input=OTHER_PASSWORD + "\n", capture_output=True, text=True, timeout=300)
+        assert wrong.returncode == 1 and "bad credentials" in wrong.stderr, wrong.stderr
+        assert OTHER_PASSWORD not in wrong.stderr + wrong.stdout
+        out = subprocess.run(cmd, input=PASSWORD + "\n", capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        ref = out.stdout.strip()
+        assert ref.startswith(f"{reg.host}/vm/pushed@sha256:")
+        bad = world_dir / "not-a-disk.img"
+        bad.write_text("hello, I am text\n")
+        refused = subprocess.run([*cmd[:-2], str(bad), f"{reg.host}/vm/bad:1"], input=PASSWORD + "\n",
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "not-a-disk.img" in refused.stderr, refused.stderr
+        config = f"registries:\n  '{reg.host}': {{}}\n"
+        with _daemon(world_dir, netns_guard, loopback_cni, config, ["--image-source-allow", "127.0.0.0/8"]) as d:
+            image_id = _pull(d, ref, api.AuthConfig(username=USER, password=PASSWORD))
+            assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+            assert _pull(d, f"{reg.host}/vm/pushed:1", api.AuthConfig(username=USER, password=PASSWORD)) == image_id
