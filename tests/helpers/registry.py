@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
+USER_OF_REFRESH = "refresh-user"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -196,6 +197,7 @@ class TokenServer:
 
         self.users = users
         self.requests: list[str] = []
+        self.refresh_token = "refresh-" + uuid.uuid4().hex  # accepted as an OAuth2 refresh token (POST)
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "virtlet-test-token")])
         now = time.time()
@@ -214,6 +216,19 @@ class TokenServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def do_POST(self) -> None:
+                server.requests.append(self.path)
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode())
+                ok = form.get("grant_type") == ["refresh_token"] and \
+                    form.get("refresh_token") == [server.refresh_token]
+                body = json.dumps({"access_token": server.sign(USER_OF_REFRESH, form.get("scope", [""])[0])}
+                                  if ok else {"errors": [{"code": "UNAUTHORIZED", "message": "bad refresh token"}]})
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
 
             def do_GET(self) -> None:
                 server.requests.append(self.path)

@@ -200,6 +200,14 @@ def test_node_credentials_translation_and_bearer(world_dir: Path, netns_guard: N
             token = tokens.sign(USER, "repository:vm/tiny:pull")
             daemon.image().RemoveImage(api.RemoveImageRequest(image=api.ImageSpec(image=image_id)))
             assert _pull(daemon, f"{reg.host}/vm/tiny:v1", api.AuthConfig(registry_token=token)) == image_id
+            # an identity token (OAuth2 refresh token) is POSTed to the realm, never put in a URL
+            daemon.image().RemoveImage(api.RemoveImageRequest(image=api.ImageSpec(image=image_id)))
+            auth_id = api.AuthConfig(identity_token=tokens.refresh_token)
+            assert _pull(daemon, f"{reg.host}/vm/tiny:v1", auth_id) == image_id
+            assert not any(tokens.refresh_token in r for r in tokens.requests)
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", api.AuthConfig(identity_token="refresh-wrong"))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "bad refresh token" in err.details()
+    _secret_free(world_dir, tokens.refresh_token)
     _secret_free(world_dir, PASSWORD, OTHER_PASSWORD)
 
 

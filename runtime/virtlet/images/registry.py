@@ -146,7 +146,7 @@ class RegistryClient:
             raise self._status_error(status, reason, path)
         return resp, conn
 
-    def _send(self, url: str, accept: str, authorization: str | None,
+    def _send(self, url: str, accept: str, authorization: str | None, form: dict[str, str] | None = None,
               ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         """One GET, following redirects under the policy; Authorization only to the registry host itself."""
         trusted = self.trusted
@@ -158,10 +158,14 @@ class RegistryClient:
                 headers["Accept"] = accept
             if authorization and urlsplit(url).netloc == host:
                 headers["Authorization"] = authorization
+            body = urlencode(form).encode() if form is not None else None
+            if body is not None:
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
             conn = self._connect(url, trusted)
             try:
                 parts = urlsplit(url)
-                conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                conn.request("POST" if body is not None else "GET",
+                             (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=body,
                              headers=headers)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
@@ -229,11 +233,13 @@ class RegistryClient:
         auth = None
         if creds is not None and creds.username and not creds.identity_token:
             auth = "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        if creds is not None and creds.identity_token:  # an OAuth2 refresh token, sent as a query (GET)
-            query.update(grant_type="refresh_token", refresh_token=creds.identity_token, client_id="virtlet")
-        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
+        form = None
+        if creds is not None and creds.identity_token:  # an OAuth2 refresh token: POSTed, never in a URL
+            form = {**query, "grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                    "client_id": "virtlet"}
+        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}" if form is None else realm
         trusted = self.trusted and urlsplit(realm).netloc == self.ref.host
-        resp, conn = self._send_token(url, auth, trusted)
+        resp, conn = self._send_token(url, auth, trusted, form)
         try:
             if resp.status != 200:
                 raise self._denied(f"the token server answered {resp.status} {resp.reason}", _reason(resp))
@@ -250,11 +256,11 @@ class RegistryClient:
         finally:
             conn.close()
 
-    def _send_token(self, url: str, auth: str | None, trusted: bool,
+    def _send_token(self, url: str, auth: str | None, trusted: bool, form: dict[str, str] | None,
                     ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         saved, self.trusted = self.trusted, trusted
         try:  # _send gives Authorization only to the host its URL starts with: here the realm's host
-            return self._send(url, "application/json", auth)
+            return self._send(url, "application/json", auth, form)
         finally:
             self.trusted = saved
 
