@@ -11,6 +11,8 @@ APT_PACKAGES=(
   containernetworking-plugins iproute2 iptables
   # the CRI proxy's primary runtime in tests
   containerd runc
+  # registry pulls in tests: a real registry (distribution v2) and htpasswd with bcrypt
+  docker-registry apache2-utils
   # guest image builds (tiny: mtools/syslinux/cpio/kmod; full: debootstrap/grub/e2fsprogs)
   mtools syslinux syslinux-common fdisk cpio kmod debootstrap grub-pc-bin e2fsprogs busybox-static
   # molecule: rootful podman nodes running systemd (iptables: podman's netavark needs it)

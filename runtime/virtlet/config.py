@@ -145,6 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image_max_size", 64 * 2**30, _size, "largest image download, in bytes or a quantity such as 64Gi"),
     Setting("image_name_fallback", True, _bool,
             "true: an image name no translation matches is fetched as <default scheme>://<name>; false: refused"),
+    Setting("image_registries_config", Path("/etc/virtlet/registries.yaml"), _path,
+            "YAML file of per-registry settings: node credentials, CA, insecure (plain HTTP); keep it 0600"),
     Setting("max_root_volume_size", 2**40, _size,
             "largest VirtletRootVolumeSize a pod may ask for, in bytes or a quantity such as 1Ti"),
     Setting("cni_bin_dir", (Path("/opt/cni/bin"), Path("/usr/lib/cni")), _path_list,
@@ -173,6 +175,7 @@ class Config:
     image_source_allow: tuple[str, ...] = ()
     image_max_size: int = 64 * 2**30
     image_name_fallback: bool = True
+    image_registries_config: Path = Path("/etc/virtlet/registries.yaml")
     max_root_volume_size: int = 2**40
     cni_bin_dir: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     cni_conf_dir: Path = Path("/etc/cni/net.d")

@@ -29,6 +29,7 @@ from virtlet.cri.image_service import ImageServicer
 from virtlet.cri.runtime_service import RuntimeServicer
 from virtlet.cri.server import CriServer
 from virtlet.images.policy import SourcePolicy
+from virtlet.images.registry_config import RegistryConfig
 from virtlet.images.store import ImageStore
 from virtlet.network.cni import CniConfigStore, CniRunner
 from virtlet.network.pod_network import PodNetwork
@@ -108,7 +109,8 @@ class Virtletd:
         self._secure_dirs_for_qemu()
         self.image_store = ImageStore(cfg.image_dir, cfg.image_translations_dir, cfg.image_default_scheme,
                                       in_use=self._images_in_use, policy=SourcePolicy.build(
-                                          cfg.image_source_allow, cfg.image_max_size, cfg.image_name_fallback))
+                                          cfg.image_source_allow, cfg.image_max_size, cfg.image_name_fallback),
+                                      registries=RegistryConfig(cfg.image_registries_config))
         self.cni_config = CniConfigStore(cfg.cni_conf_dir, cfg.cni_bin_dir)
         self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net")
         self.vms = VmManager(self.store, self.libvirt,

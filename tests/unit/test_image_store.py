@@ -246,5 +246,5 @@ def test_unknown_scheme_is_invalid_argument(store: ImageStore) -> None:
     tr = store.translator.directory
     tr.mkdir(exist_ok=True)
     (tr / "a.yaml").write_text("translations: [{name: x, url: 'https://h/x'}]\n")
-    with pytest.raises(errors.InvalidArgument, match="only http URLs"):
+    with pytest.raises(errors.InvalidArgument, match="only http and oci URLs"):
         store.pull("x")  # this store has only an http fetcher

@@ -2,6 +2,13 @@
 
 Names arrive without the ``virtlet.cloud/`` prefix (the CRI proxy strips it); a name that still carries it is
 accepted too, so virtletd can also be used directly with crictl.
+
+Registry pulls: a name a translation maps to an ``oci://`` URL is pulled from that registry.  A *plain*
+reference (``host[:port]/repo[:tag|@sha256:…]``) is pulled from a registry when the request says it is for a
+virtlet pod without the ``virtlet.cloud/`` name form: ``ImageSpec.runtime_handler`` is ``virtlet`` (kubelets
+with RuntimeClassInImageCriApi set it for pods of that RuntimeClass) and the name carries no
+``virtlet.cloud/`` prefix.  Any other name keeps its HTTP meaning, so existing pods do not change.
+``PullImageRequest.auth`` (from imagePullSecrets) is used for registry pulls only and is never logged.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.runtime_service import fill_unimplemented, service_method_names
+from virtlet.images.registry import Credentials
 
 PREFIX = "virtlet.cloud/"
+REGISTRY_HANDLER = "virtlet"
 
 
 def _name(spec: api.ImageSpec, what: str) -> str:
@@ -27,10 +36,21 @@ def _name(spec: api.ImageSpec, what: str) -> str:
 
 
 def _image(record: Any) -> api.Image:
-    names = list(record.names)
-    return api.Image(
-        id=record.digest, repo_tags=names, repo_digests=[f"{n}@{record.digest}" for n in names],
-        size=record.size, spec=api.ImageSpec(image=names[0] if names else record.digest))
+    """As containerd: ``repo:tag`` names are tags, ``repo@sha256:<manifest>`` names are digests.  An HTTP
+    image's name has neither (the URL is the version): it is shown as ``name:latest`` and
+    ``name@<content digest>``, forms clients such as crictl can parse."""
+    tags = [n if _has_tag(n) else f"{n}:latest" for n in record.names if "@" not in n]
+    digests = [n for n in record.names if "@" in n] or [f"{n}@{record.digest}" for n in record.names]
+    return api.Image(id=record.digest, repo_tags=tags, repo_digests=digests, size=record.size,
+                     spec=api.ImageSpec(image=(tags or digests or [record.digest])[0]))
+
+
+def _has_tag(name: str) -> bool:
+    return name.rfind(":") > name.rfind("/") >= 0
+
+
+def _credentials(auth: api.AuthConfig) -> Credentials | None:
+    return Credentials.build(auth.username, auth.password, auth.auth, auth.identity_token, auth.registry_token)
 
 
 class ImageServicer(api_grpc.ImageServiceServicer):
@@ -39,8 +59,10 @@ class ImageServicer(api_grpc.ImageServiceServicer):
 
     def PullImage(self, request: api.PullImageRequest, context: grpc.ServicerContext) -> api.PullImageResponse:
         name = _name(request.image, "PullImage")
-        record = self.store.pull(name)
-        return api.PullImageResponse(image_ref=self.store.ref(record, name))
+        registry = (request.image.runtime_handler == REGISTRY_HANDLER
+                    and not request.image.image.strip().startswith(PREFIX))
+        record = self.store.pull(name, credentials=_credentials(request.auth), registry=registry)
+        return api.PullImageResponse(image_ref=record.digest)  # the image id, as containerd answers
 
     def ImageStatus(self, request: api.ImageStatusRequest,
                     context: grpc.ServicerContext) -> api.ImageStatusResponse:

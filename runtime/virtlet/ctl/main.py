@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--log", action="append", default=[], metavar="GLOB", help="extra log files to include")
 
     sub.add_parser("version", help="print versions")
+
+    image = sub.add_parser("image", help="VM disk images")
+    isub = image.add_subparsers(dest="image_command", required=True, metavar="SUBCOMMAND")
+    push = isub.add_parser("push", help="publish a qcow2/raw disk as a containerDisk image: push FILE REF")
+    push.add_argument("file", metavar="FILE")
+    push.add_argument("ref", metavar="REF", help="host[:port]/repository[:tag]")
+    push.add_argument("--username", default="", help="registry user (password: VIRTLET_REGISTRY_PASSWORD or "
+                                                     "--password-stdin)")
+    push.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    push.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries always use it)")
+    push.add_argument("--ca-file", default=None, help="PEM CA to trust for the registry")
     return p
 
 
@@ -250,8 +261,25 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ssh": cmd_ssh, "vnc": cmd_vnc, "console": cmd_console, "dump-metadata": cmd_dump_metadata,
-            "diag": cmd_diag, "version": cmd_version}
+def cmd_image(args: argparse.Namespace) -> int:
+    from virtlet import errors
+    from virtlet.images.push import Pusher
+    from virtlet.images.registry import Credentials
+
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else \
+        os.environ.get("VIRTLET_REGISTRY_PASSWORD", "")
+    ca = Path(args.ca_file).read_text() if args.ca_file else None
+    try:
+        pusher = Pusher(args.ref, Credentials.build(args.username, password), args.insecure, ca)
+        digest = pusher.push(Path(args.file))
+    except errors.VirtletError as exc:
+        raise CtlError(str(exc)) from exc
+    print(f"{pusher.ref.name}@{digest}")
+    return 0
+
+
+COMMANDS = {"ssh": cmd_ssh, "image": cmd_image, "vnc": cmd_vnc, "console": cmd_console,
+            "dump-metadata": cmd_dump_metadata, "diag": cmd_diag, "version": cmd_version}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

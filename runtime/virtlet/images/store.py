@@ -25,20 +25,22 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from virtlet import errors, failpoints
-from virtlet.images import names, validate
-from virtlet.images.fetch import Fetcher, HttpFetcher
+from virtlet.images import containerdisk, names, validate
+from virtlet.images import registry as reg
+from virtlet.images.fetch import Fetcher, FetchInfo, HttpFetcher
 from virtlet.images.policy import SourcePolicy
 from virtlet.images.progress import ProgressLog
+from virtlet.images.registry import Credentials
+from virtlet.images.registry_config import RegistryConfig
 from virtlet.images.sink import HashingFileSink, disk
 from virtlet.images.translate import Source, Translator
-from virtlet.images.transport import TransportProfile
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +79,23 @@ class ImageStore:
     def __init__(self, image_dir: Path, translations_dir: Path, default_scheme: str = "https",
                  in_use: Callable[[], set[str]] = lambda: set(),
                  fetchers: Mapping[str, Fetcher] | None = None, progress_interval: float = 5.0,
-                 policy: SourcePolicy | None = None) -> None:
+                 policy: SourcePolicy | None = None, registries: RegistryConfig | None = None) -> None:
         self.image_dir = Path(image_dir)
         self.data_dir = self.image_dir / "data"
         self.tmp_dir = self.image_dir / "tmp"
         self.in_use = in_use
         self.progress_interval = progress_interval
         self.policy = policy or SourcePolicy()
+        self.registries = registries or RegistryConfig(None)
         http = HttpFetcher(self.policy)
         self.fetchers: dict[str, Fetcher] = dict(fetchers) if fetchers is not None else {"http": http,
                                                                                           "https": http}
-        self.translator = Translator(Path(translations_dir), default_scheme, schemes=tuple(self.fetchers),
+        self.translator = Translator(Path(translations_dir), default_scheme, schemes=(*self.fetchers, "oci"),
                                      fallback=self.policy.name_fallback)
         for d in (self.image_dir, self.data_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._inflight: dict[tuple[str, bool, TransportProfile, str | None], Future[str]] = {}
+        self._inflight: dict[Hashable, Future[str]] = {}
         self._db = sqlite3.connect(self.image_dir / "images.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -143,34 +146,71 @@ class ImageStore:
 
     # -- pull -----------------------------------------------------------------------------------------------
 
-    def pull(self, name: str) -> ImageRecord:
-        """Download (or reuse, when pinned and present) the image and index ``name`` -> its digest."""
+    def pull(self, name: str, credentials: Credentials | None = None, registry: bool = False) -> ImageRecord:
+        """Download (or reuse, when pinned and present) the image and index ``name`` -> its digest.
+
+        ``registry``: ``name`` is a plain registry reference (no translation); a translation to an ``oci://``
+        URL also pulls from a registry.  ``credentials`` (CRI AuthConfig) are used for registry pulls only."""
+        if registry:
+            ref = reg.parse_reference(name.strip(), f"image {name[:200]!r}")
+            return self._pull_registry(ref, credentials, trusted=False)
         parsed = names.parse(name)
         digest = parsed.digest
         source = self.translator.resolve(parsed.name)  # also when pinned: image_name_fallback applies
+        if urlsplit(source.url).scheme == "oci":
+            ref = reg.parse_reference(source.url.removeprefix("oci://"), f"image {parsed.name!r} ({source.origin})")
+            return self._pull_registry(ref, credentials, source.trusted, source.transport.timeout)
         if digest is None or self._record(digest) is None:
-            digest = self._shared_download(source, parsed.digest)
+            digest = self._shared_download((source.url, source.trusted, source.transport, parsed.digest),
+                                           source.name, source.url, lambda sink: self._fetch(source, sink),
+                                           parsed.digest, source.origin)
+        return self._named(parsed.name, digest, name)
+
+    def _named(self, name: str, digest: str, asked: str, *more: str) -> ImageRecord:
         failpoints.hit("image.pull.after_commit")
-        self._name(parsed.name, digest)
+        for n in (name, *more):
+            self._name(n, digest)
         record = self._record(digest)
         if record is None:
-            raise errors.Unavailable(f"image {name!r} was removed while it was being pulled; pull it again")
+            raise errors.Unavailable(f"image {asked!r} was removed while it was being pulled; pull it again")
         return record
 
-    def _shared_download(self, source: Source, pin: str | None) -> str:
+    def _fetch(self, source: Source, sink: HashingFileSink) -> FetchInfo:
+        return self.fetchers[urlsplit(source.url).scheme].fetch(source, sink)
+
+    def _pull_registry(self, ref: reg.Reference, creds: Credentials | None, trusted: bool,
+                       timeout: float = 60.0) -> ImageRecord:
+        """A containerDisk from a registry: the manifest is always asked for (a tag may move); the blobs only
+        when no stored image has that manifest digest already."""
+        if ref.digest and (stored := self._resolve_name(f"{ref.name}@{ref.digest}")):
+            return self._named(f"{ref.name}@{ref.digest}", stored, str(ref))  # pinned and present: no network
+        client = reg.RegistryClient(ref, creds, self.registries.lookup(ref.host), self.policy, trusted, timeout)
+        manifest = containerdisk.resolve(client, self.policy.max_size)
+        by_digest = f"{ref.name}@{manifest.digest}"
+        digest = self._resolve_name(by_digest) or self._resolve_name(f"{ref.name}@{manifest.image_digest}")
+        if digest is None:
+            key = ("oci", by_digest, trusted, client.creds.key() if client.creds else "")
+            digest = self._shared_download(
+                key, str(ref), f"{client.base}/v2/{ref.repo}",
+                lambda sink: containerdisk.fetch_disk(client, manifest, sink, self.policy.max_size),
+                None, "registry")
+        tags = (f"{ref.name}:{ref.tag}",) if ref.tag else ()
+        return self._named(by_digest, digest, str(ref), *tags)
+
+    def _shared_download(self, key: Hashable, name: str, url: str, fetch: Callable[[HashingFileSink], FetchInfo],
+                         pin: str | None, origin: str) -> str:
         # Only identical requests share a download: an untrusted pull of a URL must not ride on a trusted
-        # (unchecked) download of the same URL, nor on another transport's credentials.
-        key = (source.url, source.trusted, source.transport, pin)
+        # (unchecked) download of the same URL, nor on another transport's or another user's credentials.
         with self._lock:
             fut = self._inflight.get(key)
             leader = fut is None
             if fut is None:
                 fut = self._inflight[key] = Future()
         if not leader:
-            log.info("pull of %s joins the download of %s in progress", source.name, source.url)
+            log.info("pull of %s joins the download of %s in progress", name, url)
             return fut.result()
         try:
-            digest = self._download(source, pin)
+            digest = self._download(name, url, fetch, pin, origin)
             fut.set_result(digest)
             return digest
         except BaseException as exc:
@@ -180,16 +220,16 @@ class ImageStore:
             with self._lock:
                 del self._inflight[key]
 
-    def _download(self, source: Source, pin: str | None) -> str:
-        fetcher = self.fetchers[urlsplit(source.url).scheme]
-        what = f"image {source.name!r} from {source.url}"
-        progress = ProgressLog(f"pull {source.name} from {source.url}", self.progress_interval)
-        log.info("pulling %s (%s)", what, source.origin)
+    def _download(self, name: str, url: str, fetch: Callable[[HashingFileSink], FetchInfo], pin: str | None,
+                  origin: str) -> str:
+        what = f"image {name!r} from {url}"
+        progress = ProgressLog(f"pull {name} from {url}", self.progress_interval)
+        log.info("pulling %s (%s)", what, origin)
         fd, tmp = disk(lambda: tempfile.mkstemp(dir=self.tmp_dir, suffix=".part"), what)
         try:
             sink = HashingFileSink(fd, progress, what)
             try:
-                info = fetcher.fetch(source, sink)
+                info = fetch(sink)
                 digest = f"sha256:{sink.finish()}"
             except BaseException:
                 sink.abort()
@@ -297,8 +337,16 @@ class ImageStore:
 
     # -- helpers --------------------------------------------------------------------------------------------
 
+    def _resolve_name(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT digest FROM names WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
     def _resolve(self, ref: str) -> str | None:
-        """The digest a ref names, if it is in the index."""
+        """The digest a ref names, if it is in the index (an exact name such as ``host/repo:tag`` first)."""
+        exact = self._resolve_name(ref.strip().removeprefix(names.PREFIX))
+        if exact is not None:
+            return exact
         digest = names.digest_of(ref)
         if digest is None:
             try:

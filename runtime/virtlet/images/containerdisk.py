@@ -1,0 +1,229 @@
+"""containerDisk images from a registry: manifest negotiation, and the disk streamed out of a tar layer.
+
+A containerDisk (KubeVirt's format) is an ordinary image whose layer holds one regular file under ``/disk/``
+(qcow2 or raw).  ``resolve`` fetches the manifest the reference names (OCI manifest or index, Docker schema 2
+manifest or list; from an index linux/amd64 is chosen) and verifies its sha256 against a pinned digest;
+``fetch_disk`` streams each layer blob once: the blob's sha256 and size are verified on the fly, it is
+decompressed (gzip, zstd with the optional ``zstandard`` module, or none), the tar stream is read and the bytes
+of the disk file go straight into the store's sink (which hashes and writes them).  Nothing is unpacked to
+disk.  The image's digest in the store is the digest of the disk file; the manifest digest becomes the name
+``<repo>@sha256:<manifest digest>``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+from virtlet import errors, quantity
+from virtlet.images.fetch import FetchInfo, Sink
+from virtlet.images.registry import MAX_SMALL_BODY, RegistryClient
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
+_INDEXES = (OCI_INDEX, DOCKER_LIST)
+_TAR = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar")
+PLATFORM = ("linux", "amd64")
+
+
+@dataclass(frozen=True)
+class Layer:
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str  # of what the reference names (an index when it names one): the repo digest
+    layers: tuple[Layer, ...]
+    image_digest: str  # of the image manifest (the platform's, when ``digest`` is an index)
+
+
+def resolve(client: RegistryClient, max_size: int) -> Manifest:
+    ref = client.ref
+    body, media_type, digest = _manifest(client, ref.digest or ref.tag or "latest", ref.digest)
+    doc = _json(body, client.what)
+    media_type = doc.get("mediaType") or media_type
+    image_digest = digest
+    if media_type in _INDEXES or "manifests" in doc:
+        chosen = _platform(doc.get("manifests"), client.what)
+        body, media_type, image_digest = _manifest(client, chosen, chosen)
+        doc = _json(body, client.what)
+    layers = []
+    for entry in doc.get("layers") or []:
+        try:
+            layer = Layer(str(entry["digest"]), int(entry["size"]), str(entry.get("mediaType", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad(client, "a layer without digest or size") from exc
+        if not layer.digest.startswith("sha256:") or len(layer.digest) != 71 or layer.size < 0:
+            raise _bad(client, f"layer digest {layer.digest[:80]!r} is not sha256:<hex>")
+        if layer.size > max_size:
+            raise errors.ResourceExhausted(
+                f"{client.what}: a layer is {layer.size} bytes, more than this node's maximum image size "
+                f"{quantity.format_bytes(max_size)}; the node admin sets it with image_max_size")
+        layers.append(layer)
+    if not layers:
+        raise _bad(client, "the manifest has no layers")
+    return Manifest(digest, tuple(layers), image_digest)
+
+
+def _manifest(client: RegistryClient, ref: str, pin: str | None) -> tuple[bytes, str, str]:
+    resp, conn = client.get(f"manifests/{ref}", ACCEPT)
+    try:
+        body = resp.read(MAX_SMALL_BODY + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise client._network(exc, f"{client.base}/v2/{client.ref.repo}/manifests/{ref}") from exc
+    finally:
+        conn.close()
+    if len(body) > MAX_SMALL_BODY:
+        raise _bad(client, f"the manifest is larger than {MAX_SMALL_BODY} bytes")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if pin and digest != pin:
+        raise errors.FailedPrecondition(
+            f"{client.what}: the registry sent a manifest with digest {digest}, not the requested {pin}")
+    return body, (resp.getheader("Content-Type") or "").split(";")[0].strip(), digest
+
+
+def _platform(entries: Any, what: str) -> str:
+    found = []
+    for e in entries if isinstance(entries, list) else []:
+        p = e.get("platform") or {} if isinstance(e, dict) else {}
+        found.append(f"{p.get('os')}/{p.get('architecture')}")
+        if (p.get("os"), p.get("architecture")) == PLATFORM and isinstance(e.get("digest"), str):
+            if e["digest"].startswith("sha256:") and len(e["digest"]) == 71:
+                return str(e["digest"])
+    raise errors.NotFound(f"{what}: the image index has no {'/'.join(PLATFORM)} image "
+                          f"(it has: {', '.join(found[:10]) or 'nothing'})")
+
+
+def fetch_disk(client: RegistryClient, manifest: Manifest, sink: Sink, max_size: int) -> FetchInfo:
+    """Stream the single regular file under ``/disk/`` of the layers into ``sink``."""
+    found: str | None = None
+    for layer in manifest.layers:
+        resp, conn = client.get(f"blobs/{layer.digest}")
+        try:
+            blob = _VerifiedBlob(resp, layer, client)
+            found = _disk_from_tar(_decompressed(blob, layer, client), sink, found, max_size, client) or found
+            blob.drain_and_verify()
+        except (OSError, http.client.HTTPException, EOFError, tarfile.TarError, ValueError) as exc:
+            if isinstance(exc, errors.VirtletError):
+                raise
+            if isinstance(exc, OSError | http.client.HTTPException) and not isinstance(exc, gzip.BadGzipFile):
+                raise client._network(exc, f"{client.base}/v2/{client.ref.repo}/blobs/{layer.digest}") from exc
+            raise _bad(client, f"layer {layer.digest[:19]}… is not a readable tar ({exc})") from exc
+        finally:
+            conn.close()
+    if found is None:
+        raise errors.InvalidArgument(
+            f"{client.what}: no regular file under /disk/ in its layers; a containerDisk image holds the VM "
+            "disk (qcow2 or raw) as the single file in /disk/")
+    return FetchInfo(f"{client.base}/v2/{client.ref.repo}", "")
+
+
+def _decompressed(blob: _VerifiedBlob, layer: Layer, client: RegistryClient) -> Any:
+    mt = layer.media_type
+    if mt in _TAR:
+        return blob
+    if mt.endswith("+gzip") or mt.endswith(".tar.gzip"):
+        return gzip.GzipFile(fileobj=blob, mode="rb")
+    if mt.endswith("+zstd"):
+        try:
+            import zstandard  # type: ignore[import-not-found]  # optional: python3-zstandard
+        except ImportError as exc:
+            raise errors.FailedPrecondition(
+                f"{client.what}: the layer is zstd-compressed and this node lacks the zstandard module") from exc
+        return zstandard.ZstdDecompressor().stream_reader(blob)
+    raise _bad(client, f"layer media type {mt[:100]!r} is not a tar layer (plain, gzip or zstd)")
+
+
+def _disk_from_tar(stream: Any, sink: Sink, found: str | None, max_size: int,
+                   client: RegistryClient) -> str | None:
+    mine = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            path = posixpath.normpath("/" + member.name)
+            if not path.startswith("/disk/") or not member.isreg():
+                continue
+            if found or mine:
+                raise errors.InvalidArgument(
+                    f"{client.what}: more than one file under /disk/ ({found or mine}, {path}); a containerDisk "
+                    "holds exactly one disk file")
+            if member.size > max_size:
+                raise errors.ResourceExhausted(
+                    f"{client.what}: {path} is {member.size} bytes, more than this node's maximum image size "
+                    f"{quantity.format_bytes(max_size)} (image_max_size)")
+            mine = path
+            sink.expect(member.size)
+            src = tar.extractfile(member)
+            assert src is not None
+            left = member.size
+            while left:
+                with sink.buffer() as view:
+                    n = src.readinto(view[:min(len(view), left)])  # type: ignore[attr-defined]
+                if not n:
+                    raise EOFError(f"{path} ends early")
+                sink.commit(n)
+                left -= n
+    return mine
+
+
+class _VerifiedBlob(io.RawIOBase):
+    """The blob body, hashed and counted as it is read; ``drain_and_verify`` checks size and sha256."""
+
+    def __init__(self, resp: http.client.HTTPResponse, layer: Layer, client: RegistryClient) -> None:
+        self.resp, self.layer, self.client = resp, layer, client
+        self.hash = hashlib.sha256()
+        self.got = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.resp.readinto(b) or 0
+        if n:
+            self.hash.update(memoryview(b)[:n])
+            self.got += n
+            if self.got > self.layer.size:
+                raise self._corrupt(f"it is longer than the {self.layer.size} bytes the manifest says")
+        elif self.got < self.layer.size:
+            raise errors.Unavailable(
+                f"{self.client.what}: blob {self.layer.digest} ended after {self.got} of {self.layer.size} bytes "
+                "(truncated); the pull will be retried")
+        return n
+
+    def drain_and_verify(self) -> None:
+        buf = bytearray(1 << 16)
+        while self.readinto(buf):
+            pass
+        digest = "sha256:" + self.hash.hexdigest()
+        if digest != self.layer.digest:
+            raise self._corrupt(f"its content has digest {digest}")
+
+    def _corrupt(self, why: str) -> errors.VirtletError:
+        return errors.FailedPrecondition(
+            f"{self.client.what}: blob {self.layer.digest} from the registry does not match the manifest: {why}")
+
+
+def _json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise errors.FailedPrecondition(f"{what}: the registry's manifest is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise errors.FailedPrecondition(f"{what}: the registry's manifest is not a JSON object")
+    return doc
+
+
+def _bad(client: RegistryClient, why: str) -> errors.VirtletError:
+    return errors.InvalidArgument(f"{client.what}: not a usable containerDisk image: {why}")

@@ -1,0 +1,320 @@
+"""Registry pulls through the real virtletd over gRPC, from a real registry (Debian's docker-registry,
+distribution v2) on loopback: htpasswd Basic auth, a Bearer token server, containerDisk images pushed from the
+project's tiny guest image (OCI and Docker manifests, an index), and the failure cases."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from tests.helpers.registry import REGISTRY_BIN, Pusher, Registry, TokenServer, basic
+from tests.integration.conftest import NetnsGuard, running_virtletd
+from virtlet.cri.gen import api_pb2 as api
+
+pytestmark = pytest.mark.skipif(not os.path.exists(REGISTRY_BIN), reason="docker-registry is not installed")
+
+USER, PASSWORD = "alice", "pw-Zq81-secret"
+OTHER_PASSWORD = "pw-wrong-Xk2"
+
+
+def _pull(daemon: VirtletdProcess, name: str, auth: api.AuthConfig | None = None) -> str:
+    req = api.PullImageRequest(image=api.ImageSpec(image=name, runtime_handler="virtlet"), auth=auth)
+    return str(daemon.image().PullImage(req, timeout=300).image_ref)
+
+
+def _pull_error(daemon: VirtletdProcess, name: str, auth: api.AuthConfig | None = None) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as exc:
+        _pull(daemon, name, auth)
+    return exc.value
+
+
+def _nothing_stored(daemon: VirtletdProcess, world: Path) -> None:
+    assert list(daemon.image().ListImages(api.ListImagesRequest()).images) == []
+    assert list((world / "images" / "data").iterdir()) == []
+    assert list((world / "images" / "tmp").iterdir()) == []
+
+
+def _secret_free(world: Path, *secrets: str) -> None:
+    """No secret in the daemon's log, state db or image store (the registry's own files are not ours)."""
+    for path in [world / "virtletd.log", *(world / "state").rglob("*"), *(world / "images").rglob("*")]:
+        if path.is_file() and path.stat().st_size < (64 << 20):
+            data = path.read_bytes()
+            for s in secrets:
+                assert s.encode() not in data, f"secret found in {path}"
+                assert base64.b64encode(f"{USER}:{s}".encode()) not in data, f"secret found in {path}"
+
+
+@pytest.fixture
+def tiny(tiny_image: Path) -> Path:
+    return tiny_image
+
+
+@pytest.fixture
+def basic_registry(world_dir: Path, tiny: Path) -> Iterator[tuple[Registry, dict[str, str]]]:
+    base = world_dir / "registry"
+    base.mkdir()
+    with Registry(base, users={USER: PASSWORD}) as reg:
+        push = Pusher(reg.host, basic(USER, PASSWORD))
+        digests = {"v1": push.container_disk("vm/tiny", "v1", tiny)}
+        digests["plain"] = push.container_disk("vm/tiny", "plain", tiny, compress=False, docker=True)
+        other = push.container_disk("vm/tiny", "arm", tiny, extra={"disk-not/x": b"x"})
+        digests["multi"] = push.index("vm/tiny", "multi", {"linux/arm64": other, "linux/amd64": digests["v1"]})
+        digests["broken"] = push.container_disk("vm/broken", "v1", tiny, extra={"etc/pad": os.urandom(4096)})
+        yield reg, digests
+
+
+def _daemon(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path, registries: str,
+            extra: list[str] | None = None) -> Any:
+    config = world_dir / "registries.yaml"
+    config.write_text(registries)
+    config.chmod(0o600)
+    return running_virtletd(world_dir, netns_guard, loopback_cni, [
+        "--libvirt-uri", "test:///default", "--kvm", "off", "--image-registries-config", str(config),
+        *(extra or [])])
+
+
+def test_basic_auth_pull_cache_and_errors(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                          basic_registry: tuple[Registry, dict[str, str]]) -> None:
+    reg, digests = basic_registry
+    ref = f"{reg.host}/vm/tiny"
+    right = api.AuthConfig(username=USER, password=PASSWORD)
+    with _daemon(world_dir, netns_guard, loopback_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+        err = _pull_error(daemon, f"{ref}:v1")
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+        assert "requires a username and password" in err.details() and "imagePullSecret" in err.details()
+        _nothing_stored(daemon, world_dir)
+        wrong_auth = base64.b64encode(f"{USER}:{OTHER_PASSWORD}".encode()).decode()
+        err = _pull_error(daemon, f"{ref}:v1", api.AuthConfig(auth=wrong_auth))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+        assert "authentication required" in err.details()  # the registry's own reason
+        assert OTHER_PASSWORD not in err.details()
+        _nothing_stored(daemon, world_dir)
+
+        results: list[str] = []
+        threads = [threading.Thread(target=lambda: results.append(_pull(daemon, f"{ref}:v1", right)))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(results)) == 1 and results[0].startswith("sha256:")  # the image id, as containerd
+        image_id = results[0]
+        assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+        assert daemon.log().count("pulling image") == 1  # three concurrent pulls, one download
+        listed = daemon.image().ListImages(api.ListImagesRequest()).images
+        assert [i.id for i in listed] == [image_id]
+        assert list(listed[0].repo_tags) == [f"{ref}:v1"]
+        assert list(listed[0].repo_digests) == [f"{ref}@{digests['v1']}"]
+        status = daemon.image().ImageStatus(api.ImageStatusRequest(image=api.ImageSpec(image=f"{ref}:v1")))
+        assert status.image.id == image_id
+
+        assert _pull(daemon, f"{ref}@{digests['v1']}") == image_id  # pinned and present: no registry call
+        assert _pull(daemon, f"{ref}:v1", right) == image_id  # the manifest is asked for, no blob
+        assert daemon.log().count("pulling image") == 1
+        # an index: linux/amd64 is chosen; same manifest as v1 -> same image, nothing downloaded
+        assert _pull(daemon, f"{ref}:multi", right) == image_id
+        assert _pull(daemon, f"{ref}:plain", right) == image_id  # Docker schema 2, uncompressed layer
+        assert daemon.log().count("pulling image") == 2
+
+        err = _pull_error(daemon, f"{ref}@sha256:{'0' * 64}", right)
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+        err = _pull_error(daemon, f"{reg.host}/vm/nothing-here:v1", right)
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+        err = _pull_error(daemon, f"{reg.host}/Bad Name", right)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+
+        manifest_layers = _truncate_layer(reg, "vm/broken", digests["broken"])
+        assert manifest_layers
+        before = {p.name for p in (world_dir / "images" / "data").iterdir()}
+        err = _pull_error(daemon, f"{reg.host}/vm/broken:v1", right)
+        assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION), err.details()
+        assert "blob" in err.details() or "closed" in err.details(), err.details()
+        assert {p.name for p in (world_dir / "images" / "data").iterdir()} == before
+        assert list((world_dir / "images" / "tmp").iterdir()) == []
+    _secret_free(world_dir, PASSWORD, OTHER_PASSWORD)
+
+
+_TINY: bytes | None = None
+
+
+def reg_tiny_bytes() -> bytes:
+    global _TINY
+    if _TINY is None:
+        from tests.integration.conftest import GUEST_IMAGES
+
+        _TINY = (Path(os.environ.get("VIRTLET_TINY_IMAGE", GUEST_IMAGES / "tiny.qcow2"))).read_bytes()
+    return _TINY
+
+
+def _truncate_layer(reg: Registry, repo: str, manifest_digest: str) -> list[str]:
+    """Cut the (gzip) layer blob of a pushed image in the registry's storage to half its size."""
+    import json
+
+    doc = json.loads(reg.blob_path(manifest_digest).read_bytes())
+    layers = [layer["digest"] for layer in doc["layers"]]
+    path = reg.blob_path(layers[0])
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    return layers
+
+
+def test_node_credentials_translation_and_bearer(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                                 tiny: Path) -> None:
+    """A translation to an oci:// URL with node credentials from the registries config, through a registry
+    that uses the Bearer token flow (WWW-Authenticate realm/service/scope)."""
+    base = world_dir / "registry"
+    base.mkdir()
+    with TokenServer(base, {USER: PASSWORD}) as tokens, Registry(base, token=tokens) as reg:
+        pusher = Pusher(reg.host, "Bearer " + tokens.sign(USER, "repository:vm/tiny:pull,push"))
+        digest = pusher.container_disk("vm/tiny", "v1", tiny)
+        (world_dir / "translations").mkdir()
+        (world_dir / "translations" / "reg.yaml").write_text(
+            f"translations:\n  - name: disks/tiny\n    url: oci://{reg.host}/vm/tiny:v1\n")
+        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        config = f"registries:\n  '{reg.host}':\n    auth: {{auth: '{auth}'}}\n"
+        # the token realm is chosen by the registry, so the image source policy checks it: loopback allowed
+        with _daemon(world_dir, netns_guard, loopback_cni, config,
+                     ["--image-source-allow", "127.0.0.0/8"]) as daemon:
+            image_id = str(daemon.image().PullImage(api.PullImageRequest(
+                image=api.ImageSpec(image="virtlet.cloud/disks/tiny:latest")), timeout=300).image_ref)
+            assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+            assert any("scope=repository%3Avm%2Ftiny%3Apull" in r for r in tokens.requests), tokens.requests
+            listed = daemon.image().ListImages(api.ListImagesRequest()).images
+            assert f"{reg.host}/vm/tiny@{digest}" in listed[0].repo_digests
+            # a pull's own credentials win over the node's: wrong ones fail with the token server's reason
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", api.AuthConfig(username=USER,
+                                                                                 password=OTHER_PASSWORD))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+            assert "bad credentials" in err.details()
+            # a registry token (from an imagePullSecret) is used as the Bearer token directly
+            token = tokens.sign(USER, "repository:vm/tiny:pull")
+            daemon.image().RemoveImage(api.RemoveImageRequest(image=api.ImageSpec(image=image_id)))
+            assert _pull(daemon, f"{reg.host}/vm/tiny:v1", api.AuthConfig(registry_token=token)) == image_id
+            # an identity token (OAuth2 refresh token) is POSTed to the realm, never put in a URL
+            daemon.image().RemoveImage(api.RemoveImageRequest(image=api.ImageSpec(image=image_id)))
+            auth_id = api.AuthConfig(identity_token=tokens.refresh_token)
+            assert _pull(daemon, f"{reg.host}/vm/tiny:v1", auth_id) == image_id
+            assert not any(tokens.refresh_token in r for r in tokens.requests)
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", api.AuthConfig(identity_token="refresh-wrong"))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "bad refresh token" in err.details()
+    _secret_free(world_dir, tokens.refresh_token)
+    _secret_free(world_dir, PASSWORD, OTHER_PASSWORD)
+
+
+@pytest.mark.libvirt
+@pytest.mark.network
+def test_vm_boots_from_registry_image(vm_virtletd: VirtletdProcess, world_dir: Path,
+                                      basic_registry: tuple[Registry, dict[str, str]]) -> None:
+    """One VM pod (real QEMU) from a containerDisk pulled with an imagePullSecret; the daemon runs at debug
+    level, which logs request bodies: the password must still not appear."""
+    from tests.integration.test_vm_lifecycle import MARKER, Pod
+
+    reg, digests = basic_registry
+    name = f"{reg.host}/vm/tiny:v1"
+    image_id = _pull(vm_virtletd, name, api.AuthConfig(username=USER, password=PASSWORD))
+    pod = Pod(vm_virtletd, world_dir, "vm-registry", image=name)
+    try:
+        pod.run_sandbox()
+        pod.create()
+        pod.start()
+        pod.wait_log(MARKER)
+        st = pod.status().status
+        assert st.image_ref == image_id, st
+    finally:
+        pod.stop_and_remove()
+    _secret_free(world_dir, PASSWORD)
+
+
+def test_image_source_policy_applies_to_registries(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                                   tiny: Path) -> None:
+    """A plain reference chosen by a pod author is checked like an untranslated name (loopback denied); a
+    registry the admin listed is trusted, but the token realm it names is the registry's choice: checked."""
+    base = world_dir / "registry"
+    base.mkdir()
+    with TokenServer(base, {USER: PASSWORD}) as tokens, Registry(base, token=tokens) as reg:
+        Pusher(reg.host, "Bearer " + tokens.sign(USER, "repository:vm/tiny:pull,push")).container_disk(
+            "vm/tiny", "v1", tiny)
+        right = api.AuthConfig(username=USER, password=PASSWORD)
+        with _daemon(world_dir, netns_guard, loopback_cni, "registries: {}\n") as daemon:
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", right)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+            assert "image source policy" in err.details() and "127.0.0.0/8" in err.details()
+            assert tokens.requests == []
+            _nothing_stored(daemon, world_dir)
+        (world_dir / "virtletd.log").unlink()
+        with _daemon(world_dir, netns_guard, loopback_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+            err = _pull_error(daemon, f"{reg.host}/vm/tiny:v1", right)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+            assert "image source policy" in err.details() and tokens.url.removeprefix("http://").split(":")[0] \
+                in err.details()
+            assert tokens.requests == []  # refused before connecting
+            _nothing_stored(daemon, world_dir)
+    _secret_free(world_dir, PASSWORD)
+
+
+def test_sigkill_mid_registry_pull(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                   basic_registry: tuple[Registry, dict[str, str]]) -> None:
+    """virtletd SIGKILLed after the disk left the registry but before the commit: after the restart no partial
+    image is left and the pull works."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg, _digests = basic_registry
+    name, right = f"{reg.host}/vm/tiny:v1", api.AuthConfig(username=USER, password=PASSWORD)
+    with _daemon(world_dir, netns_guard, loopback_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+        daemon.stop()
+        daemon.env = {"VIRTLET_FAILPOINT": "image.pull.after_download"}
+        daemon.start()
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(_pull, daemon, name, right)
+            deadline = time.monotonic() + 120
+            while "failpoint image.pull.after_download reached" not in daemon.log():
+                assert not fut.done() and time.monotonic() < deadline, daemon.log()
+                time.sleep(0.1)
+            assert list((world_dir / "images" / "tmp").iterdir())  # the partial download exists now
+            daemon.kill()
+            with pytest.raises(grpc.RpcError):
+                fut.result(timeout=60)
+        daemon.env = {}
+        daemon.start()
+        _nothing_stored(daemon, world_dir)
+        assert _pull(daemon, name, right) == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+
+
+def test_virtletctl_image_push(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path, tiny: Path) -> None:
+    """``virtletctl image push`` publishes the tiny disk to a Bearer-auth registry; virtletd pulls it back."""
+    import subprocess
+    import sys
+
+    base = world_dir / "registry"
+    base.mkdir()
+    with TokenServer(base, {USER: PASSWORD}) as tokens, Registry(base, token=tokens) as reg:
+        cmd = [sys.executable, "-m", "virtlet.ctl.main", "image", "push", "--username", USER, "--password-stdin",
+               str(tiny), f"{reg.host}/vm/pushed:1"]
+        wrong = subprocess.run(cmd, input=OTHER_PASSWORD + "\n", capture_output=True, text=True, timeout=300)
+        assert wrong.returncode == 1 and "bad credentials" in wrong.stderr, wrong.stderr
+        assert OTHER_PASSWORD not in wrong.stderr + wrong.stdout
+        out = subprocess.run(cmd, input=PASSWORD + "\n", capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        ref = out.stdout.strip()
+        assert ref.startswith(f"{reg.host}/vm/pushed@sha256:")
+        bad = world_dir / "not-a-disk.img"
+        bad.write_text("hello, I am text\n")
+        refused = subprocess.run([*cmd[:-2], str(bad), f"{reg.host}/vm/bad:1"], input=PASSWORD + "\n",
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "not-a-disk.img" in refused.stderr, refused.stderr
+        config = f"registries:\n  '{reg.host}': {{}}\n"
+        with _daemon(world_dir, netns_guard, loopback_cni, config, ["--image-source-allow", "127.0.0.0/8"]) as d:
+            image_id = _pull(d, ref, api.AuthConfig(username=USER, password=PASSWORD))
+            assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+            assert _pull(d, f"{reg.host}/vm/pushed:1", api.AuthConfig(username=USER, password=PASSWORD)) == image_id
