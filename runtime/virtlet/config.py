@@ -147,6 +147,10 @@ SETTINGS: tuple[Setting, ...] = (
             "true: an image name no translation matches is fetched as <default scheme>://<name>; false: refused"),
     Setting("max_root_volume_size", 2**40, _size,
             "largest VirtletRootVolumeSize a pod may ask for, in bytes or a quantity such as 1Ti"),
+    Setting("share_driver", "virtiofs", _choice(("virtiofs", "9p")),
+            "how read-write directory volumes reach VMs: virtiofs (9p when virtiofsd is missing) or 9p; "
+            "read-only ones always use 9p (docs/volumes.md)"),
+    Setting("virtiofsd", Path("/usr/lib/qemu/virtiofsd"), _path, "the virtiofsd program libvirt starts per share"),
     Setting("cni_bin_dir", (Path("/opt/cni/bin"), Path("/usr/lib/cni")), _path_list,
             "CNI plugin directories (list, or colon-separated)"),
     Setting("cni_conf_dir", Path("/etc/cni/net.d"), _path, "CNI network configuration directory"),
@@ -174,6 +178,8 @@ class Config:
     image_max_size: int = 64 * 2**30
     image_name_fallback: bool = True
     max_root_volume_size: int = 2**40
+    share_driver: str = "virtiofs"
+    virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
     cni_bin_dir: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     stream_address: str = "127.0.0.1:10010"
