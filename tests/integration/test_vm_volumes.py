@@ -200,3 +200,52 @@ def test_bad_mounts_are_refused(virtletd: VirtletdProcess, world_dir: Path, imag
         assert not rt.ListContainers(api.ListContainersRequest(), timeout=30).containers
         assert not any(containers.iterdir()) if containers.exists() else True
         assert not _mounts_under(world_dir)
+
+
+# -- the 9p fallback ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def vm9p_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: Any, libvirt_daemons: None) -> Any:
+    from tests.integration.conftest import DomainGuard, running_virtletd
+
+    guard = DomainGuard()
+    try:
+        with running_virtletd(world_dir, netns_guard, bridge_cni,
+                              ["--kvm", "off", "--image-default-scheme", "http", "--log-level", "debug",
+                               "--image-source-allow", "127.0.0.0/8", "--share-driver", "9p"], guard) as daemon:
+            yield daemon
+    finally:
+        leaked = guard.leaked()
+        for name in leaked:
+            subprocess.run(["virsh", "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "undefine", name], capture_output=True)
+        assert not leaked, f"libvirt domains leaked: {leaked}"
+
+
+def test_9p_shares(vm9p_virtletd: VirtletdProcess, world_dir: Path, image_server: Any, tiny_image: Path) -> None:
+    """``share_driver: 9p``: QEMU serves the shares (no virtiofsd, no shared memory backing, ``<readonly/>`` from
+    QEMU).  The tiny image's Debian cloud kernel has no 9p module, so the guest reports the share it cannot
+    mount and boots on (``nofail`` semantics); a guest kernel with 9p mounts it (docs/volumes.md)."""
+    shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
+    name = image_server.name("files/tiny.qcow2")
+    _pull(vm9p_virtletd, name)
+    src = world_dir / "host" / "ninep"
+    src.mkdir(parents=True)
+    (src / "f").write_text("over 9p\n")
+    pod = VolumePod(vm9p_virtletd, world_dir, "vm-9p", image=name,
+                    mounts=[api.Mount(container_path="/ninep", host_path=str(src), readonly=True)])
+    try:
+        pod.run_sandbox()
+        pod.create()
+        xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", f"virtlet-{pod.container_id}"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "<driver type='path'/>" in xml and "<readonly/>" in xml and "memoryBacking" not in xml, xml
+        assert f"<source dir='{src}'/>" in xml
+        pod.start()
+        line = pod.wait_log("virtlet tiny guest: cannot mount 9p")
+        assert "/ninep" in line and "vl:" in line, line
+        pod.wait_log(MARKER)
+        assert not _virtiofsd_for(world_dir)
+    finally:
+        pod.stop_and_remove()
+    assert not _mounts_under(world_dir)
