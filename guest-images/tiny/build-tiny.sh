@@ -44,7 +44,9 @@ for bin in "$R/usr/sbin/dropbear" "$R/usr/bin/dropbearkey" "$R/usr/sbin/qemu-ga"
 done
 # kernel modules for virtio/SCSI/IDE disks, CD-ROMs, ISO9660/FAT config drives, NICs, the ACPI power button
 # (the cloud kernel has them as modules; the i440fx "pc" machine libvirt uses by default has IDE, no AHCI)
-MODS="virtio_pci virtio_blk virtio_scsi virtio_net virtio_console sd_mod sr_mod ata_piix isofs vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 button evdev"
+# virtiofs (and fuse, its base) for directory volumes; 9p/9pnet_virtio too when the kernel has them (Debian's
+# cloud kernel does not: a missing module is skipped)
+MODS="virtio_pci virtio_blk virtio_scsi virtio_net virtio_console sd_mod sr_mod ata_piix isofs vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 button evdev fuse virtiofs 9pnet_virtio 9p"
 depmod -b "$X" "$KVER"
 : > "$R/etc/modules.order"
 for m in $MODS; do
@@ -59,6 +61,7 @@ install -m 0755 "$HERE/init" "$R/init"
 install -m 0755 "$HERE/rcS" "$R/etc/rcS"
 install -m 0755 "$HERE/udhcpc.script" "$R/etc/udhcpc.script"
 install -m 0755 "$HERE/cloud-init.sh" "$R/etc/cloud-init.sh"
+install -m 0755 "$HERE/virtlet-mounts" "$R/etc/virtlet-mounts"
 install -m 0644 "$HERE/yaml2tree.awk" "$R/etc/yaml2tree.awk"
 install -m 0644 "$HERE/inittab" "$R/etc/inittab"
 install -m 0755 "$HERE/power-button" "$R/etc/acpi/PWRF/00000080" 2>/dev/null || {

@@ -43,6 +43,8 @@ if ! mount -o ro "$dev" "$SEED" 2>/dev/null && ! mount -t iso9660 -o ro "$dev" "
   exit 0
 fi
 echo "virtlet tiny guest: cloud-init seed on $dev"
+# pod volumes first, so write_files and runcmd below can use them
+/etc/virtlet-mounts "$SEED"
 if [ -f "$SEED/meta-data" ]; then
   awk -v out="$T/md" -f /etc/yaml2tree.awk "$SEED/meta-data"
 elif [ -f "$SEED/openstack/latest/meta_data.json" ]; then

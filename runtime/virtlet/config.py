@@ -149,6 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
             "YAML file of per-registry settings: node credentials, CA, insecure (plain HTTP); keep it 0600"),
     Setting("max_root_volume_size", 2**40, _size,
             "largest VirtletRootVolumeSize a pod may ask for, in bytes or a quantity such as 1Ti"),
+    Setting("share_driver", "virtiofs", _choice(("virtiofs", "9p")),
+            "how read-write directory volumes reach VMs: virtiofs (9p when virtiofsd is missing) or 9p; "
+            "read-only ones always use 9p (docs/volumes.md)"),
+    Setting("virtiofsd", Path("/usr/lib/qemu/virtiofsd"), _path, "the virtiofsd program libvirt starts per share"),
     Setting("cni_bin_dir", (Path("/opt/cni/bin"), Path("/usr/lib/cni")), _path_list,
             "CNI plugin directories (list, or colon-separated)"),
     Setting("cni_conf_dir", Path("/etc/cni/net.d"), _path, "CNI network configuration directory"),
@@ -177,6 +181,8 @@ class Config:
     image_name_fallback: bool = True
     image_registries_config: Path = Path("/etc/virtlet/registries.yaml")
     max_root_volume_size: int = 2**40
+    share_driver: str = "virtiofs"
+    virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
     cni_bin_dir: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     stream_address: str = "127.0.0.1:10010"

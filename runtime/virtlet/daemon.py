@@ -115,7 +115,8 @@ class Virtletd:
         self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net")
         self.vms = VmManager(self.store, self.libvirt,
                              VmParts(self.image_store, self.pod_network, self.kvm.domain_type, kvm.find_emulator(),
-                                     max_root_volume_size=cfg.max_root_volume_size),
+                                     max_root_volume_size=cfg.max_root_volume_size,
+                                     share_driver=cfg.share_driver, virtiofsd=str(cfg.virtiofsd)),
                              cfg.state_dir, cfg.run_dir)
         # the sandbox manager owns a pod's order: stop its VMs, tear down its network, remove
         self.sandboxes = SandboxManager(self.store, PodNetworkHook(self.pod_network), containers=self.vms)

@@ -110,7 +110,8 @@ def _remove_all_sandboxes(daemon: VirtletdProcess) -> None:
 # -- real VMs -----------------------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]
-GUEST_IMAGES = REPO / ".cache" / "guest-images"
+# VIRTLET_GUEST_CACHE: a private image cache (a branch that changes guest-images/ builds there, not in the shared one)
+GUEST_IMAGES = Path(os.environ.get("VIRTLET_GUEST_CACHE") or REPO / ".cache" / "guest-images")
 
 
 def guest_image(kind: str) -> Path:

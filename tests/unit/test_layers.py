@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "network": 2, "images": 2, "cloudinit": 2, "console": 2,
     "state": 3, "preconditions": 3,
     "sandbox": 4,
-    "vm": 5,
+    "vm": 5, "volumes": 5,
     "stream": 6,
     "cri": 7,
     "daemon": 8, "proxy": 8, "ctl": 8,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 SeedKind = Literal["nocloud", "configdrive"]
 
@@ -51,6 +51,10 @@ class CloudInitRequest:
     nics: list[NicConfig] = field(default_factory=list)
     dns_servers: list[str] = field(default_factory=list)
     dns_search: list[str] = field(default_factory=list)
+    #: cloud-config virtlet adds for pod volumes (``mounts``, ``write_files``), merged into the generated map
+    extra_user_data: Mapping[str, Any] = field(default_factory=dict)
+    #: more files on the seed, by relative path (``virtlet/mounts`` for the tiny guest's mount script)
+    extra_files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

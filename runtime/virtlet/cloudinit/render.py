@@ -28,7 +28,7 @@ def render(req: CloudInitRequest) -> SeedFiles:
     meta = metadata.meta_data_map(
         req.pod_name, req.pod_namespace, req.hostname, opts.ssh_keys, opts.meta_data
     )
-    user = userdata.render_user_data(opts, req.env)
+    user = userdata.render_user_data(opts, req.env, req.extra_user_data)
     plan = network.plan_network(req.nics, opts.force_dhcp)
     files: dict[str, bytes] = {}
     if opts.image_type == "configdrive":
@@ -42,6 +42,7 @@ def render(req: CloudInitRequest) -> SeedFiles:
         files["user-data"] = user
         if plan:
             files["network-config"] = network.nocloud_network_config(plan, req.dns_servers, req.dns_search)
+    files.update(req.extra_files)
     total = sum(len(data) for data in files.values())
     if total > MAX_SEED_BYTES:
         sizes = ", ".join(f"{name} {len(data)} bytes" for name, data in sorted(files.items()))

@@ -24,14 +24,19 @@ ENVIRONMENT_FILE = "/etc/cloud/environment"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def render_user_data(opts: CloudInitOptions, env: Sequence[tuple[str, str]]) -> bytes:
-    """The bytes of the user-data file for these options and container environment."""
+def render_user_data(opts: CloudInitOptions, env: Sequence[tuple[str, str]],
+                     extra: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of the user-data file for these options and container environment; ``extra`` is virtlet's own
+    cloud-config for the pod's volumes, merged into the generated map (not used with a user-data script or
+    ``VirtletCloudInitUserDataOverwrite``: the user then owns the whole document)."""
     if opts.user_data_script is not None:
         return opts.user_data_script.encode()
     if opts.user_data is not None and opts.user_data_overwrite:
         data = copy.deepcopy(opts.user_data)
     else:
         data = generated_user_data(opts.ssh_keys, env)
+        if extra:
+            data = merge(data, extra)
         if opts.user_data is not None:
             data = merge(data, opts.user_data)
             _keep_default_user(data, opts.ssh_keys)

@@ -167,6 +167,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
                         context: grpc.ServicerContext) -> api.CreateContainerResponse:
         from virtlet.vm.annotations import CpuResources
         from virtlet.vm.manager import ContainerSpec
+        from virtlet.volumes.mounts import CriMount
 
         validation.require_id(request.pod_sandbox_id, "pod_sandbox_id")
         cfg = request.config
@@ -178,7 +179,9 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
             image=cfg.image.image, labels=dict(cfg.labels), annotations=dict(cfg.annotations),
             envs=[(e.key, e.value) for e in cfg.envs], log_path=cfg.log_path,
             memory_limit_bytes=res.memory_limit_in_bytes if res is not None else 0,
-            cpu=CpuResources.from_cri(res), tty=cfg.tty, stdin=cfg.stdin, config=cfg.SerializeToString())
+            cpu=CpuResources.from_cri(res), tty=cfg.tty, stdin=cfg.stdin, config=cfg.SerializeToString(),
+            mounts=tuple(CriMount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly)
+                         for m in cfg.mounts))
         rec = self._vms().create(spec)
         return api.CreateContainerResponse(container_id=rec.id)
 

@@ -22,6 +22,8 @@ from virtlet.vm import guest as gu
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
 from virtlet.vm.annotations import CpuResources
+from virtlet.volumes import binds
+from virtlet.volumes.mounts import CriMount
 
 if TYPE_CHECKING:  # types only: the image store is not imported at run time here
     from virtlet.images.store import ImageRecord
@@ -51,6 +53,7 @@ class ContainerSpec:
     tty: bool = False
     stdin: bool = False
     config: bytes = b""
+    mounts: tuple[CriMount, ...] = ()  # CRI mounts (virtlet.volumes.mounts)
 
 
 class LogWriter(Protocol):
@@ -142,6 +145,7 @@ class VmBase:
                 if self._guest(cid) is not None:
                     raise errors.Internal(f"container {cid}: {exc}") from exc
         self._stop_log_writer(cid)
+        binds.release(self.container_dir(cid))  # read-only volume binds: unmounted before the rmtree
         shutil.rmtree(self.container_dir(cid), ignore_errors=True)
         try:
             self.console_socket(cid).unlink()

@@ -62,6 +62,7 @@ class DomainRequest:
     nics: Sequence[Nic] = ()
     config_drive: Path | None = None  # cloud-init ISO, attached last and read-only
     extra_metadata: Mapping[str, str] = field(default_factory=dict)  # more <metadata> fields, e.g. image ref
+    shares: Sequence[dx.Filesystem] = ()  # pod directory volumes (virtlet.volumes.shares)
 
 
 def domain_name(container_id: str) -> str:
@@ -88,6 +89,7 @@ def design_domain(req: DomainRequest) -> dx.Domain:
     devices = dx.Devices(
         emulator=req.emulator,
         disks=disks,
+        filesystems=list(req.shares),
         controllers=[dx.Controller(type="scsi", model="virtio-scsi", index=0)] if scsi else [],
         interfaces=[dx.EthernetInterface(target_dev=n.tap, mac=n.mac, mtu=n.mtu) for n in req.nics],
         serials=[dx.UnixSerial(path=str(req.console_socket), log_file=str(req.console_log), log_append=True)],
@@ -114,7 +116,15 @@ def design_domain(req: DomainRequest) -> dx.Domain:
         devices=devices,
         metadata=[dx.Metadata(uri=VIRTLET_XMLNS, prefix=VIRTLET_XMLNS_PREFIX, root=METADATA_ROOT,
                               fields=_metadata_fields(req))],
+        memory_backing=_share_memory_backing(req),
     )
+
+
+def _share_memory_backing(req: DomainRequest) -> dx.MemoryBacking | None:
+    """virtiofs needs the guest's RAM shared with virtiofsd (a memfd mapped by both); 9p does not."""
+    if any(fs.driver == "virtiofs" for fs in req.shares):
+        return dx.MemoryBacking(source="memfd", access="shared")
+    return None
 
 
 def _metadata_fields(req: DomainRequest) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Typed objects for the ``<devices>`` of the libvirt domain XML virtlet uses: disks, controllers, the
+"""Typed objects for the ``<devices>`` of the libvirt domain XML virtlet uses: disks, shared directories,
+controllers, the
 network interface, the serial console, the guest agent channel, VNC, balloon, RNG.
 
 Pure data <-> XML like ``domain_xml`` (which holds the domain itself and re-exports these classes).
@@ -47,6 +48,40 @@ class Disk:
                    format=driver.get("type", "raw") if driver is not None else "raw",
                    device=el.get("device", "disk"), readonly=el.find("readonly") is not None,
                    serial=text_of(el, "serial"))
+
+
+@dataclass
+class Filesystem:
+    """A host directory shared into the guest: ``<filesystem type='mount'>`` with virtiofs (``driver`` virtiofs,
+    libvirt starts one virtiofsd per share; needs a shared memory backing) or 9p (``driver`` path, served by
+    QEMU itself).  ``target`` is the tag the guest mounts."""
+
+    source: str
+    target: str
+    driver: str = "virtiofs"  # "virtiofs" | "path" (9p)
+    accessmode: str = "passthrough"  # "passthrough" | "mapped" | "squash"
+    readonly: bool = False
+    binary: str | None = None  # virtiofsd path when libvirt would not find it
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("filesystem", type="mount", accessmode=self.accessmode)
+        sub(el, "driver", type=self.driver)
+        if self.binary and self.driver == "virtiofs":
+            sub(el, "binary", path=self.binary)
+        sub(el, "source", dir=self.source)
+        sub(el, "target", dir=self.target)
+        if self.readonly:
+            sub(el, "readonly")
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> Filesystem:
+        driver = el.find("driver")
+        binary = el.find("binary")
+        return cls(source=req(el, "source").get("dir", ""), target=req(el, "target").get("dir", ""),
+                   driver=driver.get("type", "path") if driver is not None else "path",
+                   accessmode=el.get("accessmode", "passthrough"), readonly=el.find("readonly") is not None,
+                   binary=binary.get("path") if binary is not None else None)
 
 
 @dataclass
@@ -220,6 +255,7 @@ class Rng:
 class Devices:
     emulator: str
     disks: list[Disk] = field(default_factory=list)
+    filesystems: list[Filesystem] = field(default_factory=list)
     controllers: list[Controller] = field(default_factory=list)
     interfaces: list[EthernetInterface] = field(default_factory=list)
     serials: list[UnixSerial] = field(default_factory=list)
@@ -231,8 +267,8 @@ class Devices:
     def to_xml(self) -> ET.Element:
         el = ET.Element("devices")
         sub(el, "emulator", self.emulator)
-        devices: list[Disk | Controller | EthernetInterface | UnixSerial] = [
-            *self.disks, *self.controllers, *self.interfaces, *self.serials]
+        devices: list[Disk | Filesystem | Controller | EthernetInterface | UnixSerial] = [
+            *self.disks, *self.filesystems, *self.controllers, *self.interfaces, *self.serials]
         for item in devices:
             el.append(item.to_xml())
         if self.serials:
@@ -253,6 +289,7 @@ class Devices:
         return cls(
             emulator=text_of(el, "emulator") or "",
             disks=[Disk.from_xml(d) for d in el.findall("disk") if d.get("type") == "file"],
+            filesystems=[Filesystem.from_xml(f) for f in el.findall("filesystem") if f.get("type") == "mount"],
             controllers=[Controller.from_xml(c) for c in el.findall("controller") if c.get("type") == "scsi"],
             interfaces=[EthernetInterface.from_xml(i) for i in el.findall("interface")
                         if i.get("type") == "ethernet"],

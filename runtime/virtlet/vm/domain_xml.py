@@ -19,6 +19,7 @@ from virtlet.vm.domain_devices import (
     Devices,
     Disk,
     EthernetInterface,
+    Filesystem,
     GuestAgentChannel,
     MemBalloon,
     Rng,
@@ -29,7 +30,8 @@ from virtlet.vm.xml_fields import int_of, req, sub, text_of
 
 __all__ = [
     "DOMAIN_TYPES", "Cpu", "CpuTune", "Domain", "Metadata", "Os", "SysInfo", "from_string", "to_string",
-    "Controller", "Devices", "Disk", "EthernetInterface", "GuestAgentChannel", "MemBalloon", "Rng",
+    "Controller", "Devices", "Disk", "EthernetInterface", "Filesystem", "MemoryBacking", "GuestAgentChannel",
+    "MemBalloon", "Rng",
     "UnixSerial", "VncGraphics",
 ]
 
@@ -67,6 +69,27 @@ class CpuTune:
     @classmethod
     def from_xml(cls, el: ET.Element) -> CpuTune:
         return cls(**{tag: int_of(el, tag) for tag in _CPUTUNE_TAGS})
+
+
+@dataclass
+class MemoryBacking:
+    """``<memoryBacking>``: guest RAM from a memfd, shared with other processes (virtiofsd needs it)."""
+
+    source: str = "memfd"
+    access: str = "shared"
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("memoryBacking")
+        sub(el, "source", type=self.source)
+        sub(el, "access", mode=self.access)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> MemoryBacking:
+        source = el.find("source")
+        access = el.find("access")
+        return cls(source=source.get("type", "") if source is not None else "",
+                   access=access.get("mode", "") if access is not None else "")
 
 
 @dataclass
@@ -194,6 +217,7 @@ class Domain:
     on_crash: str = "destroy"
     sysinfo: SysInfo | None = None
     metadata: list[Metadata] = field(default_factory=list)
+    memory_backing: MemoryBacking | None = None
 
     def to_xml(self) -> ET.Element:
         if self.type not in DOMAIN_TYPES:
@@ -208,6 +232,8 @@ class Domain:
             for item in self.metadata:
                 meta.extend(list(item.to_xml()))
         sub(el, "memory", str(-(-self.memory_bytes // 1024)), unit="KiB")
+        if self.memory_backing:
+            el.append(self.memory_backing.to_xml())
         cpuset = {"cpuset": self.cpuset} if self.cpuset else {}
         sub(el, "vcpu", str(self.vcpus), placement="static", **cpuset)
         if not self.cputune.is_empty():
@@ -246,6 +272,7 @@ class Domain:
         sysinfo = el.find("sysinfo")
         features = el.find("features")
         clock = el.find("clock")
+        backing = el.find("memoryBacking")
         return cls(
             name=text_of(el, "name") or "", uuid=text_of(el, "uuid") or "",
             memory_bytes=int((memory.text or "0").strip()) * _UNIT_BYTES[unit],
@@ -260,6 +287,7 @@ class Domain:
             on_crash=text_of(el, "on_crash") or "destroy",
             sysinfo=SysInfo.from_xml(sysinfo) if sysinfo is not None else None,
             metadata=metadata,
+            memory_backing=MemoryBacking.from_xml(backing) if backing is not None else None,
         )
 
 

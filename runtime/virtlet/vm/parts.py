@@ -5,6 +5,7 @@ deleting the container directory."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +21,20 @@ from virtlet.vm.annotations import (
     parse_vm_options,
 )
 from virtlet.vm.manager import ContainerSpec
+from virtlet.volumes import binds, shares
+from virtlet.volumes import mounts as vmounts
 
 if TYPE_CHECKING:  # types only: no import of the image store or pod network at run time here
     from virtlet.images.store import ImageRecord, ImageStore
     from virtlet.network.pod_network import PodNetwork
+
+
+@dataclass(frozen=True)
+class _Volumes:
+    plan: vmounts.MountPlan
+    driver: str
+    user_data: dict[str, Any]
+    seed_files: dict[str, bytes]
 
 
 class VmParts:
@@ -31,13 +42,16 @@ class VmParts:
     ``max_root_volume_size`` is the largest ``VirtletRootVolumeSize`` a pod may ask for (config key)."""
 
     def __init__(self, images: ImageStore, network: PodNetwork | None, domain_type: str, emulator: str,
-                 host_cpus: int | None = None, max_root_volume_size: int = DEFAULT_MAX_ROOT_VOLUME_SIZE) -> None:
+                 host_cpus: int | None = None, max_root_volume_size: int = DEFAULT_MAX_ROOT_VOLUME_SIZE,
+                 share_driver: str = "virtiofs", virtiofsd: str = shares.DEFAULT_VIRTIOFSD) -> None:
         self.images = images
         self.network = network
         self.domain_type = domain_type
         self.emulator = emulator
         self.host_cpus = host_cpus or os.cpu_count() or 1
         self.max_root_volume_size = max_root_volume_size
+        self.share_driver = share_driver
+        self.virtiofsd = virtiofsd
 
     def image_status(self, name: str) -> ImageRecord | None:
         return self.images.status(name)
@@ -52,6 +66,9 @@ class VmParts:
         options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
                                    sandbox.uid, self.host_cpus, self.max_root_volume_size)
         cloudinit.parse_cloudinit_options(pod_annotations)
+        vols = self._plan_volumes(spec)
+        sources = {s.tag: binds.bind_readonly(s.host_path, cdir, i) for i, s in enumerate(vols.plan.shares)
+                   if shares.needs_ro_bind(s, vols.driver)}  # undone by VmManager._destroy_everything
         root = cdir / "root.qcow2"
         overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
         info = sandbox.network
@@ -64,16 +81,27 @@ class VmParts:
                 mac=n.mac, mtu=n.mtu or None, addresses=([f"{n.ip}/{n.prefix}"] if n.ip else []) + list(n.ipv6),
                 gateway=n.gateway or None, routes=[(r.dst, r.gw) for r in n.routes]) for n in nics],
             dns_servers=list(info.dns_servers) if info else [],
-            dns_search=list(info.dns_searches) if info else []), seed)
+            dns_search=list(info.dns_searches) if info else [],
+            extra_user_data=vols.user_data, extra_files=vols.seed_files), seed)
         domain = designer.design_domain(designer.DomainRequest(
             container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
             pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
             console_socket=console_sock, console_log=cdir / "console.raw", emulator=self.emulator,
             nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
-            extra_metadata={"image": spec.image, "image-ref": image.digest}))
+            extra_metadata={"image": spec.image, "image-ref": image.digest},
+            shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources)))
         extra = {"root": str(root), "config_drive": str(seed), "vcpus": options.vcpus,
                  "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
         return dx.to_string(domain), extra
+
+    def _plan_volumes(self, spec: ContainerSpec) -> _Volumes:
+        """The container's CRI mounts, validated and turned into shares + guest instructions (nothing made)."""
+        plan = vmounts.plan_mounts(list(spec.mounts))
+        driver = shares.pick_driver(self.share_driver, self.virtiofsd)
+        guest = shares.guest_shares(plan, driver)
+        files = shares.read_file_copies(plan)
+        return _Volumes(plan=plan, driver=driver, user_data=shares.cloud_config(guest, files),
+                        seed_files={shares.MOUNTS_FILE: shares.mounts_file(guest)} if guest else {})
 
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
