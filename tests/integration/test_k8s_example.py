@@ -4,13 +4,14 @@
   bundled OpenAPI schemas, strict: unknown fields fail).
 - The parts that depend on virtlet run: the StatefulSet's three pods are made the way a kubelet makes them
   (sandbox hostname ``k8s-N``, the cluster's DNS search domains, pod annotations on the sandbox only, the
-  kubelet's own labels and container annotations), from the example's own template, with two substitutions
-  the test needs: the tiny guest image instead of the Ubuntu cloud image, and a marker script instead of the
-  provisioning script (which needs the internet) through the same annotation.  A real DNS server (dnsmasq on
-  the test bridge, the stand-in for cluster DNS) holds the headless Service's records, so the VMs resolve each
-  other as ``k8s-N.k8s``.  Checked in every guest: the host name, the user-data applied (files written, the
-  runcmd ran the script, root's SSH key from ``users``), the 4 GiB root disk, port 22 answering (the readiness
-  probe), and the peers' names resolving to their pod IPs.
+  kubelet's own labels and container annotations, its /etc/hosts with the FQDN from hostname and subdomain),
+  from the example's own template, with two substitutions the test needs: the tiny guest image instead of the
+  Ubuntu cloud image, and a marker script instead of the provisioning script (which needs the internet)
+  through the same annotation.  A real DNS server (dnsmasq on the test bridge, the stand-in for cluster DNS)
+  holds the headless Service's records, so the VMs resolve each other as ``k8s-N.k8s``.  Checked in every
+  guest: the host name and FQDN ``k8s-N.k8s.<ns>.svc.<cluster domain>``, the user-data applied (files
+  written, the runcmd ran the script, root's SSH key from ``users``), the 4 GiB root disk, port 22 answering
+  (the readiness probe), and the peers' names resolving to their pod IPs.
 """
 
 from __future__ import annotations
@@ -133,8 +134,27 @@ class KubeletLikePod:
             hostname=self.name, log_directory=str(self.log_dir), labels=labels, annotations=annotations,
             dns_config=api.DNSConfig(servers=[dns_server], options=["ndots:5"], searches=[
                 f"{NAMESPACE}.svc.{CLUSTER_DOMAIN}", f"svc.{CLUSTER_DOMAIN}", CLUSTER_DOMAIN]))
+        self.pod_dir = world / "kubelet-pods" / self.uid
         self.sandbox_id = ""
         self.container_id = ""
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.k8s.{NAMESPACE}.svc.{CLUSTER_DOMAIN}"
+
+    def kubelet_mounts(self, ip: str) -> list[api.Mount]:
+        """The files the kubelet mounts into every container: its /etc/hosts (with the pod's FQDN, from the
+        pod's hostname and subdomain) and the termination log."""
+        self.pod_dir.mkdir(parents=True)
+        hosts = self.pod_dir / "etc-hosts"
+        hosts.write_text("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n"
+                         "::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n"
+                         f"{ip}\t{self.fqdn}\t{self.name}\n")
+        term = self.pod_dir / "containers" / self.container["name"] / "0a1b2c3d"
+        term.parent.mkdir(parents=True)
+        term.touch()
+        return [api.Mount(container_path="/etc/hosts", host_path=str(hosts)),
+                api.Mount(container_path="/dev/termination-log", host_path=str(term))]
 
     def run_sandbox(self) -> str:
         self.sandbox_id = self.rt.RunPodSandbox(api.RunPodSandboxRequest(
@@ -142,11 +162,11 @@ class KubeletLikePod:
         st = self.rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=self.sandbox_id), timeout=30)
         return st.status.network.ip
 
-    def create_and_start(self, memory: int) -> None:
+    def create_and_start(self, memory: int, ip: str) -> None:
         c = self.container
         cfg = api.ContainerConfig(
             metadata=api.ContainerMetadata(name=c["name"]), image=api.ImageSpec(image=self.image),
-            log_path=f"{c['name']}/0.log", tty=c["tty"], stdin=c["stdin"],
+            log_path=f"{c['name']}/0.log", tty=c["tty"], stdin=c["stdin"], mounts=self.kubelet_mounts(ip),
             labels={"io.kubernetes.container.name": c["name"], "io.kubernetes.pod.name": self.name,
                     "io.kubernetes.pod.namespace": NAMESPACE, "io.kubernetes.pod.uid": self.uid},
             annotations={"io.kubernetes.container.hash": "1", "io.kubernetes.container.restartCount": "0",
@@ -222,13 +242,14 @@ def test_statefulset_pods_run_as_vm_pods(vm_virtletd: VirtletdProcess, world_dir
         records = {f"{name}.k8s.{NAMESPACE}.svc.{CLUSTER_DOMAIN}": ip for name, ip in ips.items()}
         with dnsmasq(gateway, records, world_dir):
             for p in pods:
-                p.create_and_start(memory=256 * 2**20)
+                p.create_and_start(memory=256 * 2**20, ip=ips[p.name])
             deadline = time.monotonic() + BOOT_TIMEOUT * 2  # three TCG guests with 2 vCPUs each on this machine
             for p in pods:
                 _wait_port(ips[p.name], 22, deadline)  # the readiness probe
                 p.wait_exec_ready(deadline)
             for p in pods:
                 assert p.exec("hostname").strip() == p.name
+                assert p.exec("hostname", "-f").strip() == p.fqdn  # the kubelet's /etc/hosts, applied
                 assert p.exec("cat", "/sys/block/vda/size").strip() == str(4 * 2**30 // 512)
                 assert p.exec("cat", "/etc/modules-load.d/k8s.conf").split() == ["overlay", "br_netfilter"]
                 p.exec("test", "-e", "/run/provisioned")  # runcmd ran the (replaced) provisioning script
