@@ -73,15 +73,6 @@ def build_parser(prog: str = "virtletctl") -> argparse.ArgumentParser:
 
     sub.add_parser("dump-metadata", help="sandboxes, containers, images and domains as YAML")
 
-    diag = sub.add_parser("diag", help="diagnostics")
-    dsub = diag.add_subparsers(dest="diag_command", required=True, metavar="SUBCOMMAND")
-    dump = dsub.add_parser("dump", help="write versions, config, state, domain XML, logs, network to DIR")
-    dump.add_argument("dir", nargs="?", metavar="DIR")
-    dump.add_argument("--json", action="store_true", help="print the dump as one JSON object instead")
-    dump.add_argument("--log", action="append", default=[], metavar="GLOB", help="extra log files to include")
-
-    sub.add_parser("version", help="print versions")
-
     val = sub.add_parser("validate", help="check that this node can run VM pods (one line per check; exit 1 on "
                                           "a failure)")
     val.add_argument("--config", type=Path, default=None,
@@ -97,6 +88,16 @@ def build_parser(prog: str = "virtletctl") -> argparse.ArgumentParser:
     val.add_argument("--skip", action="append", default=[], metavar="CHECK",
                      help="skip a check (repeatable): kvm, qemu, virtiofsd, libvirt, virtlogd, cni, virtletd, "
                           "criproxy, kubelet, disk")
+
+
+    diag = sub.add_parser("diag", help="diagnostics")
+    dsub = diag.add_subparsers(dest="diag_command", required=True, metavar="SUBCOMMAND")
+    dump = dsub.add_parser("dump", help="write versions, config, state, domain XML, logs, network to DIR")
+    dump.add_argument("dir", nargs="?", metavar="DIR")
+    dump.add_argument("--json", action="store_true", help="print the dump as one JSON object instead")
+    dump.add_argument("--log", action="append", default=[], metavar="GLOB", help="extra log files to include")
+
+    sub.add_parser("version", help="print versions")
     return p
 
 
@@ -323,7 +324,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ssh": cmd_ssh, "vnc": cmd_vnc, "console": cmd_console, "dump-metadata": cmd_dump_metadata,
-            "diag": cmd_diag, "version": cmd_version, "validate": cmd_validate}
+            "diag": cmd_diag, "version": cmd_version}
+
+COMMANDS["validate"] = cmd_validate
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "virtletctl") -> int:
