@@ -287,20 +287,6 @@ def cmd_diag(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_version(args: argparse.Namespace) -> int:
-    print(f"virtletctl {virtlet.__version__}")
-    if _mode(args) == "node":
-        client = _node(args)
-        try:
-            v = client.version()
-            print(f"runtime {v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}) at {client.endpoint}")
-        except CtlError as exc:
-            print(f"runtime: {exc}")
-        finally:
-            client.close()
-    return 0
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from virtlet import quantity
     from virtlet.ctl import validate
@@ -321,6 +307,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     results = validate.run(opts)
     sys.stdout.write(validate.render(results))
     return 1 if any(r.status == validate.FAIL for r in results) else 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"virtletctl {virtlet.__version__}")
+    if _mode(args) == "node":
+        client = _node(args)
+        try:
+            v = client.version()
+            print(f"runtime {v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}) at {client.endpoint}")
+        except CtlError as exc:
+            print(f"runtime: {exc}")
+        finally:
+            client.close()
+    return 0
 
 
 COMMANDS = {"ssh": cmd_ssh, "vnc": cmd_vnc, "console": cmd_console, "dump-metadata": cmd_dump_metadata,
