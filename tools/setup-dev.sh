@@ -23,20 +23,39 @@ APT_PACKAGES=(
   dnsmasq-base
 )
 
+. tools/progress.sh
+LOGS=${VIRTLET_LOG_DIR:-.cache/logs}  # full output of the installs; a failure prints its tail
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-  echo "setup: installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "setup: installing ${#missing[@]} Debian packages (usually 1-2 min on a fresh machine; log: $LOGS/apt.log)"
+  t0=$(date +%s)
+  quiet "apt-get install" "$LOGS/apt.log" bash -c 'apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"' apt "${missing[@]}"
+  echo "setup: installed ${missing[*]} in $(_elapsed $(($(date +%s) - t0)))"
+else
+  echo "setup: all ${#APT_PACKAGES[@]} Debian packages already installed"
 fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+# The package is installed editable, so code changes need no reinstall: only a changed pyproject.toml (its
+# dependencies, entry points) or a new Python does.  The stamp saves ~30 s and pip's noise on every run.
+stamp=$({ cat pyproject.toml; .venv/bin/python --version; } | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.virtlet-setup-stamp 2>/dev/null)" = "$stamp" ] && .venv/bin/python -c 'import virtlet' 2>/dev/null
+then
+  echo "setup: Python environment .venv is up to date (pyproject.toml unchanged)"
+else
+  echo "setup: installing virtlet and its dev tools into .venv (usually 1 min fresh, 15 s after a change; log: $LOGS/pip.log)"
+  t0=$(date +%s)
+  quiet "pip install" "$LOGS/pip.log" bash -c '.venv/bin/python -m pip install --upgrade pip &&
+    .venv/bin/python -m pip install -e ".[dev]"'
+  printf '%s\n' "$stamp" >.venv/.virtlet-setup-stamp
+  echo "setup: .venv ready in $(_elapsed $(($(date +%s) - t0)))"
+fi
 echo "setup: done ($(.venv/bin/python --version), virtlet $(.venv/bin/python -c 'import virtlet; print(virtlet.__version__)'))"

@@ -31,16 +31,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VIRTLET_VENV:-.venv}
 QUICK=${VIRTLET_TEST_QUICK:-0}
+. tools/progress.sh  # phase/phase_end/quiet: every phase says what it does, how long it usually takes, and took
+LOGS=${VIRTLET_LOG_DIR:-.cache/logs}
+run_start=$(date +%s)
+# ansible-core 2.19 imports cryptography's DSA module at start-up, and cryptography >= 46 warns about DSA on
+# that import (twice per molecule run).  Nothing here uses DSA keys (every key we make is ed25519): silence
+# exactly that message for the Ansible and molecule processes the tests start, nothing else.
+export PYTHONWARNINGS=${PYTHONWARNINGS:+$PYTHONWARNINGS,}"ignore:DSA is deprecated"
+# The slow tests' heartbeat (tests/heartbeat.py) writes to fd 3, which pytest does not capture.
+exec 3>&1
+export VIRTLET_HEARTBEAT_FD=3
 
 state_before=$(mktemp /tmp/virtlet-leftovers.XXXXXX)
 final_check=after
 started_daemons=0
 finish() {
   local rc=$?
+  if [ "$rc" = 0 ]; then phase_end; else phase_stopped; fi
   echo "== leftovers after the run"
   python3 tools/leftovers.py "$final_check" "$state_before" || rc=1
   rm -f "$state_before"
   if [ "$started_daemons" = 1 ]; then bash tools/libvirt-daemons.sh stop; fi
+  echo "== test command $([ "$rc" = 0 ] && echo passed || echo FAILED) in $(_elapsed $(($(date +%s) - run_start)))"
   exit "$rc"
 }
 
@@ -49,21 +61,30 @@ python3 tools/leftovers.py before "$state_before"
 trap finish EXIT
 
 if [ "$QUICK" != 1 ]; then
+  phase "machine setup: Debian packages and the Python virtualenv" "usually 2-3 min on a fresh machine, seconds after"
   bash tools/setup-dev.sh
+  phase_end
 fi
 
-echo "== lint"
+phase "lint: ruff, mypy, generated protobuf code" "usually 30-60 s"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"  # strict on runtime/virtlet except the generated CRI code ([tool.mypy] in pyproject.toml)
 "$VENV/bin/python" tools/gen_protos.py --check
+phase_end
 
+guest_image() {  # the builder's ~900 lines of debootstrap go to a log; the terminal gets a heartbeat and a result
+  quiet "guest image $1" "$LOGS/guest-image-$1.log" bash guest-images/build.sh "$1"
+  grep -E '\] ([a-z]+ is up to date|[a-z]+ built in)' "$LOGS/guest-image-$1.log" | sed 's/^/   /' || true
+}
 if [ "$QUICK" != 1 ]; then
-  echo "== guest images"
-  bash guest-images/build.sh tiny
-  bash guest-images/build.sh full
+  phase "guest test images (tiny, full) into .cache/guest-images" \
+    "seconds when cached; about 1 min (tiny) + 3-5 min (full) when their inputs changed"
+  guest_image tiny
+  guest_image full
+  phase_end
 fi
 
-echo "== libvirt daemons"
+phase "libvirt daemons"
 if ! bash tools/libvirt-daemons.sh running; then
   started_daemons=1  # only what this run started is stopped at the end
 fi
@@ -78,12 +99,17 @@ tier() {
 }
 selection=$(( $# > 0 ))
 
-echo "== tests"
-tier -m "not slow" "$@"
+phase_end
+phase "fast tier: unit and integration tests on real libvirt/QEMU, netns, CNI" \
+  "usually 12-15 min; a dot per test, tests running over 30 s report their progress"
+tier -m "not slow" --durations=10 "$@"
+phase_end
 echo "== leftovers after the fast tier (no podman has run: /run/netns must still be a plain directory)"
 python3 tools/leftovers.py after "$state_before"
 if [ "$QUICK" != 1 ]; then
   final_check=after-podman  # podman makes /run/netns a shared mount point for its own containers
-  echo "== slow tier (full Debian guest with real cloud-init; molecule test: site.yml on two systemd nodes)"
-  tier -m slow "$@"
+  phase "slow tier: full Debian guest with real cloud-init; molecule test (site.yml on two systemd nodes); the main job" \
+    "usually 14 min: molecule about 9, the local node 3"
+  tier -m slow -v --durations=10 "$@"
+  phase_end
 fi

@@ -39,10 +39,11 @@ tarball=$cache/node-$inputs.tar
 if [ ! -s "$tarball" ] || [ "${1:-}" = "--force" ]; then
   root=$(mktemp -d "$cache/rootfs-XXXXXX")
   trap 'rm -rf "$root"' EXIT
-  log "debootstrap $suite ($packages) into $root"
-  debootstrap --variant=minbase --include="$packages" --cache-dir="$cache/debs" \
-    "$suite" "$root" "$mirror" >"$cache/debootstrap.log" 2>&1 \
-    || { tail -20 "$cache/debootstrap.log" >&2; exit 1; }
+  log "debootstrap $suite ($packages) into $root (usually 1-2 min; log: $cache/debootstrap.log)"
+  . "$repo/tools/progress.sh"  # heartbeat every 30 s on stderr, the log's tail on failure
+  quiet "debootstrap of the node image" "$cache/debootstrap.log" \
+    debootstrap --variant=minbase --include="$packages" --cache-dir="$cache/debs" "$suite" "$root" "$mirror" \
+    || exit 1
 
   # Same archive as the host, with updates and security, for the roles' apt tasks.
   cat >"$root/etc/apt/sources.list" <<LIST

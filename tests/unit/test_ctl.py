@@ -38,7 +38,8 @@ def test_vnc_port_from_domain_xml() -> None:
 def test_cluster_commands() -> None:
     assert cluster.port_forward_cmd(["kubectl"], "ns1/vm", 22) == ["kubectl", "-n", "ns1", "port-forward",
                                                                   "pod/vm", ":22"]
-    assert cluster.attach_cmd(["kubectl"], "vm") == ["kubectl", "-n", "default", "attach", "-it", "pod/vm"]
+    # a bare name: kubectl's own default, the kubeconfig context's namespace
+    assert cluster.attach_cmd(["kubectl"], "vm") == ["kubectl", "attach", "-it", "pod/vm"]
 
 
 def test_parser_and_unreachable_endpoint(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:

@@ -18,8 +18,14 @@ _FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")
 
 
 def split_ref(ref: str) -> tuple[str, str]:
+    """``NS/NAME`` or ``NAME``: (namespace or "" for "the kubeconfig context's namespace", name)."""
     ns, _, name = ref.rpartition("/")
-    return ns or "default", name
+    return ns, name
+
+
+def _ns_args(ns: str) -> list[str]:
+    """kubectl's convention: without -n, the current context's namespace (``default`` when it names none)."""
+    return ["-n", ns] if ns else []
 
 
 def kubectl(kubeconfig: str | None = None, context: str | None = None) -> list[str]:
@@ -36,12 +42,12 @@ def kubectl(kubeconfig: str | None = None, context: str | None = None) -> list[s
 
 def port_forward_cmd(base: list[str], ref: str, remote: int, local: int = 0) -> list[str]:
     ns, name = split_ref(ref)
-    return [*base, "-n", ns, "port-forward", f"pod/{name}", f"{local or ''}:{remote}"]
+    return [*base, *_ns_args(ns), "port-forward", f"pod/{name}", f"{local or ''}:{remote}"]
 
 
 def attach_cmd(base: list[str], ref: str) -> list[str]:
     ns, name = split_ref(ref)
-    return [*base, "-n", ns, "attach", "-it", f"pod/{name}"]
+    return [*base, *_ns_args(ns), "attach", "-it", f"pod/{name}"]
 
 
 def start_port_forward(cmd: list[str], timeout: float = 30.0) -> tuple[subprocess.Popen[str], int]:

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import virtlet
 from virtlet.ctl import cluster
@@ -23,16 +24,40 @@ from virtlet.ctl.node import DEFAULT_ENDPOINT, CtlError, NodeClient, Pod
 from virtlet.stream.client import UpgradeError
 from virtlet.stream.spdy_conn import StreamClosed
 
+# The kubectl plugin: kubectl runs ``kubectl-virt`` on PATH for ``kubectl virt ...`` (the entry point of the
+# same name in pyproject.toml), passing every argument after ``virt`` as it is.
+PLUGIN_PROG = "kubectl virt"
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="virtletctl", description="ssh, VNC, console and diagnostics for VM pods")
+
+class KubectlStyleParser(argparse.ArgumentParser):
+    """As ``kubectl virt``: usage errors print ``error: ...`` and exit 1, as kubectl's own commands do."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"error: {message}\n")
+
+
+def build_parser(prog: str = "virtletctl") -> argparse.ArgumentParser:
+    cls = KubectlStyleParser if prog == PLUGIN_PROG else argparse.ArgumentParser
+    p = cls(prog=prog, description="ssh, VNC, console, diagnostics and node validation for VM pods")
+    p.add_argument("-n", "--namespace", default=None,
+                   help="namespace of the pods named without NS/ (default: the kubeconfig context's in cluster "
+                        "mode, 'default' in node mode)")
     p.add_argument("--endpoint", default=None,
                    help=f"node mode: virtletd CRI socket (default {DEFAULT_ENDPOINT})")
     p.add_argument("--mode", choices=("auto", "node", "cluster"), default="auto",
                    help="node: talk to the CRI socket; cluster: kubectl with your kubeconfig (default: auto)")
     p.add_argument("--kubeconfig", default=None, help="cluster mode: kubeconfig file")
     p.add_argument("--context", default=None, help="cluster mode: kubeconfig context")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # kubectl users put -n/--context/--kubeconfig after the command too (`kubectl virt ssh -n ns pod`): every
+    # command also takes them; SUPPRESS keeps the value given before the command when they are not repeated
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--context", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--kubeconfig", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=cls)
+    sub_add = sub.add_parser
+    sub.add_parser = lambda name, **kw: sub_add(name, parents=[common], **kw)  # type: ignore[method-assign]
 
     ssh = sub.add_parser("ssh", help="ssh into the VM of a pod: ssh [user@]POD [-- ssh args]")
     ssh.add_argument("target", metavar="[USER@]POD")
@@ -47,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("pod", metavar="POD")
 
     sub.add_parser("dump-metadata", help="sandboxes, containers, images and domains as YAML")
+
+    val = sub.add_parser("validate", help="check that this node can run VM pods (one line per check; exit 1 on "
+                                          "a failure)")
+    val.add_argument("--config", type=Path, default=None,
+                     help="virtletd's config file (default /etc/virtlet/virtlet.yaml when it exists)")
+    val.add_argument("--proxy-config", type=Path, default=None,
+                     help="virtlet-criproxy's config file (default /etc/virtlet/criproxy.yaml)")
+    val.add_argument("--kubelet-dropin", type=Path, default=None,
+                     help="the kubelet drop-in (default /etc/systemd/system/kubelet.service.d/"
+                          "90-virtlet-criproxy.conf)")
+    val.add_argument("--virtlogd-socket", type=Path, default=None, help="default /run/libvirt/virtlogd-sock")
+    val.add_argument("--min-free", default="10Gi", help="free disk the image store and state dir need (10Gi)")
+    val.add_argument("--kvm-timeout", type=float, default=5.0, help="seconds for the KVM probe guest (5)")
+    val.add_argument("--skip", action="append", default=[], metavar="CHECK",
+                     help="skip a check (repeatable): kvm, qemu, virtiofsd, libvirt, virtlogd, cni, virtletd, "
+                          "criproxy, kubelet, disk")
+
 
     diag = sub.add_parser("diag", help="diagnostics")
     dsub = diag.add_subparsers(dest="diag_command", required=True, metavar="SUBCOMMAND")
@@ -91,6 +133,13 @@ def _split_target(target: str) -> tuple[str, str]:
     return (user if sep else ""), pod
 
 
+def _ref(args: argparse.Namespace, ref: str) -> str:
+    """A pod reference with ``-n`` applied: NS/NAME and sandbox ids stay as they are."""
+    if args.namespace and "/" not in ref:
+        return f"{args.namespace}/{ref}"
+    return ref
+
+
 def ssh_command(user: str, port: int, ssh_args: list[str], alias: str) -> list[str]:
     """The system ssh to run against a local forwarded port (the user's options come first and win)."""
     exe = shutil.which("ssh") or "ssh"
@@ -117,6 +166,7 @@ def ssh_command(user: str, port: int, ssh_args: list[str], alias: str) -> list[s
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     user, ref = _split_target(args.target)
+    ref = _ref(args, ref)
     if _mode(args) == "cluster":
         proc, port = cluster.start_port_forward(
             cluster.port_forward_cmd(cluster.kubectl(args.kubeconfig, args.context), ref, args.port))
@@ -177,7 +227,7 @@ def cmd_vnc(args: argparse.Namespace) -> int:
     from virtlet.ctl.forward import TcpRelay, UnixRelay
 
     client = _node(args)
-    pod: Pod = client.find_pod(args.pod)
+    pod: Pod = client.find_pod(_ref(args, args.pod))
     kind, where = vnc_target(client.domain_xml(pod.container_id))
     relay: UnixRelay | TcpRelay
     if kind == "unix":
@@ -206,11 +256,12 @@ def cmd_vnc(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     if _mode(args) == "cluster":
-        return subprocess.call(cluster.attach_cmd(cluster.kubectl(args.kubeconfig, args.context), args.pod))
+        return subprocess.call(cluster.attach_cmd(cluster.kubectl(args.kubeconfig, args.context),
+                                                  _ref(args, args.pod)))
     from virtlet.ctl.console import run_console
 
     client = _node(args)
-    pod = client.find_pod(args.pod)
+    pod = client.find_pod(_ref(args, args.pod))
     try:
         return run_console(client.attach_url(pod.container_id))
     finally:
@@ -247,6 +298,28 @@ def cmd_diag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from virtlet import quantity
+    from virtlet.ctl import validate
+
+    try:
+        min_free = quantity.parse_bytes(args.min_free, 2**63 - 1)
+    except ValueError as exc:
+        raise CtlError(f"--min-free: expected a size such as 10Gi: {exc}") from exc
+    unknown = sorted(set(args.skip) - set(validate.CHECKS))
+    if unknown:
+        raise CtlError(f"--skip {unknown[0]}: no such check (known: {', '.join(validate.CHECKS)})")
+    opts = validate.Options(config=args.config, proxy_config=args.proxy_config, min_free=min_free,
+                            kvm_timeout=args.kvm_timeout, skip=set(args.skip))
+    if args.kubelet_dropin is not None:
+        opts.kubelet_dropin = args.kubelet_dropin
+    if args.virtlogd_socket is not None:
+        opts.virtlogd_socket = args.virtlogd_socket
+    results = validate.run(opts)
+    sys.stdout.write(validate.render(results))
+    return 1 if any(r.status == validate.FAIL for r in results) else 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"virtletctl {virtlet.__version__}")
     if _mode(args) == "node":
@@ -281,20 +354,38 @@ def cmd_image(args: argparse.Namespace) -> int:
 COMMANDS = {"ssh": cmd_ssh, "image": cmd_image, "vnc": cmd_vnc, "console": cmd_console,
             "dump-metadata": cmd_dump_metadata, "diag": cmd_diag, "version": cmd_version}
 
+COMMANDS["validate"] = cmd_validate
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+
+def main(argv: Sequence[str] | None = None, prog: str = "virtletctl") -> int:
+    args = build_parser(prog).parse_args(argv)
+    label = "error" if prog == PLUGIN_PROG else "virtletctl"  # kubectl prints "error: ..."
+    if prog == PLUGIN_PROG and args.mode == "auto" and not args.endpoint:
+        args.mode = "cluster"  # a kubectl user means the cluster of the kubeconfig, even on a node
     try:
         return COMMANDS[args.command](args)
     except CtlError as exc:
-        print(f"virtletctl: {exc}", file=sys.stderr)
+        print(f"{label}: {exc}", file=sys.stderr)
         return 1
     except UpgradeError as exc:
-        print(f"virtletctl: the streaming server refused the connection: {exc}", file=sys.stderr)
+        print(f"{label}: the streaming server refused the connection: {exc}", file=sys.stderr)
         return 1
     except (StreamClosed, OSError) as exc:
-        print(f"virtletctl: connection failed: {exc}", file=sys.stderr)
+        print(f"{label}: connection failed: {exc}", file=sys.stderr)
         return 1
+
+
+def kubectl_plugin() -> int:
+    """``kubectl-virt``: the same commands as ``kubectl virt COMMAND`` (cluster mode unless --endpoint)."""
+    return main(sys.argv[1:], prog=PLUGIN_PROG)
+
+
+def kubectl_complete() -> int:
+    """``kubectl_complete-virt``: kubectl (1.26+) runs it for ``kubectl virt <TAB>`` (see docs/virtletctl.md)."""
+    from virtlet.ctl.completion import complete
+
+    sys.stdout.write(complete(sys.argv[1:], list(COMMANDS)))
+    return 0
 
 
 if __name__ == "__main__":
