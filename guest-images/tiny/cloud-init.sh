@@ -45,6 +45,25 @@ fi
 echo "virtlet tiny guest: cloud-init seed on $dev"
 # pod volumes first, so write_files and runcmd below can use them
 /etc/virtlet-mounts "$SEED"
+# Block volumes (docs/volumes.md): virtlet/block-devices on the seed has one "<serial> <devicePath>" line per
+# volume; the disk with that serial (virtio-blk: /sys/block/X/serial; virtio-scsi: VPD page 0x80) is linked
+# at the devicePath.  No udev here, so this is the tiny image's /dev/disk/by-id.
+if [ -f "$SEED/virtlet/block-devices" ]; then
+  while read -r serial path; do
+    [ -n "$serial" ] && [ -n "$path" ] || continue
+    found=""
+    for b in /sys/block/*; do
+      s=$(cat "$b/serial" 2>/dev/null)
+      [ -n "$s" ] || s=$(tr -dc 'A-Za-z0-9_.-' < "$b/device/vpd_pg80" 2>/dev/null)
+      case "$s" in *"$serial") found=/dev/${b##*/}; break ;; esac
+    done
+    if [ -n "$found" ]; then
+      mkdir -p "$(dirname "$path")" && ln -sfn "$found" "$path" && echo "virtlet tiny guest: block volume $found at $path"
+    else
+      echo "virtlet tiny guest: no disk with serial $serial for $path"
+    fi
+  done < "$SEED/virtlet/block-devices"
+fi
 if [ -f "$SEED/meta-data" ]; then
   awk -v out="$T/md" -f /etc/yaml2tree.awk "$SEED/meta-data"
 elif [ -f "$SEED/openstack/latest/meta_data.json" ]; then

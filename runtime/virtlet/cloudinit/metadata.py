@@ -30,10 +30,12 @@ def meta_data_map(
     hostname: str,
     ssh_keys: Sequence[str],
     overrides: Mapping[str, Any] | None,
+    fixed_instance_id: str | None = None,
 ) -> dict[str, Any]:
-    """The NoCloud meta-data map; ``overrides`` (VirtletCloudInitMetaData) replace keys one by one."""
+    """The NoCloud meta-data map; ``overrides`` (VirtletCloudInitMetaData) replace keys one by one.
+    ``fixed_instance_id`` replaces the pod-derived instance id (a persistent root disk's own id)."""
     data: dict[str, Any] = {
-        "instance-id": instance_id(pod_name, pod_namespace),
+        "instance-id": fixed_instance_id or instance_id(pod_name, pod_namespace),
         "local-hostname": hostname or pod_name,
     }
     if ssh_keys:

@@ -55,6 +55,7 @@ class CloudInitRequest:
     extra_user_data: Mapping[str, Any] = field(default_factory=dict)
     #: more files on the seed, by relative path (``virtlet/mounts`` for the tiny guest's mount script)
     extra_files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    instance_id: str | None = None  # None: ``<pod>.<namespace>``; a persistent root disk brings its own
 
 
 @dataclass(frozen=True)

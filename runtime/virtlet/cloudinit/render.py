@@ -26,7 +26,7 @@ def render(req: CloudInitRequest) -> SeedFiles:
             f"the container's environment is {env_bytes} bytes in {userdata.ENVIRONMENT_FILE}, more than the "
             f"{MAX_SEED_BYTES} bytes (1 MiB) the cloud-init seed may hold; pass large values another way")
     meta = metadata.meta_data_map(
-        req.pod_name, req.pod_namespace, req.hostname, opts.ssh_keys, opts.meta_data
+        req.pod_name, req.pod_namespace, req.hostname, opts.ssh_keys, opts.meta_data, req.instance_id
     )
     user = userdata.render_user_data(opts, req.env, req.extra_user_data)
     plan = network.plan_network(req.nics, opts.force_dhcp)

@@ -23,6 +23,7 @@ from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
 from virtlet.vm import annotations as vm_annotations
 from virtlet.vm import guest_agent as ga
+from virtlet.volumes.devices import DeviceRequest
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
             memory_limit_bytes=res.memory_limit_in_bytes if res is not None else 0,
             cpu=CpuResources.from_cri(res), tty=cfg.tty, stdin=cfg.stdin, config=cfg.SerializeToString(),
             mounts=tuple(CriMount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly)
-                         for m in cfg.mounts))
+                         for m in cfg.mounts),
+            devices=[DeviceRequest(d.host_path, d.container_path, d.permissions) for d in cfg.devices])
         rec = self._vms().create(spec)
         return api.CreateContainerResponse(container_id=rec.id)
 

@@ -23,6 +23,7 @@ from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
 from virtlet.vm.annotations import CpuResources
 from virtlet.volumes import binds
+from virtlet.volumes.devices import DeviceRequest
 from virtlet.volumes.mounts import CriMount
 
 if TYPE_CHECKING:  # types only: the image store is not imported at run time here
@@ -54,6 +55,7 @@ class ContainerSpec:
     stdin: bool = False
     config: bytes = b""
     mounts: tuple[CriMount, ...] = ()  # CRI mounts (virtlet.volumes.mounts)
+    devices: list[DeviceRequest] = field(default_factory=list)  # CRI devices (block volumes, persistent root)
 
 
 class LogWriter(Protocol):

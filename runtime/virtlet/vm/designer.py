@@ -11,8 +11,10 @@ metadata holds); ``domain_xml`` only knows how to write them.  Choices and why:
   domain before defining the next one.
 - Machine ``pc`` (i440fx): its IDE controller is what the config-drive CD-ROM uses with virtio disks (guests
   need only ``ata_piix``), and the default machine type cannot change under us.
-- The config drive is the LAST disk, a read-only CD-ROM: IDE ``hdc`` for virtio root disks, SCSI ``sdb`` when
-  ``VirtletDiskDriver`` is ``scsi`` (one virtio-scsi controller for both).
+- The config drive is the LAST disk, a read-only CD-ROM: IDE ``hdc`` for virtio root disks, the SCSI disk after
+  the block volumes (``sdb`` without any) when ``VirtletDiskDriver`` is ``scsi`` (one virtio-scsi controller).
+- Block volumes (CRI devices) follow the root disk in CRI order (``vdb``, ``vdc``, ... / ``sdb``, ...); a
+  persistent root device replaces the overlay as ``vda``/``sda`` (``virtlet.volumes``).
 - CPU quota/period from CRI bound the whole container, so they become ``global_quota``/``global_period``
   (libvirt's ``quota`` is per vCPU).  A quota without a period gets the kernel's default period, 100 ms.
 - ``<metadata>`` holds the container, sandbox and pod identity under ``VIRTLET_XMLNS`` so a restarted virtletd
@@ -28,6 +30,7 @@ from xml.etree import ElementTree as ET
 
 from virtlet.vm import domain_xml as dx
 from virtlet.vm.annotations import VmOptions
+from virtlet.volumes.devices import BlockVolume
 
 VIRTLET_XMLNS = "https://virtlet.cloud/xmlns/domain/1.0"
 VIRTLET_XMLNS_PREFIX = "virtlet"
@@ -63,6 +66,8 @@ class DomainRequest:
     config_drive: Path | None = None  # cloud-init ISO, attached last and read-only
     extra_metadata: Mapping[str, str] = field(default_factory=dict)  # more <metadata> fields, e.g. image ref
     shares: Sequence[dx.Filesystem] = ()  # pod directory volumes (virtlet.volumes.shares)
+    block_volumes: Sequence[BlockVolume] = ()  # CRI devices: raw disks after the root disk (vdb, vdc, ...)
+    root_device: str | None = None  # persistent root: this block device is vda instead of ``overlay``
 
 
 def domain_name(container_id: str) -> str:
@@ -81,11 +86,11 @@ def design_domain(req: DomainRequest) -> dx.Domain:
     """Build the domain objects for ``req``; pure, no libvirt or file access."""
     opts = req.options
     scsi = opts.disk_driver == "scsi"
-    disks = [dx.Disk(source=str(req.overlay), format="qcow2", target_dev="sda" if scsi else "vda",
-                     target_bus="scsi" if scsi else "virtio")]
+    disks = _block_disks(req, scsi)
     if req.config_drive is not None:
         disks.append(dx.Disk(source=str(req.config_drive), format="raw", device="cdrom", readonly=True,
-                             target_dev="sdb" if scsi else "hdc", target_bus="scsi" if scsi else "ide"))
+                             target_dev=_disk_name("sd", len(disks)) if scsi else "hdc",
+                             target_bus="scsi" if scsi else "ide"))
     devices = dx.Devices(
         emulator=req.emulator,
         disks=disks,
@@ -125,6 +130,30 @@ def _share_memory_backing(req: DomainRequest) -> dx.MemoryBacking | None:
     if any(fs.driver == "virtiofs" for fs in req.shares):
         return dx.MemoryBacking(source="memfd", access="shared")
     return None
+def _disk_name(prefix: str, index: int) -> str:
+    """``vda``, ``vdb``, ... ``vdz``, ``vdaa``, ... (the kernel's and libvirt's naming) for index 0, 1, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(ord("a") + rem) + letters
+    return prefix + letters
+
+
+def _block_disks(req: DomainRequest, scsi: bool) -> list[dx.Disk]:
+    """The root disk (the overlay, or the persistent root device) then the block volumes, in CRI order: raw,
+    no host cache (``cache='none' io='native'``: the guest's flushes reach the device), each with its serial."""
+    prefix, bus = ("sd", "scsi") if scsi else ("vd", "virtio")
+    if req.root_device is not None:
+        disks = [dx.Disk(source=req.root_device, type="block", format="raw", cache="none", io="native",
+                         target_dev=_disk_name(prefix, 0), target_bus=bus)]
+    else:
+        disks = [dx.Disk(source=str(req.overlay), format="qcow2", target_dev=_disk_name(prefix, 0), target_bus=bus)]
+    for vol in req.block_volumes:
+        disks.append(dx.Disk(source=vol.host_path, type="block", format="raw", cache="none", io="native",
+                             readonly=vol.readonly, serial=vol.serial, target_dev=_disk_name(prefix, len(disks)),
+                             target_bus=bus))
+    return disks
 
 
 def _metadata_fields(req: DomainRequest) -> dict[str, str]:
@@ -133,6 +162,8 @@ def _metadata_fields(req: DomainRequest) -> dict[str, str]:
               "console-socket": str(req.console_socket), "console-log": str(req.console_log)}
     if req.config_drive is not None:
         fields["config-drive"] = str(req.config_drive)
+    if req.root_device is not None:
+        fields["root-device"] = req.root_device
     for key, value in req.extra_metadata.items():
         fields.setdefault(key, value)
     return fields

@@ -18,7 +18,8 @@ DISK_BUSES = ("virtio", "scsi", "sata", "ide")
 
 @dataclass
 class Disk:
-    """A file-backed ``<disk>``: a qcow2/raw disk or a read-only CD-ROM."""
+    """A ``<disk>``: a file-backed qcow2/raw disk or read-only CD-ROM (``type`` ``file``), or a host block device
+    (``type`` ``block``: ``source`` is the device node, raw, usually ``cache='none' io='native'``)."""
 
     source: str
     target_dev: str
@@ -27,11 +28,19 @@ class Disk:
     device: str = "disk"  # "disk" | "cdrom"
     readonly: bool = False
     serial: str | None = None
+    type: str = "file"  # "file" | "block"
+    cache: str | None = None
+    io: str | None = None
 
     def to_xml(self) -> ET.Element:
-        el = ET.Element("disk", type="file", device=self.device)
-        sub(el, "driver", name="qemu", type=self.format)
-        sub(el, "source", file=self.source)
+        el = ET.Element("disk", type=self.type, device=self.device)
+        driver = {"name": "qemu", "type": self.format} | ({"cache": self.cache} if self.cache else {}) | (
+            {"io": self.io} if self.io else {})
+        sub(el, "driver", **driver)
+        if self.type == "block":
+            sub(el, "source", dev=self.source)
+        else:
+            sub(el, "source", file=self.source)
         sub(el, "target", dev=self.target_dev, bus=self.target_bus)
         if self.readonly:
             sub(el, "readonly")
@@ -43,11 +52,15 @@ class Disk:
     def from_xml(cls, el: ET.Element) -> Disk:
         target = req(el, "target")
         driver = el.find("driver")
-        return cls(source=req(el, "source").get("file", ""), target_dev=target.get("dev", ""),
+        kind = el.get("type", "file")
+        source = req(el, "source").get("dev" if kind == "block" else "file", "")
+        return cls(source=source, target_dev=target.get("dev", ""),
                    target_bus=target.get("bus", ""),
                    format=driver.get("type", "raw") if driver is not None else "raw",
                    device=el.get("device", "disk"), readonly=el.find("readonly") is not None,
-                   serial=text_of(el, "serial"))
+                   serial=text_of(el, "serial"), type=kind,
+                   cache=driver.get("cache") if driver is not None else None,
+                   io=driver.get("io") if driver is not None else None)
 
 
 @dataclass
@@ -288,8 +301,8 @@ class Devices:
         rng = el.find("rng")
         return cls(
             emulator=text_of(el, "emulator") or "",
-            disks=[Disk.from_xml(d) for d in el.findall("disk") if d.get("type") == "file"],
             filesystems=[Filesystem.from_xml(f) for f in el.findall("filesystem") if f.get("type") == "mount"],
+            disks=[Disk.from_xml(d) for d in el.findall("disk") if d.get("type") in ("file", "block")],
             controllers=[Controller.from_xml(c) for c in el.findall("controller") if c.get("type") == "scsi"],
             interfaces=[EthernetInterface.from_xml(i) for i in el.findall("interface")
                         if i.get("type") == "ethernet"],

@@ -4,6 +4,7 @@ rules they follow are in ``virtlet.vm.manager``'s module doc)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 
@@ -35,6 +36,7 @@ class VmLifecycle(VmExits):
             extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path),
                    "creating": True})
         self._replace_unstarted(spec.sandbox_id)
+        self._check_root_device_free(spec)
         with self._lock(cid):
             self.store.add_container(rec)  # checks: sandbox READY, no other live container
             try:
@@ -72,6 +74,21 @@ class VmLifecycle(VmExits):
                     current = self.store.get_container(old.id)
                     if current is not None and current.state == st.CONTAINER_CREATED:
                         self.remove(old.id)
+
+    def _check_root_device_free(self, spec: ContainerSpec) -> None:
+        """A persistent root device boots one VM at a time: a CREATED or RUNNING container of another pod on the
+        same device (a RWO block PV is per node, so two pods of a node may both get it) is refused."""
+        root = next((d for d in spec.devices if os.path.normpath(d.container_path) == "/"), None)
+        if root is None:
+            return
+        real = os.path.realpath(root.host_path)
+        for other in self.store.list_containers():
+            dev = other.extra.get("root_device")
+            if dev and os.path.realpath(str(dev)) == real and other.sandbox_id != spec.sandbox_id and \
+                    other.state in (st.CONTAINER_CREATED, st.CONTAINER_RUNNING):
+                raise errors.FailedPrecondition(
+                    f"persistent root device {root.host_path!r} is in use by container {other.id} of pod sandbox "
+                    f"{other.sandbox_id}; stop or remove that pod first")
 
     def _undefine_exited_domains(self, sandbox_id: str) -> None:
         """A restarted container reuses the pod's domain UUID (= SMBIOS UUID): the exited one's domain must go

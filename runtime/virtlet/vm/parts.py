@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from virtlet import cloudinit
+from virtlet import cloudinit, errors
 from virtlet.console.writer import ConsoleLogWriter
 from virtlet.state import store as st
 from virtlet.vm import designer, overlay
@@ -21,7 +21,8 @@ from virtlet.vm.annotations import (
     parse_vm_options,
 )
 from virtlet.vm.manager import ContainerSpec
-from virtlet.volumes import binds, shares
+from virtlet.volumes import binds, persistent_root, shares
+from virtlet.volumes import devices as vdev
 from virtlet.volumes import mounts as vmounts
 
 if TYPE_CHECKING:  # types only: no import of the image store or pod network at run time here
@@ -66,11 +67,19 @@ class VmParts:
         options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
                                    sandbox.uid, self.host_cpus, self.max_root_volume_size)
         cloudinit.parse_cloudinit_options(pod_annotations)
+        plan = vdev.plan_devices(spec.devices)  # INVALID_ARGUMENT before anything is made
+        reimage = _reimage_requested(pod_annotations)
         vols = self._plan_volumes(spec)
         sources = {s.tag: binds.bind_readonly(s.host_path, cdir, i) for i, s in enumerate(vols.plan.shares)
                    if shares.needs_ro_bind(s, vols.driver)}  # undone by VmManager._destroy_everything
         root = cdir / "root.qcow2"
-        overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
+        root_header = None
+        if plan.root is not None:  # the device is the root disk: no overlay, VirtletRootVolumeSize ignored
+            root_header = persistent_root.prepare_root(
+                plan.root.host_path, Path(image.path), image.format, image.digest, reimage,
+                what=f"persistent root device {plan.root.host_path!r}")
+        else:
+            overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
         info = sandbox.network
         nics = info.nics if info is not None else []
         seed = cdir / "config.iso"
@@ -82,16 +91,26 @@ class VmParts:
                 gateway=n.gateway or None, routes=[(r.dst, r.gw) for r in n.routes]) for n in nics],
             dns_servers=list(info.dns_servers) if info else [],
             dns_search=list(info.dns_searches) if info else [],
-            extra_user_data=vols.user_data, extra_files=vols.seed_files), seed)
+            extra_user_data=_with_block_links(vols.user_data, plan.volumes),
+            extra_files={**vols.seed_files, **({vdev.GUEST_MAP_FILE: vdev.guest_map(plan.volumes)}
+                                               if plan.volumes else {})},
+            instance_id=root_header.instance_id if root_header is not None else None), seed)
         domain = designer.design_domain(designer.DomainRequest(
             container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
             pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
             console_socket=console_sock, console_log=cdir / "console.raw", emulator=self.emulator,
             nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
             extra_metadata={"image": spec.image, "image-ref": image.digest},
-            shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources)))
-        extra = {"root": str(root), "config_drive": str(seed), "vcpus": options.vcpus,
-                 "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
+            shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources),
+            block_volumes=plan.volumes, root_device=plan.root.host_path if plan.root is not None else None))
+        extra: dict[str, Any] = {"config_drive": str(seed), "vcpus": options.vcpus,
+                                 "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
+        if plan.root is not None:
+            extra["root_device"] = plan.root.host_path
+        else:
+            extra["root"] = str(root)
+        if plan.volumes:
+            extra["block_devices"] = [v.host_path for v in plan.volumes]
         return dx.to_string(domain), extra
 
     def _plan_volumes(self, spec: ContainerSpec) -> _Volumes:
@@ -121,3 +140,18 @@ class VmParts:
     def log_writer(self, raw: Path, cri_log: Path, state: Path) -> ConsoleLogWriter:
         return ConsoleLogWriter(raw, cri_log, state)
 
+
+
+def _with_block_links(user_data: dict[str, Any], volumes: tuple[vdev.BlockVolume, ...]) -> dict[str, Any]:
+    """virtlet's cloud-config for the pod's volumes plus the per-boot ``bootcmd`` linking block volumes."""
+    if not volumes:
+        return user_data
+    return {**user_data, "bootcmd": [*user_data.get("bootcmd", []), vdev.link_script(volumes)]}
+
+
+def _reimage_requested(annotations: dict[str, str]) -> bool:
+    value = annotations.get(persistent_root.REIMAGE_ANNOTATION, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise errors.InvalidArgument(f"annotation {persistent_root.REIMAGE_ANNOTATION}: expected \"true\" or "
+                                     f"\"false\", got {value[:40]!r}")
+    return value == "true"
