@@ -26,6 +26,9 @@ class SandboxNetSpec:
     port_mappings: list[dict[str, Any]] = field(default_factory=list)
     # CRI DNSConfig: {"servers": [...], "searches": [...], "options": [...]}
     dns: dict[str, list[str]] = field(default_factory=dict)
+    # CNI capability args the pod's annotations ask for ("bandwidth", "ips", "mac"), validated
+    # (``virtlet.network.capabilities.from_annotations``)
+    annotation_caps: dict[str, Any] = field(default_factory=dict)
 
     @property
     def netns_name(self) -> str:

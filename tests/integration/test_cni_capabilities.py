@@ -1,0 +1,173 @@
+"""CNI capability arguments through a running virtletd and Debian's plugins: hostPort (``portmap``), bandwidth
+(``bandwidth``), fixed IPs (``host-local`` with the ``ips`` capability) and a fixed MAC (``tuning``).
+
+Every pod here runs on a test-unique dual-stack bridge network; iptables/ip6tables rules and tc qdiscs are
+looked up by the sandbox id (portmap's rule comments) or by the test bridge, and removed in teardown even when
+a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import NetnsGuard, running_virtletd
+from virtlet.cri.gen import api_pb2 as api
+
+CNI_BIN = Path("/usr/lib/cni")
+
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, iptables, tc)"),
+    pytest.mark.skipif(not all((CNI_BIN / p).exists() for p in ("bridge", "host-local", "portmap", "bandwidth",
+                                                                 "tuning")),
+                       reason="needs containernetworking-plugins"),
+]
+
+
+def _sh(*cmd: str, check: bool = True) -> str:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+class CapsNet:
+    """A test-unique CNI network: bridge + host-local (v4 and v6, ``ips`` capability) + tuning (``mac``) +
+    portmap + bandwidth.  Remembers the sandbox ids it served to clean their iptables rules."""
+
+    def __init__(self, world_dir: Path) -> None:
+        n = random.randint(1, 250)
+        self.name = f"vcap-{world_dir.name[-8:]}"
+        self.bridge = f"vcb{world_dir.name[-8:]}"[:15]
+        self.subnet4 = f"10.98.{n}.0/24"
+        self.subnet6 = f"fd98:{random.randint(1, 0xffff):x}:{n:x}::/64"
+        self.prefix4 = f"10.98.{n}."
+        self.conf = world_dir / "cni-caps"
+        self.conf.mkdir()
+        (self.conf / "10-caps.conflist").write_text(json.dumps({
+            "cniVersion": "1.0.0", "name": self.name, "plugins": [
+                {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet4}], [{"subnet": self.subnet6}]],
+                          "routes": [{"dst": "0.0.0.0/0"}]},
+                 "capabilities": {"ips": True}},
+                {"type": "tuning", "capabilities": {"mac": True}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+                {"type": "bandwidth", "capabilities": {"bandwidth": True}},
+                {"type": "loopback"}]}))
+        self.sandbox_ids: list[str] = []
+
+    def cleanup(self) -> None:
+        for sid in self.sandbox_ids:
+            for tool in ("iptables", "ip6tables"):
+                remove_rules(tool, sid)
+        _sh("ip", "link", "del", self.bridge, check=False)
+        shutil.rmtree(f"/var/lib/cni/networks/{self.name}", ignore_errors=True)
+
+
+def nat_rules(tool: str, sandbox_id: str) -> list[str]:
+    """The nat-table rules that name the sandbox (portmap writes its id in every rule's comment)."""
+    return [line for line in _sh(tool, "-w", "-t", "nat", "-S").splitlines() if sandbox_id in line]
+
+
+def remove_rules(tool: str, sandbox_id: str) -> None:
+    """Delete the sandbox's nat rules and the per-pod chains they jump to (test teardown, also on failure)."""
+    chains: set[str] = set()
+    for line in nat_rules(tool, sandbox_id):
+        args = shlex.split(line)
+        if "-j" in args:
+            target = args[args.index("-j") + 1]
+            if target.startswith("CNI-DN-") or target.startswith("CNI-SN-"):
+                chains.add(target)
+        if args and args[0] == "-A":
+            _sh(tool, "-w", "-t", "nat", "-D", *args[1:], check=False)
+    for chain in chains:
+        _sh(tool, "-w", "-t", "nat", "-F", chain, check=False)
+        _sh(tool, "-w", "-t", "nat", "-X", chain, check=False)
+
+
+@pytest.fixture
+def caps_net(world_dir: Path) -> Iterator[CapsNet]:
+    net = CapsNet(world_dir)
+    try:
+        yield net
+    finally:
+        net.cleanup()
+
+
+@pytest.fixture
+def caps_virtletd(world_dir: Path, caps_net: CapsNet, netns_guard: NetnsGuard) -> Iterator[VirtletdProcess]:
+    with running_virtletd(world_dir, netns_guard, caps_net.conf, ["--libvirt-uri", "test:///default",
+                                                                  "--kvm", "off"]) as daemon:
+        yield daemon
+
+
+def _config(name: str, annotations: dict[str, str] | None = None, ports: list[int] | None = None,
+            uid: str | None = None) -> api.PodSandboxConfig:
+    return api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name=name, namespace="default", uid=uid or f"uid-{name}", attempt=0),
+        hostname=name, annotations=annotations or {},
+        port_mappings=[api.PortMapping(protocol=api.TCP, container_port=22, host_port=p) for p in ports or []])
+
+
+def _run(daemon: VirtletdProcess, net: CapsNet, cfg: api.PodSandboxConfig) -> str:
+    sid: str = daemon.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=cfg), timeout=120).pod_sandbox_id
+    net.sandbox_ids.append(sid)
+    return sid
+
+
+def _remove(daemon: VirtletdProcess, sid: str) -> None:
+    rt = daemon.runtime()
+    rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+
+
+def _unique_ports(count: int) -> list[int]:
+    used = _sh("iptables", "-w", "-t", "nat", "-S") + _sh("ip6tables", "-w", "-t", "nat", "-S")
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 60000)
+        if f"--dport {port} " not in used and port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _dnat_chains(tool: str, sid: str, port: int) -> set[str]:
+    """The per-pod DNAT chains portmap made for ``port`` (asserting there is at least one)."""
+    rules = [r for r in nat_rules(tool, sid) if str(port) in r]
+    chains = {a.split()[0] for r in rules for a in r.split(" -j ")[1:] if a.startswith("CNI-DN-")}
+    assert chains, f"{tool}: no DNAT rule for host port {port} of sandbox {sid}: {nat_rules(tool, sid)}"
+    return chains
+
+
+def _assert_no_rules(sid: str, chains: dict[str, set[str]]) -> None:
+    for tool in ("iptables", "ip6tables"):
+        assert nat_rules(tool, sid) == [], f"{tool} rules of removed sandbox {sid} left"
+        existing = _sh(tool, "-w", "-t", "nat", "-S")
+        left = [c for c in chains[tool] if f"-N {c}\n" in existing + "\n"]
+        assert not left, f"{tool}: per-pod chains {left} of removed sandbox {sid} left"
+
+
+def test_host_port_rules_removed_on_stop_and_after_crash(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
+    port_a, port_b = _unique_ports(2)
+    sid = _run(caps_virtletd, caps_net, _config("hp-a", ports=[port_a]))
+    # the pod is dual-stack: portmap maps both families
+    chains = {tool: _dnat_chains(tool, sid, port_a) for tool in ("iptables", "ip6tables")}
+    _remove(caps_virtletd, sid)
+    _assert_no_rules(sid, chains)
+
+    # the DEL after a crash: virtletd is SIGKILLed with the pod running and the pod is removed by the next one
+    sid = _run(caps_virtletd, caps_net, _config("hp-b", ports=[port_b]))
+    chains = {tool: _dnat_chains(tool, sid, port_b) for tool in ("iptables", "ip6tables")}
+    caps_virtletd.kill()
+    caps_virtletd.start()
+    _remove(caps_virtletd, sid)
+    _assert_no_rules(sid, chains)
