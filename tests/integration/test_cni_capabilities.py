@@ -7,15 +7,21 @@ a test fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shlex
 import shutil
+import socket
 import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
@@ -171,3 +177,109 @@ def test_host_port_rules_removed_on_stop_and_after_crash(caps_virtletd: Virtletd
     caps_virtletd.start()
     _remove(caps_virtletd, sid)
     _assert_no_rules(sid, chains)
+
+
+
+def _host_veths(bridge: str) -> list[str]:
+    return [line.split(":")[1].strip().split("@")[0] for line in
+            _sh("ip", "-o", "link", "show", "master", bridge).splitlines() if line.strip()]
+
+
+def _nic0(daemon: VirtletdProcess, sid: str) -> dict[str, Any]:
+    status = daemon.runtime().PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True))
+    nic: dict[str, Any] = json.loads(status.info["info"])["network"]["nics"][0]
+    return nic
+
+
+@contextlib.contextmanager
+def stand_in_vm(sid: str, nic: dict[str, Any]) -> Iterator[str]:
+    """A netns standing in for the VM: a veth pair, its outer end on the pod's bridge ``vmbr0`` (where the VM's
+    tap would be), its inner end with the VM's MAC and the pod IP.  Shaping happens on the pod's *host-side*
+    veth, outside the pod netns, so what reaches this netns is what would reach the VM's NIC."""
+    name = f"vtvm{uuid.uuid4().hex[:12]}"
+    outer, inner = f"vo{name[4:14]}", f"vi{name[4:14]}"
+    try:
+        _sh("ip", "netns", "add", name)
+        _sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        _sh("ip", "link", "set", inner, "netns", name)
+        _sh("ip", "link", "set", outer, "netns", sid)
+        _sh("ip", "-n", sid, "link", "set", outer, "master", nic["bridge"], "up")
+        _sh("ip", "-n", name, "link", "set", inner, "address", nic["mac"], "up")
+        _sh("ip", "-n", name, "addr", "add", f"{nic['ip']}/{nic['prefix']}", "dev", inner)
+        _sh("ip", "-n", name, "route", "add", "default", "via", nic["gateway"])
+        yield name
+    finally:
+        _sh("ip", "-n", sid, "link", "del", outer, check=False)
+        _sh("ip", "link", "del", outer, check=False)
+        _sh("ip", "netns", "del", name, check=False)
+
+
+RECEIVER = """
+import json, socket, sys, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
+conn, _ = srv.accept(); conn.settimeout(5); total = 0; marks = []; end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        data = conn.recv(1 << 16)
+    except socket.timeout:
+        continue
+    if not data:
+        break
+    total += len(data); marks.append((time.monotonic(), total))
+print(json.dumps(marks[:: max(1, len(marks) // 4000)] + marks[-1:]), flush=True)
+"""
+
+
+def _measure_ingress(vm_ns: str, pod_ip: str, duration: float, window: float) -> float:
+    """Bytes/s reaching the stand-in VM in the last ``window`` seconds of ``duration`` seconds of a TCP stream
+    sent as fast as possible from the host: the token bucket's burst is long used up by then (containerd's
+    burst, 2**32-1 bits, lets about 4 minutes' worth of the rate through at line speed, ~30 MB at 1 Mbit/s)."""
+    port = random.randint(20000, 60000)
+    recv = subprocess.Popen(["ip", "netns", "exec", vm_ns, sys.executable, "-c", RECEIVER, str(port),
+                             str(duration)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        chunk = b"x" * (1 << 16)
+        with socket.create_connection((pod_ip, port), timeout=30) as sock:
+            sock.settimeout(duration + 30)
+            with contextlib.suppress(OSError):  # the receiver closes after ``duration``
+                while recv.poll() is None:
+                    sock.sendall(chunk)
+        out, _ = recv.communicate(timeout=60)
+    finally:
+        recv.kill()
+        recv.wait()
+    marks: list[list[float]] = json.loads(out.strip().splitlines()[-1])
+    end_t, end_b = marks[-1]
+    t0, b0 = next(m for m in marks if m[0] >= end_t - window)
+    return (end_b - b0) / (end_t - t0)
+
+
+def test_bandwidth_annotations_shape_the_pod_veth(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
+    sid = _run(caps_virtletd, caps_net, _config("bw", annotations={
+        "kubernetes.io/ingress-bandwidth": "1M", "kubernetes.io/egress-bandwidth": "4M"}))
+    (veth,) = _host_veths(caps_net.bridge)
+    qdiscs = _sh("tc", "qdisc", "show", "dev", veth)
+    assert "tbf" in qdiscs and "rate 1Mbit" in qdiscs, qdiscs  # ingress: a TBF on the host-side veth
+    assert "ingress" in qdiscs, qdiscs  # egress: the veth's ingress redirected to an ifb with its own TBF
+    filters = _sh("tc", "filter", "show", "dev", veth, "ingress")
+    ifb = filters.split("to device ")[1].split(")")[0]
+    assert "rate 4Mbit" in _sh("tc", "qdisc", "show", "dev", ifb)
+    nic = _nic0(caps_virtletd, sid)
+    with stand_in_vm(sid, nic) as vm_ns:
+        rate = _measure_ingress(vm_ns, nic["ip"], duration=25, window=8)
+    print(f"measured shaped ingress: {rate * 8 / 1e6:.3f} Mbit/s")
+    assert 0.8 * 1e6 / 8 <= rate <= 1.2 * 1e6 / 8, f"shaped ingress rate {rate * 8 / 1e6:.2f} Mbit/s, not 1"
+    _remove(caps_virtletd, sid)
+    assert _sh("ip", "link", "show", ifb, check=False) == "", f"ifb {ifb} left after RemovePodSandbox"
+
+
+def test_bad_bandwidth_is_invalid_argument(caps_virtletd: VirtletdProcess) -> None:
+    for key, value in (("kubernetes.io/ingress-bandwidth", "fast"), ("kubernetes.io/egress-bandwidth", "2P")):
+        with pytest.raises(grpc.RpcError) as err:
+            caps_virtletd.runtime().RunPodSandbox(api.RunPodSandboxRequest(
+                config=_config("bad-bw", annotations={key: value})), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and key in (err.value.details() or "")
+    assert caps_virtletd.runtime().ListPodSandbox(api.ListPodSandboxRequest()).items == []
+

@@ -1,0 +1,52 @@
+"""Pod annotations -> CNI capability args (bandwidth, fixed IPs, fixed MAC), with every bad value refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from virtlet import errors
+from virtlet.network import capabilities as caps
+
+
+def test_no_annotations_no_args() -> None:
+    assert caps.from_annotations({"other": "x"}) == {}
+
+
+def test_bandwidth_as_containerd_passes_it() -> None:
+    got = caps.from_annotations({caps.INGRESS_BANDWIDTH: "10M", caps.EGRESS_BANDWIDTH: "1.5Mi"})
+    assert got == {"bandwidth": {"ingressRate": 10_000_000, "ingressBurst": 2**32 - 1,
+                                 "egressRate": 1_572_864, "egressBurst": 2**32 - 1}}
+    assert caps.bandwidth({caps.EGRESS_BANDWIDTH: "1k"}) == {"egressRate": 1000, "egressBurst": 2**32 - 1}
+    assert caps.bandwidth({caps.INGRESS_BANDWIDTH: "1000001m"}) == {"ingressRate": 1001, "ingressBurst": 2**32 - 1}
+
+
+@pytest.mark.parametrize("value", ["fast", "", "10 M", "-1M", "999", "2P", "1e99999999", "1" * 100, "0"])
+def test_bad_bandwidth_is_invalid_argument_naming_the_annotation(value: str) -> None:
+    for key in (caps.INGRESS_BANDWIDTH, caps.EGRESS_BANDWIDTH):
+        with pytest.raises(errors.InvalidArgument, match=key):
+            caps.from_annotations({key: value})
+
+
+def test_fixed_ips() -> None:
+    assert caps.from_annotations({caps.IP_ADDRESSES: "10.1.2.3/24, fd00::5/64"}) == {
+        "ips": ["10.1.2.3/24", "fd00::5/64"]}
+    assert caps.fixed_ips({caps.IP_ADDRESSES: "10.1.2.3"}) == ["10.1.2.3"]
+
+
+@pytest.mark.parametrize("value", ["", "10.1.2", "10.1.2.3,10.1.2.4", "127.0.0.1", "0.0.0.0", "224.0.0.1",
+                                   "fe80::1", "10.1.2.0/24", "10.1.2.255/24", "10.1.2.3/33", "x" * 300,
+                                   "10.1.2.3;rm -rf /"])
+def test_bad_ips_are_invalid_argument(value: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=caps.IP_ADDRESSES):
+        caps.from_annotations({caps.IP_ADDRESSES: value})
+
+
+def test_fixed_mac() -> None:
+    assert caps.from_annotations({caps.MAC_ADDRESS: "02:AB:cd:00:00:01"}) == {"mac": "02:ab:cd:00:00:01"}
+
+
+@pytest.mark.parametrize("value", ["", "02:ab:cd:00:00", "01:00:5e:00:00:01", "00:00:00:00:00:00",
+                                   "02-ab-cd-00-00-01", "02:ab:cd:00:00:01:02", "zz:ab:cd:00:00:01", "x" * 500])
+def test_bad_mac_is_invalid_argument(value: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match=caps.MAC_ADDRESS):
+        caps.from_annotations({caps.MAC_ADDRESS: value})
