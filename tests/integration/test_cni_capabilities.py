@@ -283,3 +283,36 @@ def test_bad_bandwidth_is_invalid_argument(caps_virtletd: VirtletdProcess) -> No
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and key in (err.value.details() or "")
     assert caps_virtletd.runtime().ListPodSandbox(api.ListPodSandboxRequest()).items == []
 
+
+def test_fixed_mac_and_ips_survive_pod_re_creation(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
+    ip4 = f"{caps_net.prefix4}{random.randint(50, 200)}"
+    ip6 = caps_net.subnet6.replace("::/64", "::77")
+    mac = f"02:5e:{random.randint(0, 255):02x}:00:00:{random.randint(1, 254):02x}"
+    annotations = {"VirtletMACAddress": mac.upper(), "VirtletIPAddresses": f"{ip4}/24, {ip6}/64"}
+    seen = []
+    for attempt in range(2):
+        sid = _run(caps_virtletd, caps_net, _config("pet", annotations=annotations, uid=f"uid-pet-{attempt}"))
+        status = caps_virtletd.runtime().PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+        nic = _nic0(caps_virtletd, sid)
+        veth_mac = json.loads(_sh("ip", "-j", "-n", sid, "link", "show", nic["veth"]))[0]["address"]
+        assert nic["mac"] == mac and veth_mac != mac  # the VM NIC has the MAC, the pod veth a fresh one
+        seen.append((status.network.ip, [a.ip for a in status.network.additional_ips], nic["mac"]))
+        _remove(caps_virtletd, sid)
+    assert seen[0] == seen[1] == (ip4, [ip6], mac)
+
+
+def test_fixed_address_refused_or_unavailable(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
+    rt = caps_virtletd.runtime()
+    for key, value in (("VirtletMACAddress", "01:00:5e:00:00:01"), ("VirtletIPAddresses", "10.1.2.3,10.1.2.4"),
+                       ("VirtletIPAddresses", "not-an-ip")):
+        with pytest.raises(grpc.RpcError) as err:
+            rt.RunPodSandbox(api.RunPodSandboxRequest(config=_config("bad-fixed", annotations={key: value})),
+                             timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and key in (err.value.details() or "")
+    # an address outside the network's range: the IPAM cannot honour it, nothing is left behind
+    with pytest.raises(grpc.RpcError) as err:
+        rt.RunPodSandbox(api.RunPodSandboxRequest(config=_config(
+            "bad-fixed", annotations={"VirtletIPAddresses": "192.0.2.10"})), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert "VirtletIPAddresses" in (err.value.details() or "") and "192.0.2.10" in (err.value.details() or "")
+    assert rt.ListPodSandbox(api.ListPodSandboxRequest()).items == []

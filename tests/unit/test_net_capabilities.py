@@ -6,6 +6,8 @@ import pytest
 
 from virtlet import errors
 from virtlet.network import capabilities as caps
+from virtlet.network.model import NicInfo, PodNetworkInfo, SandboxNetSpec
+from virtlet.network.pod_network import _check_fixed_addresses
 
 
 def test_no_annotations_no_args() -> None:
@@ -50,3 +52,25 @@ def test_fixed_mac() -> None:
 def test_bad_mac_is_invalid_argument(value: str) -> None:
     with pytest.raises(errors.InvalidArgument, match=caps.MAC_ADDRESS):
         caps.from_annotations({caps.MAC_ADDRESS: value})
+
+
+def _info(mac: str, ip: str, v6: list[str]) -> PodNetworkInfo:
+    nic = NicInfo(index=0, mac=mac, mtu=1500, ip=ip, prefix=24, gateway="10.1.2.1", routes=[], veth="eth0",
+                  bridge="vmbr0", tap="vt0", ipv6=v6)
+    return PodNetworkInfo(sandbox_id="s", netns_path="/run/netns/s", nics=[nic], dns_servers=[], dns_searches=[],
+                          dns_options=[])
+
+
+def _spec(**asked: object) -> SandboxNetSpec:
+    return SandboxNetSpec(sandbox_id="s", netns_path="/run/netns/s", pod_name="p", pod_namespace="d", pod_uid="u",
+                          annotation_caps=dict(asked))
+
+
+def test_fixed_addresses_the_network_did_not_honour_fail_the_pod() -> None:
+    info = _info("02:00:00:00:00:05", "10.1.2.3", ["fd00::5/64"])
+    _check_fixed_addresses(_spec(mac="02:00:00:00:00:05", ips=["10.1.2.3/24", "fd00::5"]), info)
+    _check_fixed_addresses(_spec(), info)
+    with pytest.raises(errors.FailedPrecondition, match="VirtletMACAddress.*tuning"):
+        _check_fixed_addresses(_spec(mac="02:00:00:00:00:06"), info)
+    with pytest.raises(errors.FailedPrecondition, match="VirtletIPAddresses asks for 10.1.2.4"):
+        _check_fixed_addresses(_spec(ips=["10.1.2.4"]), info)

@@ -25,7 +25,7 @@ from typing import Any
 
 from virtlet import errors
 from virtlet.network import plumbing
-from virtlet.network.cni import CniResult, CniRunner
+from virtlet.network.cni import CniPluginError, CniResult, CniRunner
 from virtlet.network.dhcp_process import DhcpProcess
 from virtlet.network.dhcp_server import DEFAULT_LEASE, DhcpConfig, NicLease
 from virtlet.network.model import NicInfo, PodNetworkInfo, Route, SandboxNetSpec
@@ -63,9 +63,20 @@ class PodNetwork:
         if not Path(spec.netns_path).exists():
             raise errors.FailedPrecondition(f"network namespace {spec.netns_path} does not exist")
         self._dir(spec.sandbox_id).mkdir(parents=True, exist_ok=True)
-        result = self.cni.add(spec)  # undoes itself on failure
+        try:
+            result = self.cni.add(spec)  # undoes itself on failure
+        except CniPluginError as exc:
+            fixed = {k: v for k, v in spec.annotation_caps.items() if k in ("ips", "mac")}
+            if not fixed:
+                raise
+            # most likely the IPAM cannot give the asked-for address (in use, outside its range): the pod's
+            # request, not a fault of the node
+            raise errors.FailedPrecondition(
+                f"{exc} (the pod asks for fixed addresses, annotations VirtletIPAddresses/VirtletMACAddress: "
+                f"{fixed}; an address must be free and inside the network's range)") from exc
         try:
             info = self._plumb(spec, result)
+            _check_fixed_addresses(spec, info)
             self._save(info)
             info.dhcp_pid = self._dhcp(info, spec.hostname).start()
             self._save(info)
@@ -192,6 +203,25 @@ class PodNetwork:
         servers, searches, options = _dns(spec, result)
         return PodNetworkInfo(sandbox_id=spec.sandbox_id, netns_path=ns, nics=nics, dns_servers=servers,
                               dns_searches=searches, dns_options=options)
+
+
+def _check_fixed_addresses(spec: SandboxNetSpec, info: PodNetworkInfo) -> None:
+    """A pod that asked for a fixed MAC or fixed IPs (``VirtletMACAddress``/``VirtletIPAddresses``) gets them or
+    does not start: a pet VM silently coming up on another address is worse than a clear error."""
+    mac = str(spec.annotation_caps.get("mac", ""))
+    if mac and info.nics[0].mac != mac:
+        raise errors.FailedPrecondition(
+            f"annotation VirtletMACAddress asks for MAC {mac}, but the CNI network gave the pod "
+            f"{info.nics[0].mac}: a plugin of the network must declare \"capabilities\": {{\"mac\": true}} "
+            f"(e.g. the tuning plugin)")
+    got = set(info.pod_ips)
+    for want in spec.annotation_caps.get("ips", []):
+        addr = str(ipaddress.ip_interface(want).ip)
+        if addr not in got:
+            raise errors.FailedPrecondition(
+                f"annotation VirtletIPAddresses asks for {addr}, but the CNI network gave the pod "
+                f"{', '.join(sorted(got)) or 'no address'}: its IPAM must declare \"capabilities\": "
+                f"{{\"ips\": true}} (host-local does) and the address must be free and in its range")
 
 
 def _new_mac(current: str, vm_mac: str) -> str:
