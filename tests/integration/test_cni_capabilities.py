@@ -162,24 +162,6 @@ def _assert_no_rules(sid: str, chains: dict[str, set[str]]) -> None:
         assert not left, f"{tool}: per-pod chains {left} of removed sandbox {sid} left"
 
 
-def test_host_port_rules_removed_on_stop_and_after_crash(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
-    port_a, port_b = _unique_ports(2)
-    sid = _run(caps_virtletd, caps_net, _config("hp-a", ports=[port_a]))
-    # the pod is dual-stack: portmap maps both families
-    chains = {tool: _dnat_chains(tool, sid, port_a) for tool in ("iptables", "ip6tables")}
-    _remove(caps_virtletd, sid)
-    _assert_no_rules(sid, chains)
-
-    # the DEL after a crash: virtletd is SIGKILLed with the pod running and the pod is removed by the next one
-    sid = _run(caps_virtletd, caps_net, _config("hp-b", ports=[port_b]))
-    chains = {tool: _dnat_chains(tool, sid, port_b) for tool in ("iptables", "ip6tables")}
-    caps_virtletd.kill()
-    caps_virtletd.start()
-    _remove(caps_virtletd, sid)
-    _assert_no_rules(sid, chains)
-
-
-
 def _host_veths(bridge: str) -> list[str]:
     return [line.split(":")[1].strip().split("@")[0] for line in
             _sh("ip", "-o", "link", "show", "master", bridge).splitlines() if line.strip()]
@@ -316,3 +298,45 @@ def test_fixed_address_refused_or_unavailable(caps_virtletd: VirtletdProcess, ca
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
     assert "VirtletIPAddresses" in (err.value.details() or "") and "192.0.2.10" in (err.value.details() or "")
     assert rt.ListPodSandbox(api.ListPodSandboxRequest()).items == []
+
+
+ECHO = """
+import socket, sys
+srv = socket.socket(); srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
+srv.settimeout(60); conn, _ = srv.accept(); print(conn.recv(100).decode(), flush=True)
+"""
+
+
+def _echo_through(vm_ns: str, vm_port: int, host_ip: str, host_port: int) -> bytes:
+    """Send a line to ``host_ip:host_port`` and return what a listener on ``vm_port`` in the VM netns got."""
+    proc = subprocess.Popen(["ip", "netns", "exec", vm_ns, sys.executable, "-c", ECHO, str(vm_port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with socket.create_connection((host_ip, host_port), timeout=30) as sock:
+            sock.sendall(b"hello from the host")
+        out, _ = proc.communicate(timeout=60)
+        return out.strip().encode()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_host_port_rules_removed_on_stop_and_after_crash(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
+    port_a, port_b = _unique_ports(2)
+    sid = _run(caps_virtletd, caps_net, _config("hp-a", ports=[port_a]))
+    # the pod is dual-stack: portmap maps both families
+    chains = {tool: _dnat_chains(tool, sid, port_a) for tool in ("iptables", "ip6tables")}
+    nic = _nic0(caps_virtletd, sid)
+    with stand_in_vm(sid, nic) as vm_ns:  # a connection to the host port reaches the VM's port 22
+        assert _echo_through(vm_ns, 22, nic["gateway"], port_a) == b"hello from the host"
+    _remove(caps_virtletd, sid)
+    _assert_no_rules(sid, chains)
+
+    # the DEL after a crash: virtletd is SIGKILLed with the pod running and the pod is removed by the next one
+    sid = _run(caps_virtletd, caps_net, _config("hp-b", ports=[port_b]))
+    chains = {tool: _dnat_chains(tool, sid, port_b) for tool in ("iptables", "ip6tables")}
+    caps_virtletd.kill()
+    caps_virtletd.start()
+    _remove(caps_virtletd, sid)
+    _assert_no_rules(sid, chains)
