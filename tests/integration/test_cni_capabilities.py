@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +64,7 @@ class CapsNet:
             "cniVersion": "1.0.0", "name": self.name, "plugins": [
                 {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet4}], [{"subnet": self.subnet6}]],
-                          "routes": [{"dst": "0.0.0.0/0"}]},
+                          "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]},
                  "capabilities": {"ips": True}},
                 {"type": "tuning", "capabilities": {"mac": True}},
                 {"type": "portmap", "capabilities": {"portMappings": True}},
@@ -340,3 +341,24 @@ def test_host_port_rules_removed_on_stop_and_after_crash(caps_virtletd: Virtletd
     caps_virtletd.start()
     _remove(caps_virtletd, sid)
     _assert_no_rules(sid, chains)
+
+
+def test_dual_stack_v6_address_moves_to_the_vm(caps_virtletd: VirtletdProcess, caps_net: CapsNet) -> None:
+    """The pod's IPv6 address leaves the pod-side veth like the IPv4 one (else the guest's DAD fails on it), and
+    the v6 default route with its gateway is kept for the guest's network-config."""
+    sid = _run(caps_virtletd, caps_net, _config("ds"))
+    nic = _nic0(caps_virtletd, sid)
+    assert len(nic["ipv6"]) == 1 and nic["ipv6_gateway"], nic
+    assert {"dst": "::/0", "gw": nic["ipv6_gateway"]} in nic["routes"], nic["routes"]
+    assert _sh("ip", "-6", "-n", sid, "addr", "show", "dev", nic["veth"], "scope", "global").strip() == ""
+    with stand_in_vm(sid, nic) as vm_ns:  # the guest configures the address statically, as cloud-init does
+        inner = _sh("ip", "-n", vm_ns, "-o", "link", "show", "type", "veth").split(":")[1].strip().split("@")[0]
+        _sh("ip", "-n", vm_ns, "addr", "add", nic["ipv6"][0], "dev", inner)
+        deadline = time.monotonic() + 30
+        while "tentative" in (state := _sh("ip", "-n", vm_ns, "-6", "addr", "show", "dev", inner, "scope",
+                                           "global")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "dadfailed" not in state and "tentative" not in state, state
+        _sh("ip", "-n", vm_ns, "-6", "route", "add", "default", "via", nic["ipv6_gateway"])
+        _sh("ip", "netns", "exec", vm_ns, "busybox", "ping", "-6", "-c", "1", "-W", "10", nic["ipv6_gateway"])
+    _remove(caps_virtletd, sid)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from virtlet import errors
+from virtlet.cloudinit.model import NicConfig
+from virtlet.cloudinit.network import plan_network
 from virtlet.network import capabilities as caps
 from virtlet.network.model import NicInfo, PodNetworkInfo, SandboxNetSpec
-from virtlet.network.pod_network import _check_fixed_addresses
+from virtlet.network.pod_network import _assign_routes, _check_fixed_addresses
 
 
 def test_no_annotations_no_args() -> None:
@@ -74,3 +76,18 @@ def test_fixed_addresses_the_network_did_not_honour_fail_the_pod() -> None:
         _check_fixed_addresses(_spec(mac="02:00:00:00:00:06"), info)
     with pytest.raises(errors.FailedPrecondition, match="VirtletIPAddresses asks for 10.1.2.4"):
         _check_fixed_addresses(_spec(ips=["10.1.2.4"]), info)
+
+
+def test_v6_routes_get_their_gateway_and_reach_the_guest_plan_but_not_dhcp() -> None:
+    """IPv6 routes of the CNI result are kept with the v6 gateway filled in, so cloud-init's plan gives the guest
+    a v6 default route; the DHCPv4 server never sees them."""
+    nic = _info("02:00:00:00:00:05", "10.1.2.3", ["fd00::5/64"]).nics[0]
+    nic.ipv6_gateway = "fd00::1"
+    _assign_routes([nic], [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}, {"dst": "fd10::/64", "gw": "fd00::fe"},
+                           {"dst": "::/0", "gw": "not-an-address"}])
+    assert [(r.dst, r.gw) for r in nic.routes] == [("0.0.0.0/0", ""), ("::/0", "fd00::1"),
+                                                   ("fd10::/64", "fd00::fe")]
+    plan = plan_network([NicConfig(mac=nic.mac, addresses=[f"{nic.ip}/{nic.prefix}", *nic.ipv6],
+                                   gateway=nic.gateway, routes=[(r.dst, r.gw) for r in nic.routes])], False)
+    v6 = next(s for s in plan[0].subnets if s.address.version == 6)
+    assert str(v6.gateway) == "fd00::1" and [str(r.network) for r in v6.routes] == ["fd10::/64"]
