@@ -189,3 +189,36 @@ def test_missing_plugin_fails_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(errors.FailedPrecondition, match="absent-plugin"):
         runner.add(_spec())
     assert _calls(log) == []
+
+
+def test_delete_passes_the_capability_args_of_the_add(tmp_path: Path) -> None:
+    """portmap removes its rules only when DEL names the port mappings again; the teardown (also the one after a
+    crash) knows nothing of the request, so the args come from the cache written before ADD."""
+    runner, log = _setup(tmp_path, [{"type": "first", "capabilities": {"bandwidth": True, "ips": True}},
+                                    {"type": "second", "capabilities": {"portMappings": True, "mac": True}}])
+    caps = {"bandwidth": {"ingressRate": 1000000, "ingressBurst": 2**32 - 1}, "ips": ["10.1.2.3/24"],
+            "mac": "02:00:00:00:00:05"}
+    spec = SandboxNetSpec(**{**_spec().__dict__, "annotation_caps": caps})
+    runner.add(spec)
+    add_first, add_second = _calls(log)
+    assert add_first["conf"]["runtimeConfig"] == {"bandwidth": caps["bandwidth"], "ips": caps["ips"]}
+    assert add_second["conf"]["runtimeConfig"]["mac"] == caps["mac"]
+    log.unlink()
+    bare = SandboxNetSpec(sandbox_id="f" * 32, netns_path=_spec().netns_path, pod_name="web-0",
+                          pod_namespace="default", pod_uid="uid-1")  # what a teardown has
+    runner.delete(bare)
+    del_second, del_first = _calls(log)
+    assert del_second["cmd"] == "DEL" and del_second["conf"]["runtimeConfig"] == add_second["conf"]["runtimeConfig"]
+    assert del_first["conf"]["runtimeConfig"] == add_first["conf"]["runtimeConfig"]
+
+
+def test_delete_of_a_cache_without_capability_args_uses_the_callers(tmp_path: Path) -> None:
+    runner, log = _setup(tmp_path, [{"type": "second", "capabilities": {"portMappings": True}}])
+    runner.add(_spec())
+    cache = tmp_path / "cache" / f"{'f' * 32}.json"
+    old = json.loads(cache.read_text())
+    del old["capabilityArgs"]  # written by an older virtletd
+    cache.write_text(json.dumps(old))
+    log.unlink()
+    runner.delete(_spec())
+    assert _calls(log)[0]["conf"]["runtimeConfig"]["portMappings"][0]["hostPort"] == 2222

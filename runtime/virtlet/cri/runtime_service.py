@@ -18,6 +18,7 @@ from virtlet.cri import stats_pb, validation
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.ports import Containers, StreamingUrls
+from virtlet.network import capabilities as net_capabilities
 from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
@@ -87,6 +88,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         md = cfg.metadata
         validation.pod_metadata(md)
         vm_annotations.check_annotation_sizes(cfg.annotations, "pod")  # stored in the state db: bounded first
+        net_capabilities.from_annotations(cfg.annotations)  # bad bandwidth/IP/MAC values: refused before any work
         validation.labels_size(cfg.labels)
         # The one conversion of the PodSandboxConfig: below this layer a sandbox is typed facts, never a proto.
         spec = SandboxSpec(

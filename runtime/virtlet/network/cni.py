@@ -3,8 +3,10 @@
 It follows the CNI spec as the kubelet and containerd use it: the first valid config in the conf dir by sorted
 file name (``.conflist``, ``.conf``, ``.json``), plugins executed in list order for ADD and in reverse for
 DEL, ``prevResult`` chained, ``CNI_ARGS`` carrying the K8S_* pod identity and ``runtimeConfig`` carrying the
-``portMappings`` and ``dns`` capability args.  The config and the result of every ADD are cached on disk
-*before* and *after* the ADD, so DEL after a crash or a config change still runs the network the pod got.
+``portMappings``, ``dns``, ``bandwidth``, ``ips`` and ``mac`` capability args.  The config, the capability args
+and the result of every ADD are cached on disk *before* and *after* the ADD, so DEL after a crash or a config
+change still runs the network the pod got, with the arguments it got (portmap removes its rules only when DEL
+names the port mappings again).
 """
 
 from __future__ import annotations
@@ -179,6 +181,18 @@ def _port_mappings(spec: SandboxNetSpec) -> list[dict[str, Any]]:
     return out
 
 
+def capability_args(sandbox: SandboxNetSpec) -> dict[str, Any]:
+    """Every capability argument of the sandbox: ``portMappings`` and ``dns`` always (like containerd, so a
+    plugin declaring them always sees the key), ``bandwidth``/``ips``/``mac`` when the pod's annotations ask."""
+    caps: dict[str, Any] = {
+        "portMappings": _port_mappings(sandbox),
+        "dns": {"servers": list(sandbox.dns.get("servers", [])), "searches": list(sandbox.dns.get("searches", [])),
+                "options": list(sandbox.dns.get("options", []))},
+    }
+    caps.update(sandbox.annotation_caps)
+    return caps
+
+
 class CniRunner:
     """Runs ADD/DEL of the configured network for one sandbox."""
 
@@ -200,18 +214,20 @@ class CniRunner:
             raise errors.FailedPrecondition(
                 f"CNI network {net.name!r} ({net.source}) needs plugin(s) {', '.join(missing)}, not found in "
                 f"{', '.join(map(str, self.store.bin_dirs))}")
-        self._write_cache(sandbox.sandbox_id, {"config": net.to_dict(), "result": None})
+        caps = capability_args(sandbox)
+        self._write_cache(sandbox.sandbox_id, {"config": net.to_dict(), "capabilityArgs": caps, "result": None})
         try:
             if self._loopback_plugin():
-                self._exec_list(self._loopback_net(net), "ADD", sandbox, None)
-            raw = self._exec_list(net, "ADD", sandbox, None)
+                self._exec_list(self._loopback_net(net), "ADD", sandbox, None, {})
+            raw = self._exec_list(net, "ADD", sandbox, None, caps)
             if raw is None:
                 raise CniPluginError(f"CNI network {net.name!r}: the last plugin returned no result")
             try:
                 result = CniResult.parse(raw)
             except ValueError as exc:
                 raise CniPluginError(f"CNI network {net.name!r} returned an unusable result: {exc}") from exc
-            self._write_cache(sandbox.sandbox_id, {"config": net.to_dict(), "result": raw})
+            self._write_cache(sandbox.sandbox_id, {"config": net.to_dict(), "capabilityArgs": caps,
+                                                   "result": raw})
             return result
         except BaseException:
             try:
@@ -226,9 +242,13 @@ class CniRunner:
         if cached is None:
             return
         net = NetworkConfig.from_dict(cached["config"], cached["config"].get("source", "cache"))
-        self._exec_list(net, "DEL", sandbox, cached.get("result"))
+        # the arguments of the ADD (a cache of an older virtletd has none: then the caller's, as before)
+        caps = cached.get("capabilityArgs")
+        if not isinstance(caps, dict):
+            caps = capability_args(sandbox)
+        self._exec_list(net, "DEL", sandbox, cached.get("result"), caps)
         if self._loopback_plugin():
-            self._exec_list(self._loopback_net(net), "DEL", sandbox, None)
+            self._exec_list(self._loopback_net(net), "DEL", sandbox, None, {})
         self._cache_path(sandbox.sandbox_id).unlink(missing_ok=True)
 
     def cached_result(self, sandbox_id: str) -> CniResult | None:
@@ -266,30 +286,26 @@ class CniRunner:
             raise errors.Internal(f"CNI cache {self._cache_path(sandbox_id)} is corrupt: {exc}") from exc
 
     def _exec_list(self, net: NetworkConfig, command: str, sandbox: SandboxNetSpec,
-                   prev_result: dict[str, Any] | None) -> dict[str, Any] | None:
+                   prev_result: dict[str, Any] | None, caps: dict[str, Any]) -> dict[str, Any] | None:
         plugins = net.plugins if command == "ADD" else list(reversed(net.plugins))
         for plugin in plugins:
-            conf = self._plugin_conf(net, plugin, sandbox, prev_result)
+            conf = self._plugin_conf(net, plugin, prev_result, caps)
             out = self._exec(plugin["type"], command, conf, sandbox, net.name)
             if command == "ADD":
                 prev_result = out if out is not None else prev_result
         return prev_result
 
-    def _plugin_conf(self, net: NetworkConfig, plugin: dict[str, Any], sandbox: SandboxNetSpec,
-                     prev_result: dict[str, Any] | None) -> dict[str, Any]:
+    @staticmethod
+    def _plugin_conf(net: NetworkConfig, plugin: dict[str, Any], prev_result: dict[str, Any] | None,
+                     caps: dict[str, Any]) -> dict[str, Any]:
         conf = dict(plugin)
         conf["name"] = net.name
         conf["cniVersion"] = net.cni_version
         if prev_result is not None:
             conf["prevResult"] = prev_result
-        caps = plugin.get("capabilities") or {}
-        runtime_config: dict[str, Any] = {}
-        if caps.get("portMappings"):
-            runtime_config["portMappings"] = _port_mappings(sandbox)
-        if caps.get("dns"):
-            runtime_config["dns"] = {"servers": list(sandbox.dns.get("servers", [])),
-                                     "searches": list(sandbox.dns.get("searches", [])),
-                                     "options": list(sandbox.dns.get("options", []))}
+        declared = plugin.get("capabilities") or {}
+        # only the capabilities the plugin declares, as libcni does
+        runtime_config = {k: v for k, v in caps.items() if isinstance(declared, dict) and declared.get(k)}
         if runtime_config:
             conf["runtimeConfig"] = runtime_config
         return conf

@@ -26,6 +26,9 @@ class SandboxNetSpec:
     port_mappings: list[dict[str, Any]] = field(default_factory=list)
     # CRI DNSConfig: {"servers": [...], "searches": [...], "options": [...]}
     dns: dict[str, list[str]] = field(default_factory=dict)
+    # CNI capability args the pod's annotations ask for ("bandwidth", "ips", "mac"), validated
+    # (``virtlet.network.capabilities.from_annotations``)
+    annotation_caps: dict[str, Any] = field(default_factory=dict)
 
     @property
     def netns_name(self) -> str:
@@ -34,8 +37,8 @@ class SandboxNetSpec:
 
 @dataclass(frozen=True)
 class Route:
-    dst: str  # CIDR, "0.0.0.0/0" for the default route
-    gw: str = ""  # empty: via the interface's gateway (or on-link when there is none)
+    dst: str  # CIDR, "0.0.0.0/0" (or "::/0") for the default route
+    gw: str = ""  # empty: via the interface's gateway (or on-link when there is none); IPv6 routes always have one
 
 
 @dataclass
@@ -52,7 +55,9 @@ class NicInfo:
     veth: str  # name of the CNI interface inside the pod netns (eth0, ...)
     bridge: str  # bridge inside the pod netns joining veth + tap
     tap: str  # tap name (host netns until the VM starts, then moved into the pod netns)
-    ipv6: list[str] = field(default_factory=list)  # CIDRs, reported as pod IPs only (no DHCPv6)
+    # CIDRs: pod IPs, given to the guest by cloud-init network-config (no DHCPv6/RA yet); removed from the veth
+    ipv6: list[str] = field(default_factory=list)
+    ipv6_gateway: str = ""  # the CNI result's gateway of the first IPv6 address ("" when it has none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

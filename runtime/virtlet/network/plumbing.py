@@ -220,6 +220,22 @@ def flush_ipv4(name: str, ns: str | None = None) -> None:
                     raise _map(exc, f"cannot remove an address of {name}") from exc
 
 
+def flush_ipv6_global(name: str, ns: str | None = None) -> None:
+    """Remove the global IPv6 addresses of a link (the link-local one stays: it is the bridge port's own)."""
+    with ipr(ns) as sock:
+        idx = _index(sock, name)
+        if idx is None:
+            raise LinkNotFound(f"interface {name} not found in {ns or 'the host namespace'}")
+        for addr in sock.get_addr(index=idx, family=10):
+            if addr["scope"] != 0:  # RT_SCOPE_UNIVERSE only
+                continue
+            try:
+                sock.addr("del", index=idx, address=addr.get_attr("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
+            except NetlinkError as exc:
+                if exc.code != errno.EADDRNOTAVAIL:
+                    raise _map(exc, f"cannot remove an address of {name}") from exc
+
+
 def list_links(prefix: str = "", ns: str | None = None) -> list[str]:
     """Names of the links in a namespace starting with ``prefix`` (a missing namespace has none)."""
     if ns is not None and not os.path.exists(ns):

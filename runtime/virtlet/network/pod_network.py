@@ -25,7 +25,7 @@ from typing import Any
 
 from virtlet import errors
 from virtlet.network import plumbing
-from virtlet.network.cni import CniResult, CniRunner
+from virtlet.network.cni import CniPluginError, CniResult, CniRunner
 from virtlet.network.dhcp_process import DhcpProcess
 from virtlet.network.dhcp_server import DEFAULT_LEASE, DhcpConfig, NicLease
 from virtlet.network.model import NicInfo, PodNetworkInfo, Route, SandboxNetSpec
@@ -63,9 +63,20 @@ class PodNetwork:
         if not Path(spec.netns_path).exists():
             raise errors.FailedPrecondition(f"network namespace {spec.netns_path} does not exist")
         self._dir(spec.sandbox_id).mkdir(parents=True, exist_ok=True)
-        result = self.cni.add(spec)  # undoes itself on failure
+        try:
+            result = self.cni.add(spec)  # undoes itself on failure
+        except CniPluginError as exc:
+            fixed = {k: v for k, v in spec.annotation_caps.items() if k in ("ips", "mac")}
+            if not fixed:
+                raise
+            # most likely the IPAM cannot give the asked-for address (in use, outside its range): the pod's
+            # request, not a fault of the node
+            raise errors.FailedPrecondition(
+                f"{exc} (the pod asks for fixed addresses, annotations VirtletIPAddresses/VirtletMACAddress: "
+                f"{fixed}; an address must be free and inside the network's range)") from exc
         try:
             info = self._plumb(spec, result)
+            _check_fixed_addresses(spec, info)
             self._save(info)
             info.dhcp_pid = self._dhcp(info, spec.hostname).start()
             self._save(info)
@@ -148,7 +159,7 @@ class PodNetwork:
         """The DHCP process handle with its config file (re)written from ``info`` and the pod's host name."""
         proc = DhcpProcess(self._dir(info.sandbox_id), info.netns_path)
         leases = [NicLease(mac=n.mac, tap=n.tap, ip=n.ip, prefix=n.prefix, gateway=n.gateway,
-                           routes=[(r.dst, r.gw) for r in n.routes], mtu=n.mtu,
+                           routes=[(r.dst, r.gw) for r in n.routes if ":" not in r.dst], mtu=n.mtu,
                            server_mac=self._server_mac(info, n)) for n in info.nics if n.ip]
         cfg = DhcpConfig(nics=leases, dns_servers=info.dns_servers, dns_searches=info.dns_searches,
                          hostname=hostname, lease_time=self.lease_time)
@@ -178,14 +189,18 @@ class PodNetwork:
             link = plumbing.link_info(veth, ns)
             ips = result.ips_of(k) or (result.ips if len(sandbox_ifaces) == 1 else [])
             v4 = [ip for ip in ips if ipaddress.ip_interface(ip["address"]).version == 4]
-            v6 = [ip["address"] for ip in ips if ipaddress.ip_interface(ip["address"]).version == 6]
+            v6_ips = [ip for ip in ips if ipaddress.ip_interface(ip["address"]).version == 6]
+            v6 = [ip["address"] for ip in v6_ips]
             addr = ipaddress.IPv4Interface(v4[0]["address"]) if v4 else None
             nic = NicInfo(index=i, mac=str(itf.get("mac") or link["mac"]).lower(), mtu=int(link["mtu"]),
                           ip=str(addr.ip) if addr else "", prefix=addr.network.prefixlen if addr else 0,
                           gateway=str(v4[0].get("gateway", "")) if v4 else "", routes=[], veth=veth,
-                          bridge=bridge_name(i), tap=tap_name(spec.sandbox_id, i), ipv6=v6)
+                          bridge=bridge_name(i), tap=tap_name(spec.sandbox_id, i), ipv6=v6,
+                          ipv6_gateway=str(v6_ips[0].get("gateway", "") or "") if v6_ips else "")
             nics.append(nic)
+            # the addresses are the VM's now: left on the veth they would answer the guest's ARP/DAD probes
             plumbing.flush_ipv4(veth, ns)
+            plumbing.flush_ipv6_global(veth, ns)
             plumbing.ensure_bridge(nic.bridge, ns, mtu=nic.mtu)
             plumbing.set_link(veth, ns, mac=_new_mac(link["mac"], nic.mac), master=nic.bridge, up=True)
         _assign_routes(nics, result.routes)
@@ -194,30 +209,70 @@ class PodNetwork:
                               dns_searches=searches, dns_options=options)
 
 
+def _check_fixed_addresses(spec: SandboxNetSpec, info: PodNetworkInfo) -> None:
+    """A pod that asked for a fixed MAC or fixed IPs (``VirtletMACAddress``/``VirtletIPAddresses``) gets them or
+    does not start: a pet VM silently coming up on another address is worse than a clear error."""
+    mac = str(spec.annotation_caps.get("mac", ""))
+    if mac and info.nics[0].mac != mac:
+        raise errors.FailedPrecondition(
+            f"annotation VirtletMACAddress asks for MAC {mac}, but the CNI network gave the pod "
+            f"{info.nics[0].mac}: a plugin of the network must declare \"capabilities\": {{\"mac\": true}} "
+            f"(e.g. the tuning plugin)")
+    got = set(info.pod_ips)
+    for want in spec.annotation_caps.get("ips", []):
+        addr = str(ipaddress.ip_interface(want).ip)
+        if addr not in got:
+            raise errors.FailedPrecondition(
+                f"annotation VirtletIPAddresses asks for {addr}, but the CNI network gave the pod "
+                f"{', '.join(sorted(got)) or 'no address'}: its IPAM must declare \"capabilities\": "
+                f"{{\"ips\": true}} (host-local does) and the address must be free and in its range")
+
+
 def _new_mac(current: str, vm_mac: str) -> str:
     """The veth keeps a MAC it already got from an earlier run; otherwise it gets a fresh random one."""
     return current if current.lower() != vm_mac.lower() else plumbing.random_mac()
 
 
 def _assign_routes(nics: list[NicInfo], routes: list[dict[str, Any]]) -> None:
-    """CNI results list routes globally: give each IPv4 route to the NIC whose subnet holds its gateway,
-    routes without a gateway to the first NIC that has one."""
-    with_v4 = [n for n in nics if n.ip]
-    if not with_v4:
-        return
-    default_nic = next((n for n in with_v4 if n.gateway), with_v4[0])
+    """CNI results list routes globally: give each route to the NIC whose subnet (of the route's family) holds
+    its gateway, routes without a gateway to the first NIC of that family that has one.  An IPv6 route always
+    gets its gateway filled in (the owner's IPv6 gateway; without one the route is dropped): the guest learns
+    IPv6 routes from cloud-init, which has no "the interface's gateway" to fall back on."""
     for r in routes:
         try:
             dst = ipaddress.ip_network(r["dst"], strict=False)
-        except (KeyError, ValueError):
-            continue
-        if dst.version != 4:
+        except (KeyError, ValueError, TypeError):
             continue
         gw = str(r.get("gw", "") or "")
-        owner = default_nic
-        if gw:
-            owner = next((n for n in with_v4 if ipaddress.IPv4Address(gw) in
-                          ipaddress.IPv4Network(f"{n.ip}/{n.prefix}", strict=False)), default_nic)
+        try:
+            if gw:
+                ipaddress.ip_address(gw)
+            (_assign_v4 if dst.version == 4 else _assign_v6)(nics, dst, gw)
+        except ValueError:
+            log.warning("ignoring CNI route %s with an unusable gateway %r", dst, gw)
+
+
+def _assign_v4(nics: list[NicInfo], dst: ipaddress.IPv4Network | ipaddress.IPv6Network, gw: str) -> None:
+    with_v4 = [n for n in nics if n.ip]
+    if not with_v4:
+        return
+    owner = next((n for n in with_v4 if n.gateway), with_v4[0])
+    if gw:
+        owner = next((n for n in with_v4 if ipaddress.ip_address(gw) in
+                      ipaddress.IPv4Network(f"{n.ip}/{n.prefix}", strict=False)), owner)
+    owner.routes.append(Route(dst=str(dst), gw=gw))
+
+
+def _assign_v6(nics: list[NicInfo], dst: ipaddress.IPv4Network | ipaddress.IPv6Network, gw: str) -> None:
+    with_v6 = [n for n in nics if n.ipv6]
+    if not with_v6:
+        return
+    owner = next((n for n in with_v6 if n.ipv6_gateway), with_v6[0])
+    if gw:
+        owner = next((n for n in with_v6 if any(ipaddress.ip_address(gw) in ipaddress.ip_interface(a).network
+                                                for a in n.ipv6)), owner)
+    gw = gw or owner.ipv6_gateway
+    if gw:
         owner.routes.append(Route(dst=str(dst), gw=gw))
 
 

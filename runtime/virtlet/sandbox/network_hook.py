@@ -1,9 +1,11 @@
 """Adapts ``virtlet.network.PodNetwork`` to the sandbox manager: sandbox records in, the typed network result
-out.  Every fact comes from the record (the host name included); the request's port mappings and DNS config are
-only needed by the set-up."""
+out.  Every fact comes from the record (the host name included); the request's port mappings and DNS config and
+the capability args of the pod's annotations are only needed by the set-up: the CNI runner caches them with the
+network it ran, so the teardown (also after a crash) passes the same ones again."""
 
 from __future__ import annotations
 
+from virtlet.network import capabilities
 from virtlet.network.model import PodNetworkInfo, SandboxNetSpec
 from virtlet.network.pod_network import PodNetwork
 from virtlet.sandbox.manager import SandboxSpec
@@ -14,7 +16,8 @@ def _net_spec(rec: st.SandboxRecord, spec: SandboxSpec | None = None) -> Sandbox
     return SandboxNetSpec(
         sandbox_id=rec.id, netns_path=rec.netns, pod_name=rec.name, pod_namespace=rec.namespace, pod_uid=rec.uid,
         hostname=rec.hostname, port_mappings=list(spec.port_mappings) if spec else [],
-        dns=dict(spec.dns) if spec else {})
+        dns=dict(spec.dns) if spec else {},
+        annotation_caps=capabilities.from_annotations(spec.annotations) if spec else {})
 
 
 class PodNetworkHook:
