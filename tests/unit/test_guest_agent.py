@@ -134,6 +134,50 @@ def test_timeout_is_deadline_exceeded_and_says_the_process_keeps_running() -> No
     assert all(1 <= t <= ga.CALL_TIMEOUT for _, t in fake.calls)
 
 
+class ConnectsLater(FakeAgent):
+    """An agent that is not connected for the first ``misses`` calls (a guest that is still booting)."""
+
+    def __init__(self, misses: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.misses = misses
+
+    def __call__(self, command: dict[str, Any], timeout: float) -> Any:
+        if self.misses > 0:
+            self.misses -= 1
+            self.calls.append((command, timeout))
+            raise ga.AgentUnavailable("QEMU guest agent is not connected")
+        return super().__call__(command, timeout)
+
+
+def test_exec_during_boot_waits_for_the_agent_within_its_timeout() -> None:
+    clock = Clock()
+    fake = ConnectsLater(4, out=b"vm\n", polls=0)
+    res = agent(fake, clock).exec(["hostname"], timeout=10, agent_wait=ga.AGENT_WAIT_DEFAULT)
+    assert res.stdout == b"vm\n"
+    names = [c["execute"] for c, _ in fake.calls]
+    assert names[:5] == ["guest-ping"] * 5 and names[5] == "guest-exec"  # only pings are repeated
+    assert clock.now == pytest.approx(4 * ga.AGENT_WAIT_POLL)
+
+
+def test_an_agent_that_never_connects_is_failed_precondition_after_the_wait() -> None:
+    clock = Clock()
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        agent(ConnectsLater(10**6), clock).exec(["true"], timeout=3, agent_wait=ga.AGENT_WAIT_DEFAULT)
+    assert "waited 3s" in str(exc.value) and "qemu-guest-agent" in str(exc.value)
+    assert clock.now == pytest.approx(3.0)
+    clock = Clock()  # ExecSync timeout 0 (no limit): the wait is bounded by the default
+    with pytest.raises(errors.FailedPrecondition, match=f"waited {ga.AGENT_WAIT_DEFAULT:g}s"):
+        agent(ConnectsLater(10**6), clock).exec(["true"], agent_wait=ga.AGENT_WAIT_DEFAULT)
+    assert clock.now == pytest.approx(ga.AGENT_WAIT_DEFAULT)
+
+
+def test_waiting_for_the_agent_stops_when_the_vm_stops_or_the_caller_leaves() -> None:
+    with pytest.raises(errors.FailedPrecondition, match="VM stopped"):
+        agent(ConnectsLater(10**6), running=lambda: False).exec(["true"], agent_wait=60)
+    with pytest.raises(errors.DeadlineExceeded, match="went away"):
+        agent(ConnectsLater(10**6)).exec(["true"], agent_wait=60, alive=lambda: False)
+
+
 def test_caller_gone_stops_waiting() -> None:
     with pytest.raises(errors.DeadlineExceeded):
         agent(FakeAgent(polls=10**6)).exec(["sleep", "100"], alive=lambda: False)

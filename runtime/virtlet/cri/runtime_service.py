@@ -277,7 +277,9 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:
         # Runs through the QEMU guest agent (virtlet.vm.guest_agent): exit code and output of a finished command;
-        # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).
+        # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).  Sent while the
+        # VM boots, it first waits for the agent to connect: within request.timeout, or (timeout 0, "no limit")
+        # for at most ga.AGENT_WAIT_DEFAULT seconds, then FAILED_PRECONDITION saying the agent never answered.
         validation.require_id(request.container_id, "container_id")
         preconditions.require_cmd("ExecSync", request.cmd)
         preconditions.container_running("ExecSync", request.container_id,
@@ -286,7 +288,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         # stdout + stderr are truncated together at ga.EXEC_SYNC_OUTPUT_CAP (16 MiB less the response's framing,
         # so it fits the kubelet's 16 MiB message limit), as containerd does since CVE-2022-1708.
         result = agent.exec(list(request.cmd), None, timeout=float(request.timeout) or None, alive=context.is_active,
-                            max_output=ga.EXEC_SYNC_OUTPUT_CAP)
+                            max_output=ga.EXEC_SYNC_OUTPUT_CAP, agent_wait=ga.AGENT_WAIT_DEFAULT)
         return api.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:

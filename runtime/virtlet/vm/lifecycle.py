@@ -15,6 +15,8 @@ from virtlet.vm.exits import VmExits
 
 log = logging.getLogger("virtlet.vm.manager")
 
+ACPI_REPEAT = 1.0  # seconds between ACPI power-button presses while StopContainer waits for the guest
+
 
 class VmLifecycle(VmExits):
     # -- CreateContainer ------------------------------------------------------------------------------
@@ -139,15 +141,8 @@ class VmLifecycle(VmExits):
                 rec = self.store.update_container(cid, extra={**rec.extra, "stop_requested": True})
             guest = self._guest(cid)
             if guest is not None and guest.is_active():
-                try:
-                    guest.shutdown()  # ACPI power button
-                except errors.Internal as exc:
-                    log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
-                failpoints.hit("container.stop.after_shutdown_request")
                 deadline = time.monotonic() + max(timeout, 0)
-                while time.monotonic() < deadline and self._domain_active(cid):
-                    with self._exited:
-                        self._exited.wait(0.5)
+                self._press_power_button(cid, guest, deadline)
                 if self._domain_active(cid):
                     log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
                     try:
@@ -158,6 +153,33 @@ class VmLifecycle(VmExits):
                 failpoints.hit("container.stop.after_domain_stopped")
             self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
 
+
+    def _press_power_button(self, cid: str, guest: gu.Guest, deadline: float) -> None:
+        """Press the ACPI power button every ``ACPI_REPEAT`` seconds until the VM is off or ``deadline`` passes.
+
+        Why repeat: a press while the guest boots (firmware, or a kernel whose ACPI button driver or acpid is not up
+        yet) is lost, and one press is all a guest gets from libvirt.  A guest already shutting down ignores the
+        extra presses; one that ignores the button altogether sees one per second until the grace period ends."""
+        first = True
+        while True:
+            try:
+                guest.shutdown()
+            except errors.Internal as exc:
+                if first:  # libvirt refused the button (no ACPI): there is nothing to wait for
+                    log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
+                    failpoints.hit("container.stop.after_shutdown_request")
+                    return
+                if not self._domain_active(cid):  # went off between the check and the press
+                    return
+            if first:
+                failpoints.hit("container.stop.after_shutdown_request")
+                first = False
+            press_by = min(deadline, time.monotonic() + ACPI_REPEAT)
+            while time.monotonic() < press_by and self._domain_active(cid):
+                with self._exited:
+                    self._exited.wait(max(0.0, min(0.25, press_by - time.monotonic())))
+            if time.monotonic() >= deadline or not self._domain_active(cid):
+                return
 
     # -- RemoveContainer ------------------------------------------------------------------------------
     def remove(self, cid: str) -> None:

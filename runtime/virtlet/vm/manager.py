@@ -84,7 +84,7 @@ class VmManager(VmRecovery):
         active = guest is not None and guest.is_active()
         if guest is None or not active:
             raise errors.FailedPrecondition(f"VM pod {pod}: the VM of container {cid} is not running")
-        return ga.GuestAgent(guest.agent_transport(), pod)
+        return ga.GuestAgent(guest.agent_transport(), pod, running=guest.is_active)
 
     def domain_xml(self, cid: str) -> str:
         guest = self._guest(cid)
