@@ -19,6 +19,7 @@ from virtlet.state import store as st
 from virtlet.stream.client import ExecClient
 from virtlet.stream.model import ExecRequest
 from virtlet.stream.server import StreamServer
+from virtlet.vm import agent_transport as at
 from virtlet.vm import guest_agent as ga
 
 
@@ -512,7 +513,7 @@ def test_misbehaving_agent_socket(tmp_path: Path, replies: dict[str, Any], code:
     monkeypatch.setattr(ga, "CALL_TIMEOUT", 2.0)
     srv = AgentSocket(tmp_path / "qga.sock", replies)
     try:
-        agent_ = ga.GuestAgent(ga.socket_transport(str(srv.path), max_reply=4 << 20), "default/vm")
+        agent_ = ga.GuestAgent(at.socket_transport(str(srv.path), max_reply=4 << 20), "default/vm")
         with pytest.raises(errors.VirtletError) as exc:
             agent_.exec(["true"], timeout=3)
         assert exc.value.code == code and what in str(exc.value), str(exc.value)
@@ -537,14 +538,14 @@ def test_a_stalled_agent_does_not_block_other_calls(tmp_path: Path) -> None:
 
         def slow() -> None:
             try:
-                ga.GuestAgent(ga.socket_transport(str(stalled.path)), "default/a").exec(["true"], timeout=4)
+                ga.GuestAgent(at.socket_transport(str(stalled.path)), "default/a").exec(["true"], timeout=4)
             except BaseException as exc:
                 outcome.append(exc)
 
         t = threading.Thread(target=slow)
         t.start()
         start = time.monotonic()
-        res = ga.GuestAgent(ga.socket_transport(str(good.path)), "default/b").exec(["echo", "hi"], timeout=10)
+        res = ga.GuestAgent(at.socket_transport(str(good.path)), "default/b").exec(["echo", "hi"], timeout=10)
         assert res == ga.ExecResult(0, b"hi\n", b"")
         assert time.monotonic() - start < 3  # not behind the stalled one (which takes 4 s)
         t.join(30)

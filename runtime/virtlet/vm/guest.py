@@ -19,6 +19,7 @@ from typing import Any
 import libvirt
 
 from virtlet import errors
+from virtlet.vm import agent_transport
 from virtlet.vm import guest_agent as ga
 from virtlet.vm import libvirt_host as lh
 
@@ -111,7 +112,7 @@ class Guest:
 
     def agent_transport(self) -> ga.Transport:
         """The QEMU guest agent of this domain (``virtlet.vm.guest_agent``)."""
-        return ga.libvirt_transport(self._dom)
+        return agent_transport.libvirt_transport(self._dom)
 
 
 def lookup(host: lh.LibvirtHost, name: str) -> Guest | None:
