@@ -132,7 +132,8 @@ def test_stop_destroys_a_guest_that_ignores_acpi(n: Node) -> None:
     sid, cid = n.running_container()
     n.domain(cid).acpi_ignored = True
     n.d.vms.stop(cid, 0)
-    assert _state(n, cid) == (st.CONTAINER_EXITED, 0, "Completed", "stopped by StopContainer")
+    code, reason, message = _state(n, cid)[1:]
+    assert (code, reason) == (137, "Error") and "grace period of 0s" in message and "destroyed" in message
     assert "destroy" in n.domain(cid).calls and not n.domain(cid).isActive()
     _clean_up(n, sid)
 
@@ -322,7 +323,16 @@ def test_stop_killed_while_the_guest_still_runs(n: Node) -> None:
     n.kill_at("container.stop.after_shutdown_request", lambda: n.d.vms.stop(cid, 10))
     assert _state(n, cid)[0] == st.CONTAINER_RUNNING and n.net.taps == {sid: "pod"}
     n.d.vms.stop(cid, 0)  # the kubelet's retry
-    assert _state(n, cid) == (st.CONTAINER_EXITED, 0, "Completed", "stopped by StopContainer")
+    assert _state(n, cid)[:3] == (st.CONTAINER_EXITED, 137, "Error")
+    _clean_up(n, sid)
+
+
+def test_stop_killed_after_destroying_the_guest_reports_137(n: Node) -> None:
+    """Killed after the destroy at the end of the grace period: recovery reports the kill, not a clean stop."""
+    sid, cid = n.running_container()
+    n.domain(cid).acpi_ignored = True
+    n.kill_at("container.stop.after_domain_stopped", lambda: n.d.vms.stop(cid, 0))
+    assert _state(n, cid)[:3] == (st.CONTAINER_EXITED, 137, "Error")
     _clean_up(n, sid)
 
 

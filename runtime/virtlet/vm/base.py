@@ -32,6 +32,7 @@ log = logging.getLogger("virtlet.vm.manager")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_KILLED = 137  # destroyed at the end of StopContainer's grace period: what containerd reports for a SIGKILL
 
 
 @dataclass(frozen=True)

@@ -145,13 +145,14 @@ class VmLifecycle(VmExits):
                 self._press_power_button(cid, guest, deadline)
                 if self._domain_active(cid):
                     log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
+                    rec = self.store.update_container(cid, extra={**rec.extra, "stop_destroying": timeout})
                     try:
                         guest.destroy()
                     except errors.Internal as exc:
                         if self._domain_active(cid):
                             raise errors.Internal(f"container {cid}: {exc}") from exc
                 failpoints.hit("container.stop.after_domain_stopped")
-            self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
+            self._mark_exited(cid, *self._stopped_status(rec))
 
 
     def _press_power_button(self, cid: str, guest: gu.Guest, deadline: float) -> None:
