@@ -73,3 +73,18 @@ def test_run_as_group_without_a_user_is_refused_like_containerd(pod: Pod) -> Non
         set_user(ok.linux.security_context)
         cid = pod.rt.CreateContainer(pod.request(ok), timeout=60).container_id
         pod.rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=60)
+
+
+def test_container_status_lists_the_mounts_of_the_config(pod: Pod, world_dir: Path) -> None:
+    """containerd's ContainerStatus gives back the config's mounts as they were asked for: so does virtletd."""
+    mounts = [api.Mount(container_path="/data", host_path=str(world_dir), readonly=True),
+              api.Mount(container_path="/scratch", host_path=str(world_dir / "logs"),
+                        propagation=api.PROPAGATION_PRIVATE, selinux_relabel=True)]
+    cid = pod.rt.CreateContainer(pod.request(api.ContainerConfig(mounts=mounts)), timeout=60).container_id
+    try:
+        status = pod.rt.ContainerStatus(api.ContainerStatusRequest(container_id=cid), timeout=30).status
+        assert list(status.mounts) == mounts
+        listed = pod.rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=pod.id), timeout=30)
+        assert [list(c.mounts) for c in listed.containers_statuses] == [mounts]
+    finally:
+        pod.rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=60)

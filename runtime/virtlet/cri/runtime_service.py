@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 import virtlet
 from virtlet import errors, preconditions
@@ -342,14 +343,25 @@ def _container_state(state: str) -> api.ContainerState:
     return _CONTAINER_STATES.get(state, api.CONTAINER_UNKNOWN)
 
 
+def _stored_config(rec: st.ContainerRecord) -> api.ContainerConfig:
+    """The ContainerConfig CreateContainer stored (an empty one for a record of an older virtletd without it)."""
+    cfg = api.ContainerConfig()
+    try:
+        cfg.ParseFromString(rec.config)
+    except DecodeError:
+        log.warning("container %s: its stored config cannot be read; its status lists no mounts", rec.id)
+    return cfg
+
+
 def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStatus:
     log_path = podconfig.container_log_path(log_dir, rec.log_path)
+    # mounts: the config's, as given, as containerd reports them (how a VM gets each one is docs/vm-pods.md's)
     return api.ContainerStatus(
         id=rec.id, metadata=api.ContainerMetadata(name=rec.name, attempt=rec.attempt),
         state=_container_state(rec.state), created_at=rec.created_at, started_at=rec.started_at,
         finished_at=rec.finished_at, exit_code=rec.exit_code, reason=rec.reason, message=rec.message,
         image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref, image_id=rec.image_ref, labels=rec.labels,
-        annotations=rec.annotations, log_path=log_path)
+        annotations=rec.annotations, log_path=log_path, mounts=_stored_config(rec).mounts)
 
 
 _Rec = TypeVar("_Rec", st.SandboxRecord, st.ContainerRecord)
