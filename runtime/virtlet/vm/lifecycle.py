@@ -163,18 +163,20 @@ class VmLifecycle(VmExits):
         extra presses; one that ignores the button altogether sees one per second until the grace period ends."""
         first = True
         while True:
+            refused = False
             try:
                 guest.shutdown()
             except errors.Internal as exc:
+                refused = True
                 if first:  # libvirt refused the button (no ACPI): there is nothing to wait for
                     log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
-                    failpoints.hit("container.stop.after_shutdown_request")
-                    return
-                if not self._domain_active(cid):  # went off between the check and the press
-                    return
             if first:
                 failpoints.hit("container.stop.after_shutdown_request")
+                if refused:
+                    return
                 first = False
+            elif refused and not self._domain_active(cid):  # went off between the check and the press
+                return
             press_by = min(deadline, time.monotonic() + ACPI_REPEAT)
             while time.monotonic() < press_by and self._domain_active(cid):
                 with self._exited:
