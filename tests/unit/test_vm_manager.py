@@ -222,6 +222,32 @@ def test_queries(n: Node) -> None:
     _clean_up(n, sid)
 
 
+def test_update_resources_applies_live_or_refuses(n: Node) -> None:
+    from virtlet.vm.manager import ResourceUpdate
+
+    sid, cid = n.running_container()
+    max_bytes = 256 << 20  # the VM's size at create (what VmParts.prepare records)
+    n.d.store.update_container(cid, extra={**n.d.store.get_container(cid).extra, "memory_bytes": max_bytes})
+    with pytest.raises(errors.InvalidArgument, match="memory_limit_in_bytes"):
+        n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=max_bytes + 1))
+    assert "setMemoryFlags" not in n.domain(cid).calls
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=max_bytes // 2))
+    assert n.domain(cid).memory_set == (max_bytes // 2048, live)
+    n.domain(cid).fail["setSchedulerParametersFlags"] = FakeLibvirtError("cgroup CPU controller is not mounted")
+    with pytest.raises(errors.FailedPrecondition, match="applied before it: memory"):
+        n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=max_bytes, cpu_shares=512))
+    assert n.d.store.get_container(cid).extra["resources"] == {"memory_limit_in_bytes": max_bytes}
+    del n.domain(cid).fail["setSchedulerParametersFlags"]
+    in_force = n.d.vms.update_resources(cid, ResourceUpdate(cpu_shares=512, cpu_quota=-1))
+    assert in_force == {"memory_limit_in_bytes": max_bytes, "cpu_shares": 512, "cpu_quota": -1, "cpu_period": 0}
+    assert [p for p, _ in n.domain(cid).sched_set][-1] == {"cpu_shares": 512, "global_quota": -1}
+    n.d.vms.stop(cid, 10)
+    with pytest.raises(errors.FailedPrecondition, match="EXITED"):
+        n.d.vms.update_resources(cid, ResourceUpdate(cpu_shares=2))
+    _clean_up(n, sid)
+
+
 # -- start-up recovery without a crash in a call ---------------------------------------------------------------
 def test_recovery_finds_a_running_vm_again(n: Node) -> None:
     sid, cid = n.running_container()

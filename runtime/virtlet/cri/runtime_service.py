@@ -11,15 +11,14 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 
 import virtlet
 from virtlet import errors, preconditions
 from virtlet.cri import stats_pb, validation
+from virtlet.cri.container_status import container_state, container_status, stored_config
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.ports import Containers, StreamingUrls
-from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
 from virtlet.vm import annotations as vm_annotations
@@ -228,14 +227,14 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         for rec in self.store.list_containers(flt.pod_sandbox_id or None):
             if flt.id and not rec.id.startswith(flt.id):
                 continue
-            if flt.HasField("state") and _container_state(rec.state) != flt.state.state:
+            if flt.HasField("state") and container_state(rec.state) != flt.state.state:
                 continue
             if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
                 continue
             items.append(api.Container(
                 id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=api.ContainerMetadata(
                     name=rec.name, attempt=rec.attempt), image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref,
-                state=_container_state(rec.state), created_at=rec.created_at, labels=rec.labels,
+                state=container_state(rec.state), created_at=rec.created_at, labels=rec.labels,
                 annotations=rec.annotations))
         return api.ListContainersResponse(containers=items)
 
@@ -270,11 +269,26 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def UpdateContainerResources(self, request: api.UpdateContainerResourcesRequest,
                                  context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
-        # A VM's vCPUs and memory are fixed at CreateContainer; accept the kubelet's call and say so.
+        # What QEMU applies live (memory by balloon up to the VM's size at create, CPU shares/quota/period) is
+        # applied (virtlet.vm.lifecycle.update_resources); a CPU pinning change is UNIMPLEMENTED (the kubelet's
+        # in-place resize never sends one); fields with no meaning for a VM (OOM score, hugepages, swap, unified
+        # cgroup keys) are ignored as at CreateContainer.  Never OK for a change that was not applied.
+        from virtlet.vm.manager import ResourceUpdate
+
         validation.require_id(request.container_id, "container_id")
-        self.store.require_container(request.container_id)
-        log.info("UpdateContainerResources for %s ignored: VM resources are fixed at creation",
-                 request.container_id)
+        rec = self.store.require_container(request.container_id)
+        res = request.linux
+        if request.HasField("linux"):
+            created = stored_config(rec).linux.resources
+            for name in ("cpuset_cpus", "cpuset_mems"):
+                asked = getattr(res, name)
+                if asked and asked != getattr(created, name):
+                    raise errors.Unimplemented(
+                        f"UpdateContainerResources: linux.{name} {asked[:64]!r}: changing a VM's CPU pinning live is "
+                        f"not implemented (it is {getattr(created, name) or 'unset'!r}); recreate the pod")
+        self._vms().update_resources(request.container_id, ResourceUpdate(
+            memory_limit_bytes=res.memory_limit_in_bytes, cpu_shares=res.cpu_shares, cpu_quota=res.cpu_quota,
+            cpu_period=res.cpu_period))
         return api.UpdateContainerResourcesResponse()
 
     def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:
@@ -330,38 +344,6 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     def statuses_for_sandbox(self, sandbox_id: str) -> list[api.ContainerStatus]:
         log_dir = self._log_dir(sandbox_id)
         return [container_status(r, log_dir) for r in self.store.list_containers(sandbox_id)]
-
-
-_CONTAINER_STATES: dict[str, api.ContainerState] = {
-    st.CONTAINER_CREATED: api.CONTAINER_CREATED,
-    st.CONTAINER_RUNNING: api.CONTAINER_RUNNING,
-    st.CONTAINER_EXITED: api.CONTAINER_EXITED,
-}
-
-
-def _container_state(state: str) -> api.ContainerState:
-    return _CONTAINER_STATES.get(state, api.CONTAINER_UNKNOWN)
-
-
-def _stored_config(rec: st.ContainerRecord) -> api.ContainerConfig:
-    """The ContainerConfig CreateContainer stored (an empty one for a record of an older virtletd without it)."""
-    cfg = api.ContainerConfig()
-    try:
-        cfg.ParseFromString(rec.config)
-    except DecodeError:
-        log.warning("container %s: its stored config cannot be read; its status lists no mounts", rec.id)
-    return cfg
-
-
-def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStatus:
-    log_path = podconfig.container_log_path(log_dir, rec.log_path)
-    # mounts: the config's, as given, as containerd reports them (how a VM gets each one is docs/vm-pods.md's)
-    return api.ContainerStatus(
-        id=rec.id, metadata=api.ContainerMetadata(name=rec.name, attempt=rec.attempt),
-        state=_container_state(rec.state), created_at=rec.created_at, started_at=rec.started_at,
-        finished_at=rec.finished_at, exit_code=rec.exit_code, reason=rec.reason, message=rec.message,
-        image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref, image_id=rec.image_ref, labels=rec.labels,
-        annotations=rec.annotations, log_path=log_path, mounts=_stored_config(rec).mounts)
 
 
 _Rec = TypeVar("_Rec", st.SandboxRecord, st.ContainerRecord)

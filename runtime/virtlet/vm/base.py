@@ -54,6 +54,17 @@ class ContainerSpec:
     config: bytes = b""
 
 
+@dataclass(frozen=True)
+class ResourceUpdate:
+    """What UpdateContainerResources asks of a VM that QEMU can apply live; 0 = leave as it is (a quota < 0: no
+    limit)."""
+
+    memory_limit_bytes: int = 0
+    cpu_shares: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+
+
 class LogWriter(Protocol):
     """A container's console log writer (``virtlet.console.writer.ConsoleLogWriter``)."""
 

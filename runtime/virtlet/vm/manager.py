@@ -37,10 +37,10 @@ from virtlet.state import store as st
 from virtlet.vm import guest_agent as ga
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
-from virtlet.vm.base import EXIT_ERROR, EXIT_KILLED, EXIT_OK, ContainerSpec, VmParts
+from virtlet.vm.base import EXIT_ERROR, EXIT_KILLED, EXIT_OK, ContainerSpec, ResourceUpdate, VmParts
 from virtlet.vm.recovery import VmRecovery
 
-__all__ = ["EXIT_ERROR", "EXIT_KILLED", "EXIT_OK", "ContainerSpec", "VmManager", "VmParts"]
+__all__ = ["EXIT_ERROR", "EXIT_KILLED", "EXIT_OK", "ContainerSpec", "ResourceUpdate", "VmManager", "VmParts"]
 
 
 class VmManager(VmRecovery):
