@@ -75,6 +75,20 @@ def test_run_as_group_without_a_user_is_refused_like_containerd(pod: Pod) -> Non
         pod.rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=60)
 
 
+def test_privileged_container_in_an_unprivileged_sandbox_is_refused_like_containerd(pod: Pod) -> None:
+    cfg = api.ContainerConfig()
+    cfg.linux.security_context.privileged = True
+    with pytest.raises(grpc.RpcError) as err:
+        pod.rt.CreateContainer(pod.request(cfg), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no privileged container allowed in sandbox" in (err.value.details() or "")
+    # the kubelet marks the sandbox privileged when a container of the pod is: accepted
+    req = pod.request(cfg)
+    req.sandbox_config.linux.security_context.privileged = True
+    cid = pod.rt.CreateContainer(req, timeout=60).container_id
+    pod.rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=60)
+
+
 def test_container_status_lists_the_mounts_of_the_config(pod: Pod, world_dir: Path) -> None:
     """containerd's ContainerStatus gives back the config's mounts as they were asked for: so does virtletd."""
     mounts = [api.Mount(container_path="/data", host_path=str(world_dir), readonly=True),

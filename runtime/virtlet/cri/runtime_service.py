@@ -172,7 +172,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         cfg = request.config
         if not request.HasField("config") or not cfg.HasField("metadata") or not cfg.metadata.name:
             raise errors.InvalidArgument("CreateContainer: config.metadata.name is required")
-        validation.container_security_context(cfg)
+        validation.container_security_context(cfg, request.sandbox_config)
         res = cfg.linux.resources if cfg.HasField("linux") and cfg.linux.HasField("resources") else None
         spec = ContainerSpec(
             sandbox_id=request.pod_sandbox_id, name=cfg.metadata.name, attempt=cfg.metadata.attempt,
