@@ -42,11 +42,12 @@ for bin in "$R/usr/sbin/dropbear" "$R/usr/bin/dropbearkey" "$R/usr/sbin/qemu-ga"
     cp -L "$src" "$R/lib/x86_64-linux-gnu/"
   done
 done
-# kernel modules for virtio/SCSI/IDE disks, CD-ROMs, ISO9660/FAT config drives, NICs, the ACPI power button
+# kernel modules for virtio/SCSI/IDE disks, CD-ROMs, ISO9660/FAT config drives, NICs, the ACPI power button,
+# the memory balloon (UpdateContainerResources shrinks and grows a VM's memory through it)
 # (the cloud kernel has them as modules; the i440fx "pc" machine libvirt uses by default has IDE, no AHCI)
 # virtiofs (and fuse, its base) for directory volumes; 9p/9pnet_virtio too when the kernel has them (Debian's
 # cloud kernel does not: a missing module is skipped)
-MODS="virtio_pci virtio_blk virtio_scsi virtio_net virtio_console sd_mod sr_mod ata_piix isofs vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 button evdev fuse virtiofs 9pnet_virtio 9p"
+MODS="virtio_pci virtio_blk virtio_scsi virtio_net virtio_console virtio_balloon sd_mod sr_mod ata_piix isofs vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 button evdev fuse virtiofs 9pnet_virtio 9p"
 depmod -b "$X" "$KVER"
 : > "$R/etc/modules.order"
 for m in $MODS; do

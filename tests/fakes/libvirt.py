@@ -134,6 +134,16 @@ class FakeDomain:
         self.conn.forget(self)
         return 0
 
+    def setMemoryFlags(self, kib: int, flags: int = 0) -> int:
+        self._call("setMemoryFlags")
+        self.memory_set = (kib, flags)
+        return 0
+
+    def setSchedulerParametersFlags(self, params: dict[str, int], flags: int = 0) -> int:
+        self._call("setSchedulerParametersFlags")
+        self.sched_set = getattr(self, "sched_set", []) + [(dict(params), flags)]
+        return 0
+
     def undefine(self) -> int:
         self._call("undefine")
         self.conn.forget(self)

@@ -36,7 +36,8 @@ def test_version_status_health(virtletd: VirtletdProcess) -> None:
     for version in ("v1", "v1alpha2"):
         rt = virtletd.runtime(version)
         v = rt.Version(api.VersionRequest(version="0.1.0"))
-        assert v.runtime_name == "virtlet" and v.runtime_api_version == "v1" and v.runtime_version
+        # each API version names itself, as containerd's v1alpha2 service does (issue 17)
+        assert v.runtime_name == "virtlet" and v.runtime_api_version == version and v.runtime_version
         st = rt.Status(api.StatusRequest(verbose=True))
         conds = {c.type: c for c in st.status.conditions}
         assert conds["RuntimeReady"].status, conds["RuntimeReady"].message

@@ -19,6 +19,7 @@ from virtlet.state import store as st
 from virtlet.stream.client import ExecClient
 from virtlet.stream.model import ExecRequest
 from virtlet.stream.server import StreamServer
+from virtlet.vm import agent_transport as at
 from virtlet.vm import guest_agent as ga
 
 
@@ -132,6 +133,50 @@ def test_timeout_is_deadline_exceeded_and_says_the_process_keeps_running() -> No
     assert "within 2s" in str(exc.value) and "keeps running" in str(exc.value) and "PID 42" in str(exc.value)
     assert clock.now == pytest.approx(2.0)  # the last sleep is cut to the deadline
     assert all(1 <= t <= ga.CALL_TIMEOUT for _, t in fake.calls)
+
+
+class ConnectsLater(FakeAgent):
+    """An agent that is not connected for the first ``misses`` calls (a guest that is still booting)."""
+
+    def __init__(self, misses: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.misses = misses
+
+    def __call__(self, command: dict[str, Any], timeout: float) -> Any:
+        if self.misses > 0:
+            self.misses -= 1
+            self.calls.append((command, timeout))
+            raise ga.AgentUnavailable("QEMU guest agent is not connected")
+        return super().__call__(command, timeout)
+
+
+def test_exec_during_boot_waits_for_the_agent_within_its_timeout() -> None:
+    clock = Clock()
+    fake = ConnectsLater(4, out=b"vm\n", polls=0)
+    res = agent(fake, clock).exec(["hostname"], timeout=10, agent_wait=ga.AGENT_WAIT_DEFAULT)
+    assert res.stdout == b"vm\n"
+    names = [c["execute"] for c, _ in fake.calls]
+    assert names[:5] == ["guest-ping"] * 5 and names[5] == "guest-exec"  # only pings are repeated
+    assert clock.now == pytest.approx(4 * ga.AGENT_WAIT_POLL)
+
+
+def test_an_agent_that_never_connects_is_failed_precondition_after_the_wait() -> None:
+    clock = Clock()
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        agent(ConnectsLater(10**6), clock).exec(["true"], timeout=3, agent_wait=ga.AGENT_WAIT_DEFAULT)
+    assert "waited 3s" in str(exc.value) and "qemu-guest-agent" in str(exc.value)
+    assert clock.now == pytest.approx(3.0)
+    clock = Clock()  # ExecSync timeout 0 (no limit): the wait is bounded by the default
+    with pytest.raises(errors.FailedPrecondition, match=f"waited {ga.AGENT_WAIT_DEFAULT:g}s"):
+        agent(ConnectsLater(10**6), clock).exec(["true"], agent_wait=ga.AGENT_WAIT_DEFAULT)
+    assert clock.now == pytest.approx(ga.AGENT_WAIT_DEFAULT)
+
+
+def test_waiting_for_the_agent_stops_when_the_vm_stops_or_the_caller_leaves() -> None:
+    with pytest.raises(errors.FailedPrecondition, match="VM stopped"):
+        agent(ConnectsLater(10**6), running=lambda: False).exec(["true"], agent_wait=60)
+    with pytest.raises(errors.DeadlineExceeded, match="went away"):
+        agent(ConnectsLater(10**6)).exec(["true"], agent_wait=60, alive=lambda: False)
 
 
 def test_caller_gone_stops_waiting() -> None:
@@ -468,7 +513,7 @@ def test_misbehaving_agent_socket(tmp_path: Path, replies: dict[str, Any], code:
     monkeypatch.setattr(ga, "CALL_TIMEOUT", 2.0)
     srv = AgentSocket(tmp_path / "qga.sock", replies)
     try:
-        agent_ = ga.GuestAgent(ga.socket_transport(str(srv.path), max_reply=4 << 20), "default/vm")
+        agent_ = ga.GuestAgent(at.socket_transport(str(srv.path), max_reply=4 << 20), "default/vm")
         with pytest.raises(errors.VirtletError) as exc:
             agent_.exec(["true"], timeout=3)
         assert exc.value.code == code and what in str(exc.value), str(exc.value)
@@ -493,14 +538,14 @@ def test_a_stalled_agent_does_not_block_other_calls(tmp_path: Path) -> None:
 
         def slow() -> None:
             try:
-                ga.GuestAgent(ga.socket_transport(str(stalled.path)), "default/a").exec(["true"], timeout=4)
+                ga.GuestAgent(at.socket_transport(str(stalled.path)), "default/a").exec(["true"], timeout=4)
             except BaseException as exc:
                 outcome.append(exc)
 
         t = threading.Thread(target=slow)
         t.start()
         start = time.monotonic()
-        res = ga.GuestAgent(ga.socket_transport(str(good.path)), "default/b").exec(["echo", "hi"], timeout=10)
+        res = ga.GuestAgent(at.socket_transport(str(good.path)), "default/b").exec(["echo", "hi"], timeout=10)
         assert res == ga.ExecResult(0, b"hi\n", b"")
         assert time.monotonic() - start < 3  # not behind the stalled one (which takes 4 s)
         t.join(30)

@@ -132,7 +132,8 @@ def test_stop_destroys_a_guest_that_ignores_acpi(n: Node) -> None:
     sid, cid = n.running_container()
     n.domain(cid).acpi_ignored = True
     n.d.vms.stop(cid, 0)
-    assert _state(n, cid) == (st.CONTAINER_EXITED, 0, "Completed", "stopped by StopContainer")
+    code, reason, message = _state(n, cid)[1:]
+    assert (code, reason) == (137, "Error") and "grace period of 0s" in message and "destroyed" in message
     assert "destroy" in n.domain(cid).calls and not n.domain(cid).isActive()
     _clean_up(n, sid)
 
@@ -218,6 +219,32 @@ def test_queries(n: Node) -> None:
         n.d.vms.guest_agent(cid)
     with pytest.raises(errors.FailedPrecondition, match="only a running VM"):
         n.d.vms.reopen_log(cid)
+    _clean_up(n, sid)
+
+
+def test_update_resources_applies_live_or_refuses(n: Node) -> None:
+    from virtlet.vm.manager import ResourceUpdate
+
+    sid, cid = n.running_container()
+    max_bytes = 256 << 20  # the VM's size at create (what VmParts.prepare records)
+    n.d.store.update_container(cid, extra={**n.d.store.get_container(cid).extra, "memory_bytes": max_bytes})
+    with pytest.raises(errors.InvalidArgument, match="memory_limit_in_bytes"):
+        n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=max_bytes + 1))
+    assert "setMemoryFlags" not in n.domain(cid).calls
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=max_bytes // 2))
+    assert n.domain(cid).memory_set == (max_bytes // 2048, live)
+    n.domain(cid).fail["setSchedulerParametersFlags"] = FakeLibvirtError("cgroup CPU controller is not mounted")
+    with pytest.raises(errors.FailedPrecondition, match="applied before it: memory"):
+        n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=max_bytes, cpu_shares=512))
+    assert n.d.store.get_container(cid).extra["resources"] == {"memory_limit_in_bytes": max_bytes}
+    del n.domain(cid).fail["setSchedulerParametersFlags"]
+    in_force = n.d.vms.update_resources(cid, ResourceUpdate(cpu_shares=512, cpu_quota=-1))
+    assert in_force == {"memory_limit_in_bytes": max_bytes, "cpu_shares": 512, "cpu_quota": -1, "cpu_period": 0}
+    assert [p for p, _ in n.domain(cid).sched_set][-1] == {"cpu_shares": 512, "global_quota": -1}
+    n.d.vms.stop(cid, 10)
+    with pytest.raises(errors.FailedPrecondition, match="EXITED"):
+        n.d.vms.update_resources(cid, ResourceUpdate(cpu_shares=2))
     _clean_up(n, sid)
 
 
@@ -322,7 +349,16 @@ def test_stop_killed_while_the_guest_still_runs(n: Node) -> None:
     n.kill_at("container.stop.after_shutdown_request", lambda: n.d.vms.stop(cid, 10))
     assert _state(n, cid)[0] == st.CONTAINER_RUNNING and n.net.taps == {sid: "pod"}
     n.d.vms.stop(cid, 0)  # the kubelet's retry
-    assert _state(n, cid) == (st.CONTAINER_EXITED, 0, "Completed", "stopped by StopContainer")
+    assert _state(n, cid)[:3] == (st.CONTAINER_EXITED, 137, "Error")
+    _clean_up(n, sid)
+
+
+def test_stop_killed_after_destroying_the_guest_reports_137(n: Node) -> None:
+    """Killed after the destroy at the end of the grace period: recovery reports the kill, not a clean stop."""
+    sid, cid = n.running_container()
+    n.domain(cid).acpi_ignored = True
+    n.kill_at("container.stop.after_domain_stopped", lambda: n.d.vms.stop(cid, 0))
+    assert _state(n, cid)[:3] == (st.CONTAINER_EXITED, 137, "Error")
     _clean_up(n, sid)
 
 

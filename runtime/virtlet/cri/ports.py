@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # types only: importing the servicer module still loads no li
     from virtlet.state import store as st
     from virtlet.vm import guest_agent as ga
     from virtlet.vm import stats as vmstats
-    from virtlet.vm.manager import ContainerSpec
+    from virtlet.vm.manager import ContainerSpec, ResourceUpdate
 
 
 class Containers(Protocol):
@@ -38,6 +38,8 @@ class Containers(Protocol):
     def sandbox_stats(self, rec: st.SandboxRecord) -> vmstats.SandboxSample: ...
 
     def guest_agent(self, cid: str) -> ga.GuestAgent: ...
+
+    def update_resources(self, cid: str, upd: ResourceUpdate) -> dict[str, int]: ...
 
 
 class StreamingUrls(Protocol):

@@ -15,11 +15,11 @@ from google.protobuf import json_format
 import virtlet
 from virtlet import errors, preconditions
 from virtlet.cri import stats_pb, validation
+from virtlet.cri.container_status import container_state, container_status, stored_config
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.ports import Containers, StreamingUrls
 from virtlet.network import capabilities as net_capabilities
-from virtlet.sandbox import podconfig
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
 from virtlet.vm import annotations as vm_annotations
@@ -176,6 +176,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         cfg = request.config
         if not request.HasField("config") or not cfg.HasField("metadata") or not cfg.metadata.name:
             raise errors.InvalidArgument("CreateContainer: config.metadata.name is required")
+        validation.container_security_context(cfg, request.sandbox_config)
         res = cfg.linux.resources if cfg.HasField("linux") and cfg.linux.HasField("resources") else None
         spec = ContainerSpec(
             sandbox_id=request.pod_sandbox_id, name=cfg.metadata.name, attempt=cfg.metadata.attempt,
@@ -233,14 +234,14 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         for rec in self.store.list_containers(flt.pod_sandbox_id or None):
             if flt.id and not rec.id.startswith(flt.id):
                 continue
-            if flt.HasField("state") and _container_state(rec.state) != flt.state.state:
+            if flt.HasField("state") and container_state(rec.state) != flt.state.state:
                 continue
             if any(rec.labels.get(k) != v for k, v in flt.label_selector.items()):
                 continue
             items.append(api.Container(
                 id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=api.ContainerMetadata(
                     name=rec.name, attempt=rec.attempt), image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref,
-                state=_container_state(rec.state), created_at=rec.created_at, labels=rec.labels,
+                state=container_state(rec.state), created_at=rec.created_at, labels=rec.labels,
                 annotations=rec.annotations))
         return api.ListContainersResponse(containers=items)
 
@@ -275,16 +276,33 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
 
     def UpdateContainerResources(self, request: api.UpdateContainerResourcesRequest,
                                  context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
-        # A VM's vCPUs and memory are fixed at CreateContainer; accept the kubelet's call and say so.
+        # What QEMU applies live (memory by balloon up to the VM's size at create, CPU shares/quota/period) is
+        # applied (virtlet.vm.lifecycle.update_resources); a CPU pinning change is UNIMPLEMENTED (the kubelet's
+        # in-place resize never sends one); fields with no meaning for a VM (OOM score, hugepages, swap, unified
+        # cgroup keys) are ignored as at CreateContainer.  Never OK for a change that was not applied.
+        from virtlet.vm.manager import ResourceUpdate
+
         validation.require_id(request.container_id, "container_id")
-        self.store.require_container(request.container_id)
-        log.info("UpdateContainerResources for %s ignored: VM resources are fixed at creation",
-                 request.container_id)
+        rec = self.store.require_container(request.container_id)
+        res = request.linux
+        if request.HasField("linux"):
+            created = stored_config(rec).linux.resources
+            for name in ("cpuset_cpus", "cpuset_mems"):
+                asked = getattr(res, name)
+                if asked and asked != getattr(created, name):
+                    raise errors.Unimplemented(
+                        f"UpdateContainerResources: linux.{name} {asked[:64]!r}: changing a VM's CPU pinning live is "
+                        f"not implemented (it is {getattr(created, name) or 'unset'!r}); recreate the pod")
+        self._vms().update_resources(request.container_id, ResourceUpdate(
+            memory_limit_bytes=res.memory_limit_in_bytes, cpu_shares=res.cpu_shares, cpu_quota=res.cpu_quota,
+            cpu_period=res.cpu_period))
         return api.UpdateContainerResourcesResponse()
 
     def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:
         # Runs through the QEMU guest agent (virtlet.vm.guest_agent): exit code and output of a finished command;
-        # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).
+        # a command past request.timeout answers DEADLINE_EXCEEDED (the kubelet's probe timeout).  Sent while the
+        # VM boots, it first waits for the agent to connect: within request.timeout, or (timeout 0, "no limit")
+        # for at most ga.AGENT_WAIT_DEFAULT seconds, then FAILED_PRECONDITION saying the agent never answered.
         validation.require_id(request.container_id, "container_id")
         preconditions.require_cmd("ExecSync", request.cmd)
         preconditions.container_running("ExecSync", request.container_id,
@@ -293,7 +311,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         # stdout + stderr are truncated together at ga.EXEC_SYNC_OUTPUT_CAP (16 MiB less the response's framing,
         # so it fits the kubelet's 16 MiB message limit), as containerd does since CVE-2022-1708.
         result = agent.exec(list(request.cmd), None, timeout=float(request.timeout) or None, alive=context.is_active,
-                            max_output=ga.EXEC_SYNC_OUTPUT_CAP)
+                            max_output=ga.EXEC_SYNC_OUTPUT_CAP, agent_wait=ga.AGENT_WAIT_DEFAULT)
         return api.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:
@@ -333,27 +351,6 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
     def statuses_for_sandbox(self, sandbox_id: str) -> list[api.ContainerStatus]:
         log_dir = self._log_dir(sandbox_id)
         return [container_status(r, log_dir) for r in self.store.list_containers(sandbox_id)]
-
-
-_CONTAINER_STATES: dict[str, api.ContainerState] = {
-    st.CONTAINER_CREATED: api.CONTAINER_CREATED,
-    st.CONTAINER_RUNNING: api.CONTAINER_RUNNING,
-    st.CONTAINER_EXITED: api.CONTAINER_EXITED,
-}
-
-
-def _container_state(state: str) -> api.ContainerState:
-    return _CONTAINER_STATES.get(state, api.CONTAINER_UNKNOWN)
-
-
-def container_status(rec: st.ContainerRecord, log_dir: str) -> api.ContainerStatus:
-    log_path = podconfig.container_log_path(log_dir, rec.log_path)
-    return api.ContainerStatus(
-        id=rec.id, metadata=api.ContainerMetadata(name=rec.name, attempt=rec.attempt),
-        state=_container_state(rec.state), created_at=rec.created_at, started_at=rec.started_at,
-        finished_at=rec.finished_at, exit_code=rec.exit_code, reason=rec.reason, message=rec.message,
-        image=api.ImageSpec(image=rec.image), image_ref=rec.image_ref, image_id=rec.image_ref, labels=rec.labels,
-        annotations=rec.annotations, log_path=log_path)
 
 
 _Rec = TypeVar("_Rec", st.SandboxRecord, st.ContainerRecord)

@@ -77,3 +77,28 @@ def require_id(value: str, name: str) -> None:
         raise errors.InvalidArgument(
             f"{name} {shown!r} is not an id virtletd issues (letters, digits, '_', '.', '-'; starting with a "
             f"letter or digit; at most {MAX_ID_LENGTH} characters)")
+
+
+def container_security_context(cfg: api.ContainerConfig, sandbox_config: api.PodSandboxConfig) -> None:
+    """Refuse the security-context combinations containerd refuses at CreateContainer (its messages, as
+    INVALID_ARGUMENT naming the field; containerd itself answers them as UNKNOWN).  The rest of a container's
+    security context (capabilities, seccomp, AppArmor, SELinux, read-only root) means nothing for a VM, whose
+    guest is its own kernel, and is ignored as before.
+
+    - a group (``run_as_group``) without a user (``run_as_user`` or ``run_as_username``): containerd cannot
+      build the ``user:group`` string and answers ``user group "G" is specified without user``;
+    - a privileged container whose sandbox config (the request's ``sandbox_config``, which is what containerd
+      checks too) is not privileged: ``no privileged container allowed in sandbox``.  The kubelet makes the
+      sandbox privileged whenever one of the pod's containers is, so only a hand-made request meets this.
+    """
+    if not cfg.HasField("linux") or not cfg.linux.HasField("security_context"):
+        return
+    sc = cfg.linux.security_context
+    if sc.HasField("run_as_group") and not sc.HasField("run_as_user") and not sc.run_as_username:
+        raise errors.InvalidArgument(
+            f"CreateContainer: config.linux.security_context: user group \"{sc.run_as_group.value}\" is specified "
+            f"without user (set run_as_user or run_as_username too)")
+    if sc.privileged and not sandbox_config.linux.security_context.privileged:
+        raise errors.InvalidArgument(
+            "CreateContainer: config.linux.security_context.privileged: no privileged container allowed in sandbox "
+            "(sandbox_config.linux.security_context.privileged is false)")

@@ -75,11 +75,29 @@ def _unimplemented(name: str) -> Callable[..., Any]:
     return behaviour
 
 
-def method_handlers(servicer: Any, service: str) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+def _version_naming(behaviour: Callable[..., Any], version: str) -> Callable[..., Any]:
+    """``Version`` under another API version: a v1 servicer's ``runtime_api_version: v1`` becomes the version the
+    caller used (containerd's v1alpha2 service answers ``v1alpha2``; a kubelet logs and may check it)."""
+
+    def named(request: Any, context: grpc.ServicerContext) -> Any:
+        reply = behaviour(request, context)
+        if isinstance(reply, api.VersionResponse) and reply.runtime_api_version == "v1":
+            reply.runtime_api_version = version
+        return reply
+
+    return named
+
+
+def method_handlers(servicer: Any, service: str, version: str = "v1") -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """Handlers for every v1 method of ``service``, calling the servicer's method of the same name (a method
-    the servicer lacks answers UNIMPLEMENTED)."""
-    return {spec.name: _method_handler(spec, getattr(servicer, spec.name, None) or _unimplemented(spec.name))
-            for spec in methods(service)}
+    the servicer lacks answers UNIMPLEMENTED), served under ``version``."""
+    handlers = {}
+    for spec in methods(service):
+        behaviour = getattr(servicer, spec.name, None) or _unimplemented(spec.name)
+        if spec.name == "Version" and service == "RuntimeService" and version != "v1":
+            behaviour = _version_naming(behaviour, version)
+        handlers[spec.name] = _method_handler(spec, behaviour)
+    return handlers
 
 
 def add_servicers(server: grpc.Server, runtime_servicer: Any, image_servicer: Any | None,
@@ -96,7 +114,7 @@ def add_servicers(server: grpc.Server, runtime_servicer: Any, image_servicer: An
             if servicer is None:
                 continue
             name = service_name(service, version)
-            handlers = method_handlers(servicer, service)
+            handlers = method_handlers(servicer, service, version)
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             register = getattr(server, "add_registered_method_handlers", None)
             if register is not None:  # grpcio >= 1.62: the faster path the generated code also uses

@@ -26,6 +26,7 @@ from virtlet.console.attach import ConsoleHub, ConsoleSession
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
 from virtlet.stream.model import AttachRequest, ExecRequest, ExecResultLike, GuestAgents, PortForwardRequest
+from virtlet.vm import guest_agent as ga
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,10 @@ class VirtletBackend:
         if self.vms is None:
             raise errors.Unavailable("virtletd runs without a VM manager; exec is unavailable")
         preconditions.container_running("Exec", container_id, self.store.require_container(container_id).state)
-        return self.vms.guest_agent(container_id).exec(list(cmd), stdin, timeout=None, alive=alive)
+        # a VM still booting: wait for its agent to connect (at most ga.AGENT_WAIT_DEFAULT s, or until the client
+        # leaves), as ExecSync does
+        return self.vms.guest_agent(container_id).exec(list(cmd), stdin, timeout=None, alive=alive,
+                                                       agent_wait=ga.AGENT_WAIT_DEFAULT)
 
     # -- port-forward -----------------------------------------------------------------------------------
     def pod_ip(self, rec: st.SandboxRecord) -> str:

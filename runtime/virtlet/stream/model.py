@@ -62,7 +62,8 @@ class ExecAgent(Protocol):
     """A running VM's guest agent (``virtlet.vm.guest_agent.GuestAgent``), as far as exec uses it."""
 
     def exec(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float | None = None,
-             alive: Callable[[], bool] | None = None, max_output: int | None = None) -> ExecResultLike: ...
+             alive: Callable[[], bool] | None = None, max_output: int | None = None,
+             agent_wait: float = 0.0) -> ExecResultLike: ...
 
 
 class GuestAgents(Protocol):

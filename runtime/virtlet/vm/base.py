@@ -35,6 +35,7 @@ log = logging.getLogger("virtlet.vm.manager")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_KILLED = 137  # destroyed at the end of StopContainer's grace period: what containerd reports for a SIGKILL
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class ContainerSpec:
     config: bytes = b""
     mounts: tuple[CriMount, ...] = ()  # CRI mounts (virtlet.volumes.mounts)
     devices: list[DeviceRequest] = field(default_factory=list)  # CRI devices (block volumes, persistent root)
+
+
+@dataclass(frozen=True)
+class ResourceUpdate:
+    """What UpdateContainerResources asks of a VM that QEMU can apply live; 0 = leave as it is (a quota < 0: no
+    limit)."""
+
+    memory_limit_bytes: int = 0
+    cpu_shares: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
 
 
 class LogWriter(Protocol):

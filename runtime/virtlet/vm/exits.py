@@ -1,8 +1,10 @@
 """How a VM's exit becomes its container's state: libvirt's lifecycle events (a QEMU that dies is noticed at
 once) and the reconciliation of a RUNNING record with the domain (after a start, and at start-up recovery).
 
-Exit codes: guest powered off -> 0 ``Completed``; stopped by StopContainer -> 0 ``Completed``; QEMU killed or
-crashed (or the domain destroyed behind our back) -> 1 ``Error`` with libvirt's reason in the message.
+Exit codes (as containerd reports a container's; docs/vm-pods.md "Exit codes"): guest powered off -> 0
+``Completed``; stopped by StopContainer and off within the grace period -> 0 ``Completed``; still on at the end of
+the grace period and destroyed -> 137 ``Error`` (containerd's code for a SIGKILL) with a message saying so; QEMU
+killed or crashed (or the domain destroyed behind our back) -> 1 ``Error`` with libvirt's reason in the message.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
 from virtlet.vm import libvirt_host as lh
-from virtlet.vm.base import EXIT_ERROR, EXIT_OK, VmBase
+from virtlet.vm.base import EXIT_ERROR, EXIT_KILLED, EXIT_OK, VmBase
 
 
 class VmExits(VmBase):
@@ -36,7 +38,7 @@ class VmExits(VmBase):
                 return  # StopContainer/RemoveContainer record the outcome themselves
             code, reason, message = self._exit_status(exit_reason)
             if rec.extra.get("stop_requested"):  # a StopContainer of an earlier virtletd was under way
-                code, reason, message = EXIT_OK, "Completed", "stopped by StopContainer"
+                code, reason, message = self._stopped_status(rec)
             self._mark_exited(cid, code, reason, message)
             sandbox = self.store.get_sandbox(rec.sandbox_id)
             if sandbox is not None:
@@ -49,6 +51,16 @@ class VmExits(VmBase):
             return EXIT_OK, "Completed", "the guest powered off"
         return EXIT_ERROR, "Error", f"the VM stopped: {exit_reason.description}"
 
+
+    @staticmethod
+    def _stopped_status(rec: st.ContainerRecord) -> tuple[int, str, str]:
+        """(exit code, reason, message) of a VM StopContainer stopped: off within the grace period -> 0, destroyed
+        at its end (``extra["stop_destroying"]``, recorded before the destroy so a restarted virtletd knows) -> 137."""
+        grace = rec.extra.get("stop_destroying")
+        if grace is None:
+            return EXIT_OK, "Completed", "stopped by StopContainer"
+        return (EXIT_KILLED, "Error", f"the guest did not power off within StopContainer's grace period of {grace}s "
+                "after the ACPI power button; the VM was destroyed (exit code 137, as for a SIGKILL)")
 
     def _reconcile(self, cid: str) -> None:
         """Make a RUNNING record agree with libvirt (after start, and at start-up recovery)."""
@@ -64,7 +76,7 @@ class VmExits(VmBase):
                 return
             code, why, message = self._exit_status(exit_reason)
         if rec.extra.get("stop_requested"):  # a StopContainer (or Remove) was under way: its outcome
-            code, why, message = EXIT_OK, "Completed", "stopped by StopContainer"
+            code, why, message = self._stopped_status(rec)
         self._mark_exited(cid, code, why, message)
         sandbox = self.store.get_sandbox(rec.sandbox_id)
         if sandbox is not None:

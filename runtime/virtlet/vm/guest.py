@@ -19,6 +19,7 @@ from typing import Any
 import libvirt
 
 from virtlet import errors
+from virtlet.vm import agent_transport
 from virtlet.vm import guest_agent as ga
 from virtlet.vm import libvirt_host as lh
 
@@ -103,6 +104,27 @@ class Guest:
         except libvirt.libvirtError as exc:
             raise errors.Internal(f"libvirt could not undefine the VM: {exc}") from exc
 
+    def _affect(self) -> int:
+        """libvirt flags for a change: the running VM and its definition, or only the definition when it is off."""
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE if self.is_active() else 0
+        return int(live | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    def set_memory(self, kib: int) -> None:
+        """Set the balloon target (the guest's usable memory) to ``kib``, at most the domain's ``<memory>``."""
+        try:
+            self._dom.setMemoryFlags(kib, self._affect())
+        except libvirt.libvirtError as exc:
+            raise errors.Internal(f"libvirt could not set the VM's memory: {exc}") from exc
+
+    def set_cpu_tune(self, params: dict[str, int]) -> None:
+        """Scheduler parameters (``cpu_shares``, ``global_quota``, ``global_period``) of the whole VM."""
+        try:  # libvirt takes the live and the persistent change one at a time here
+            if self.is_active():
+                self._dom.setSchedulerParametersFlags(params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            self._dom.setSchedulerParametersFlags(params, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise errors.Internal(f"libvirt could not set the VM's CPU parameters: {exc}") from exc
+
     def xml(self) -> str:
         try:
             return str(self._dom.XMLDesc(0))
@@ -111,7 +133,7 @@ class Guest:
 
     def agent_transport(self) -> ga.Transport:
         """The QEMU guest agent of this domain (``virtlet.vm.guest_agent``)."""
-        return ga.libvirt_transport(self._dom)
+        return agent_transport.libvirt_transport(self._dom)
 
 
 def lookup(host: lh.LibvirtHost, name: str) -> Guest | None:

@@ -42,9 +42,7 @@ import base64
 import binascii
 import json
 import logging
-import math
 import re
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +65,11 @@ EXIT_CANNOT_EXECUTE = 126
 POLL_FIRST = 0.02  # seconds before the first guest-exec-status; doubles up to POLL_MAX
 POLL_MAX = 0.5
 CALL_TIMEOUT = 10.0  # seconds one agent command may take (libvirt's own wait for the agent's reply)
+# Calls during boot (issue 17): an exec sent right after StartContainer waits for the agent to connect.  ExecSync
+# waits within its own timeout; a call without one (ExecSync timeout 0, streaming Exec) waits at most this long,
+# enough for qemu-ga of a systemd guest booting under TCG, short enough that a guest without an agent is told so.
+AGENT_WAIT_DEFAULT = 120.0
+AGENT_WAIT_POLL = 0.5  # seconds between guest-ping attempts while waiting
 
 
 class AgentUnavailable(Exception):
@@ -132,9 +135,11 @@ class GuestAgent:
     """The guest agent of one running VM.  ``pod`` names the pod in error messages."""
 
     def __init__(self, transport: Transport, pod: str, *, max_output: int = EXEC_OUTPUT_CAP,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 running: Callable[[], bool] | None = None) -> None:
         self._call = transport
         self.pod = pod
+        self._running = running  # is the VM still up? (asked while waiting for the agent to connect)
         self.max_output = max_output
         self._sleep = sleep
         self._clock = clock
@@ -148,14 +153,45 @@ class GuestAgent:
         except AgentMisbehaved as exc:
             raise errors.FailedPrecondition(misbehaved_message(self.pod, str(exc))) from exc
 
+    def wait_connected(self, timeout: float, *, running: Callable[[], bool] | None = None,
+                       alive: Callable[[], bool] | None = None) -> None:
+        """Return once the agent answers ``guest-ping``, trying for up to ``timeout`` seconds (a VM that is still
+        booting has no agent yet).  ``FailedPrecondition`` saying how long it waited when it never answers, or
+        at once when ``running`` says the VM stopped; ``DeadlineExceeded`` when ``alive`` says the caller left.
+        ``guest-ping`` changes nothing in the guest, so it is safe to repeat (``guest-exec`` is not)."""
+        deadline = self._clock() + max(0.0, timeout)
+        while True:
+            left = deadline - self._clock()
+            try:
+                self._call({"execute": "guest-ping"}, max(1.0, min(5.0, left)))
+                return
+            except (AgentUnavailable, AgentError) as exc:
+                last = str(exc)
+            except AgentMisbehaved as exc:
+                raise errors.FailedPrecondition(misbehaved_message(self.pod, f"guest-ping: {exc}")) from exc
+            running = running or self._running
+            if running is not None and not running():
+                raise errors.FailedPrecondition(f"VM pod {self.pod}: the VM stopped before its guest agent answered")
+            if alive is not None and not alive():
+                raise errors.DeadlineExceeded(f"VM pod {self.pod}: the caller went away while waiting for the "
+                                              f"guest agent to connect")
+            left = deadline - self._clock()
+            if left <= 0:
+                raise errors.FailedPrecondition(no_agent_message(
+                    self.pod, f"waited {timeout:g}s for it to connect; last: {last}"))
+            self._sleep(min(AGENT_WAIT_POLL, left))
+
     def exec(self, argv: Sequence[str], stdin: bytes | None = None, timeout: float | None = None,
-             alive: Callable[[], bool] | None = None, max_output: int | None = None) -> ExecResult:
+             alive: Callable[[], bool] | None = None, max_output: int | None = None,
+             agent_wait: float = 0.0) -> ExecResult:
         """Run ``argv`` (no shell; ``argv[0]`` is looked up in the guest's PATH) and wait for it to end.
 
         ``timeout`` (seconds; ``None`` or <= 0: no limit) bounds the whole call; past it ``DeadlineExceeded``
         is raised and the guest process keeps running (the agent cannot kill it).  ``alive`` is asked between
         polls; when it says ``False`` (the caller went away) waiting stops with ``DeadlineExceeded`` too.
         ``max_output`` (default: the agent's ``max_output``) caps stdout and stderr together.
+        ``agent_wait`` > 0: first wait for the agent to connect (``wait_connected``), within ``timeout`` when there
+        is one, else for at most ``agent_wait`` seconds; the command's own time counts from the same start.
         """
         if not argv or not argv[0]:
             raise errors.InvalidArgument("the command to run is empty")
@@ -163,6 +199,8 @@ class GuestAgent:
             raise errors.InvalidArgument(
                 f"stdin of {len(stdin)} bytes is more than the {MAX_INPUT} bytes a VM pod exec accepts")
         deadline = self._clock() + timeout if timeout and timeout > 0 else None
+        if agent_wait > 0:
+            self.wait_connected(deadline - self._clock() if deadline is not None else agent_wait, alive=alive)
         args: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
         if stdin:
             args["input-data"] = base64.b64encode(stdin).decode()
@@ -306,85 +344,3 @@ def _spawn_failure(desc: str) -> ExecResult:
     desc = wrapped.group(1) if wrapped else desc
     code = EXIT_NOT_FOUND if "No such file or directory" in desc else EXIT_CANNOT_EXECUTE
     return ExecResult(code, b"", (desc.rstrip() + "\n").encode())
-
-
-# -- libvirt ------------------------------------------------------------------------------------------------
-def libvirt_transport(dom: Any) -> Transport:
-    """Agent commands for ``dom`` (a ``libvirt.virDomain``) through ``libvirt_qemu.qemuAgentCommand``.
-
-    libvirt reports an agent that is not connected, not synchronised or silent as ``VIR_ERR_AGENT_UNRESPONSIVE``
-    / ``VIR_ERR_AGENT_UNSYNCED`` (and a stopped domain as ``VIR_ERR_OPERATION_INVALID``): those are
-    ``AgentUnavailable``.  An error the agent itself answered comes as an internal error "unable to execute
-    QEMU agent command 'NAME': DESC": that is ``AgentError(DESC)``.
-    """
-    import libvirt
-    import libvirt_qemu
-
-    unavailable = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_INVALID,
-                   getattr(libvirt, "VIR_ERR_AGENT_UNSYNCED", -1),
-                   getattr(libvirt, "VIR_ERR_AGENT_COMMAND_TIMEOUT", -1)}
-
-    def call(command: dict[str, Any], timeout: float) -> Any:
-        try:
-            reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), max(1, math.ceil(timeout)), 0)
-        except libvirt.libvirtError as exc:
-            text = exc.get_error_message() or str(exc)
-            if exc.get_error_code() in unavailable:
-                raise AgentUnavailable(text) from exc
-            if exc.get_error_code() == libvirt.VIR_ERR_RPC and "encode message payload" in text:
-                # libvirtd could not send the reply: remote strings stop at 4 MiB (~3 MiB of exec output)
-                raise ReplyTooLarge(f"libvirt: {text}; its limit is about {LIBVIRT_OUTPUT_LIMIT >> 20} MiB") from exc
-            marker = "unable to execute QEMU agent command"
-            if marker in text:
-                raise AgentError(text.split("': ", 1)[-1]) from exc
-            raise AgentUnavailable(text) from exc
-        if not isinstance(reply, str) or not reply:
-            raise AgentMisbehaved("libvirt passed an empty reply")
-        return parse_reply(reply)
-
-    return call
-
-
-def socket_transport(path: str, *, max_reply: int = MAX_REPLY) -> Transport:
-    """Agent commands over a unix socket speaking QGA directly (one JSON object per line each way).
-
-    virtletd talks to its VMs' agents through libvirt (``libvirt_transport``), which owns their channel
-    sockets; this transport is for an agent on a socket of its own (``qemu -chardev socket,server=on``) and is
-    how tests feed real, misbehaving bytes through ``parse_reply``.  Each call connects, sends one command and
-    reads one reply line within ``timeout`` seconds *in total* and at most ``max_reply`` bytes: an agent that
-    never answers is ``AgentUnavailable``, one that sends too much or no line end in time is cut off.
-    """
-
-    def call(command: dict[str, Any], timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(path)
-                sock.sendall(json.dumps(command).encode() + b"\n")
-            except OSError as exc:
-                raise AgentUnavailable(f"cannot reach the agent socket: {exc}") from exc
-            buf = bytearray()
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AgentUnavailable(f"no complete reply within {timeout:g}s")
-                sock.settimeout(left)
-                try:
-                    data = sock.recv(min(1 << 16, max_reply + 1 - len(buf)))
-                except TimeoutError as exc:
-                    raise AgentUnavailable(f"no complete reply within {timeout:g}s") from exc
-                except OSError as exc:
-                    raise AgentUnavailable(f"agent socket failed: {exc}") from exc
-                if not data:
-                    raise AgentUnavailable("the agent closed the connection before a complete reply")
-                end = data.find(b"\n")
-                if end >= 0:
-                    buf += data[:end]
-                    break
-                buf += data
-                if len(buf) > max_reply:
-                    raise AgentMisbehaved(f"a reply of more than {max_reply} bytes")
-        return parse_reply(bytes(buf), max_reply)
-
-    return call

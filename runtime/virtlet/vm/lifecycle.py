@@ -11,10 +11,13 @@ import uuid
 from virtlet import errors, failpoints, preconditions
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
-from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec
+from virtlet.vm.annotations import MIN_MEMORY_BYTES
+from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec, ResourceUpdate
 from virtlet.vm.exits import VmExits
 
 log = logging.getLogger("virtlet.vm.manager")
+
+ACPI_REPEAT = 1.0  # seconds between ACPI power-button presses while StopContainer waits for the guest
 
 
 class VmLifecycle(VmExits):
@@ -156,25 +159,102 @@ class VmLifecycle(VmExits):
                 rec = self.store.update_container(cid, extra={**rec.extra, "stop_requested": True})
             guest = self._guest(cid)
             if guest is not None and guest.is_active():
-                try:
-                    guest.shutdown()  # ACPI power button
-                except errors.Internal as exc:
-                    log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
-                failpoints.hit("container.stop.after_shutdown_request")
                 deadline = time.monotonic() + max(timeout, 0)
-                while time.monotonic() < deadline and self._domain_active(cid):
-                    with self._exited:
-                        self._exited.wait(0.5)
+                self._press_power_button(cid, guest, deadline)
                 if self._domain_active(cid):
                     log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
+                    rec = self.store.update_container(cid, extra={**rec.extra, "stop_destroying": timeout})
                     try:
                         guest.destroy()
                     except errors.Internal as exc:
                         if self._domain_active(cid):
                             raise errors.Internal(f"container {cid}: {exc}") from exc
                 failpoints.hit("container.stop.after_domain_stopped")
-            self._mark_exited(cid, EXIT_OK, "Completed", "stopped by StopContainer")
+            self._mark_exited(cid, *self._stopped_status(rec))
 
+
+    def _press_power_button(self, cid: str, guest: gu.Guest, deadline: float) -> None:
+        """Press the ACPI power button every ``ACPI_REPEAT`` seconds until the VM is off or ``deadline`` passes.
+
+        Why repeat: a press while the guest boots (firmware, or a kernel whose ACPI button driver or acpid is not up
+        yet) is lost, and one press is all a guest gets from libvirt.  A guest already shutting down ignores the
+        extra presses; one that ignores the button altogether sees one per second until the grace period ends."""
+        first = True
+        while True:
+            refused = False
+            try:
+                guest.shutdown()
+            except errors.Internal as exc:
+                refused = True
+                if first:  # libvirt refused the button (no ACPI): there is nothing to wait for
+                    log.info("ACPI shutdown of %s refused (%s); destroying", cid, exc)
+            if first:
+                failpoints.hit("container.stop.after_shutdown_request")
+                if refused:
+                    return
+                first = False
+            elif refused and not self._domain_active(cid):  # went off between the check and the press
+                return
+            press_by = min(deadline, time.monotonic() + ACPI_REPEAT)
+            while time.monotonic() < press_by and self._domain_active(cid):
+                with self._exited:
+                    self._exited.wait(max(0.0, min(0.25, press_by - time.monotonic())))
+            if time.monotonic() >= deadline or not self._domain_active(cid):
+                return
+
+    # -- UpdateContainerResources ---------------------------------------------------------------------
+    def update_resources(self, cid: str, upd: ResourceUpdate) -> dict[str, int]:
+        """Apply what QEMU can change live: the memory through the balloon (at most the memory the VM was created
+        with: its ``<memory>``, no hot-plug) and the whole VM's CPU shares/quota/period (libvirt's scheduler
+        parameters, the same the designer sets at create).  A VM that is off (CREATED) gets the change in its
+        definition.  Returns the resources now in force as CRI names them (also kept in ``extra["resources"]``
+        for ContainerStatus).  Nothing is answered OK that was not applied: a value out of range is
+        ``InvalidArgument`` before anything changes; libvirt refusing is ``FailedPrecondition`` saying what
+        was applied before (memory first, then CPU)."""
+        with self._lock(cid):
+            rec = self.store.require_container(cid)
+            if rec.state == st.CONTAINER_EXITED:
+                raise errors.FailedPrecondition(f"container {cid} is EXITED: its VM is off; nothing to update")
+            max_bytes = int(rec.extra.get("memory_bytes") or 0)
+            if upd.memory_limit_bytes and max_bytes and upd.memory_limit_bytes > max_bytes:
+                raise errors.InvalidArgument(
+                    f"UpdateContainerResources: linux.memory_limit_in_bytes {upd.memory_limit_bytes} is more than "
+                    f"the {max_bytes} bytes this VM was created with; a VM's memory can shrink and grow back live "
+                    f"(balloon) but not past that maximum: recreate the pod for more")
+            if upd.memory_limit_bytes and upd.memory_limit_bytes < MIN_MEMORY_BYTES:
+                raise errors.InvalidArgument(
+                    f"UpdateContainerResources: linux.memory_limit_in_bytes {upd.memory_limit_bytes} is too little "
+                    f"for a VM (at least {MIN_MEMORY_BYTES} bytes, 32Mi)")
+            guest = self._guest(cid)
+            if guest is None:
+                raise errors.FailedPrecondition(f"container {cid}: its libvirt domain is gone; remove it")
+            cpu: dict[str, int] = {}
+            if upd.cpu_shares > 0:
+                cpu["cpu_shares"] = upd.cpu_shares
+            if upd.cpu_quota:  # the whole VM's quota, as at create (designer); < 0: no limit
+                cpu["global_quota"] = upd.cpu_quota if upd.cpu_quota > 0 else -1
+            if upd.cpu_period > 0:
+                cpu["global_period"] = upd.cpu_period
+            in_force = dict(rec.extra.get("resources") or {})
+            done: list[str] = []
+            try:
+                if upd.memory_limit_bytes:
+                    guest.set_memory(upd.memory_limit_bytes // 1024)
+                    in_force["memory_limit_in_bytes"] = upd.memory_limit_bytes
+                    done.append("memory")
+                if cpu:
+                    guest.set_cpu_tune(cpu)
+                    in_force.update({"cpu_shares": upd.cpu_shares or in_force.get("cpu_shares", 0),
+                                     "cpu_quota": upd.cpu_quota or in_force.get("cpu_quota", 0),
+                                     "cpu_period": upd.cpu_period or in_force.get("cpu_period", 0)})
+            except errors.Internal as exc:
+                applied = f" (applied before it: {', '.join(done)})" if done else " (nothing was applied)"
+                raise errors.FailedPrecondition(f"container {cid}: {exc}{applied}") from exc
+            finally:
+                if in_force != (rec.extra.get("resources") or {}):
+                    self.store.update_container(cid, extra={**rec.extra, "resources": in_force})
+            log.info("container %s resources updated: %s", cid, in_force)
+            return in_force
 
     # -- RemoveContainer ------------------------------------------------------------------------------
     def remove(self, cid: str) -> None:

@@ -5,8 +5,8 @@ raw console log, log-writer state); its console socket in ``<run_dir>/console/<i
 committed first and deleted last, so start-up recovery can always tell what is ours: a domain or directory that
 belongs to no record is removed.
 
-Exit codes: guest powered off -> 0 ``Completed``; stopped by StopContainer -> 0 ``Completed``; QEMU killed or
-crashed (or the domain destroyed behind our back) -> 1 ``Error`` with libvirt's reason in the message.
+Exit codes: see ``virtlet.vm.exits`` (0 ``Completed`` for a guest that powered off, also on StopContainer; 137
+``Error`` for a VM destroyed at the end of StopContainer's grace period; 1 ``Error`` for a QEMU that died).
 
 Crash safety (a SIGKILL of virtletd at any step; the named failpoints in ``virtlet.failpoints`` sit between the
 steps, and ``recover`` finishes or undoes each one at start-up):
@@ -24,7 +24,8 @@ steps, and ``recover`` finishes or undoes each one at start-up):
   kubelet's retried StartContainer succeeds.  Killed before QEMU started: recovery deletes the taps it made in the
   host netns; the record stays CREATED.
 - StopContainer records ``extra["stop_requested"]`` before the ACPI request, so a VM that went down while
-  virtletd was dead is reported as stopped by StopContainer (0 ``Completed``), as without the crash.
+  virtletd was dead is reported as stopped by StopContainer (0 ``Completed``), as without the crash; it records
+  ``extra["stop_destroying"]`` before destroying a VM still on at the end of the grace period (137).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from virtlet.state import store as st
 from virtlet.vm import guest_agent as ga
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
-from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec, VmParts
+from virtlet.vm.base import EXIT_ERROR, EXIT_KILLED, EXIT_OK, ContainerSpec, ResourceUpdate, VmParts
 from virtlet.vm.recovery import VmRecovery
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "ContainerSpec", "VmManager", "VmParts"]
+__all__ = ["EXIT_ERROR", "EXIT_KILLED", "EXIT_OK", "ContainerSpec", "ResourceUpdate", "VmManager", "VmParts"]
 
 
 class VmManager(VmRecovery):
@@ -84,7 +85,7 @@ class VmManager(VmRecovery):
         active = guest is not None and guest.is_active()
         if guest is None or not active:
             raise errors.FailedPrecondition(f"VM pod {pod}: the VM of container {cid} is not running")
-        return ga.GuestAgent(guest.agent_transport(), pod)
+        return ga.GuestAgent(guest.agent_transport(), pod, running=guest.is_active)
 
     def domain_xml(self, cid: str) -> str:
         guest = self._guest(cid)
