@@ -171,7 +171,7 @@ def start_virtletd(base: Path, conf: Path, stack: contextlib.ExitStack) -> Virtl
 
     def undo() -> None:
         try:
-            if not daemon.healthy():
+            if daemon.proc is None or daemon.proc.poll() is not None:
                 daemon.start()  # its start-up recovery finishes what a dead virtletd left
             rt = daemon.runtime()
             for c in rt.ListContainers(api.ListContainersRequest(), timeout=10).containers:

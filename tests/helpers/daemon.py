@@ -50,6 +50,9 @@ class VirtletdProcess:
             if self.socket.exists() and self.healthy():
                 return self
             time.sleep(0.1)
+        # Never leave a daemon that the caller was told did not start: the caller's clean-up will not stop it
+        # (an orphaned virtletd outlives the test and its deleted temp dir).
+        self.stop()
         raise RuntimeError(f"virtletd did not become healthy in {timeout}s:\n{self.log()}")
 
     def connect(self) -> grpc.Channel:
