@@ -64,6 +64,7 @@ def moved_paths(wheelhouse: str) -> dict[str, object]:
         "criproxy_health_command": "/opt/vlr/runtime/bin/virtlet-health",
         "criproxy_config_dir": "/etc/vlr/criproxy",
         "criproxy_listen": "/run/vlr-criproxy.sock",
+        "criproxy_state_dir": "/var/lib/vlr/criproxy-state",
         "criproxy_secondaries": {"virtlet.cloud": "unix:///run/vlr-virtlet.sock"},
         "criproxy_kubelet_dropin_dir": "/etc/vlr-kubelet/dropins",
         "criproxy_kubelet_dropin_file": "95-vlr.conf",
@@ -131,11 +132,12 @@ def test_reset_after_an_inventory_that_moves_every_path_leaves_nothing_behind(tm
                      "/etc/vlr/virtlet/images/vlr.yaml", "/etc/vlr/criproxy/criproxy.yaml",
                      "/etc/vlr/runtimeclass/runtimeclass.yaml", "/etc/vlr-cni/net.d/20-vlr.conflist",
                      "/etc/vlr-kubelet/dropins/95-vlr.conf", "/var/lib/vlr/state", "/var/lib/vlr/images",
-                     "/run/vlr-virtlet.sock", "/run/vlr-criproxy.sock",
+                     "/var/lib/vlr/criproxy-state", "/run/vlr-virtlet.sock", "/run/vlr-criproxy.sock",
                      "/var/lib/vlr-facts/kvm/virtlet_kvm.fact",
                      "/var/lib/vlr-facts/libvirt/virtlet_packages_libvirt.fact"):
             ok(sh("podman", "exec", node, "test", "-e", path))
-        for path in ("/opt/virtlet", "/etc/virtlet", "/var/lib/virtlet", "/etc/ansible", "/run/virtlet.sock"):
+        for path in ("/opt/virtlet", "/etc/virtlet", "/var/lib/virtlet", "/var/lib/virtlet-criproxy", "/etc/ansible",
+                     "/run/virtlet.sock"):
             assert sh("podman", "exec", node, "test", "-e", path).returncode != 0, f"{path} made despite moved"
 
         ok(playbook("playbooks/reset.yml"))
