@@ -28,6 +28,7 @@ import pytest
 from tests.helpers.daemon import VirtletdProcess
 from tests.integration.conftest import NetnsGuard, running_virtletd
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.network import netns as vnetns
 
 CNI_BIN = Path("/usr/lib/cni")
 
@@ -182,7 +183,7 @@ def stand_in_vm(sid: str, nic: dict[str, Any]) -> Iterator[str]:
     name = f"vtvm{uuid.uuid4().hex[:12]}"
     outer, inner = f"vo{name[4:14]}", f"vi{name[4:14]}"
     try:
-        _sh("ip", "netns", "add", name)
+        vnetns.create(name)  # not `ip netns add`: it remounts /run/netns, and pods' namespaces then cannot go
         _sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
         _sh("ip", "link", "set", inner, "netns", name)
         _sh("ip", "link", "set", outer, "netns", sid)
@@ -194,7 +195,7 @@ def stand_in_vm(sid: str, nic: dict[str, Any]) -> Iterator[str]:
     finally:
         _sh("ip", "-n", sid, "link", "del", outer, check=False)
         _sh("ip", "link", "del", outer, check=False)
-        _sh("ip", "netns", "del", name, check=False)
+        vnetns.delete(name)
 
 
 RECEIVER = """

@@ -91,6 +91,7 @@ def test_privileged_container_in_an_unprivileged_sandbox_is_refused_like_contain
 
 def test_container_status_lists_the_mounts_of_the_config(pod: Pod, world_dir: Path) -> None:
     """containerd's ContainerStatus gives back the config's mounts as they were asked for: so does virtletd."""
+    (world_dir / "logs").mkdir(exist_ok=True)  # a volume's host path exists (virtletd refuses a missing one)
     mounts = [api.Mount(container_path="/data", host_path=str(world_dir), readonly=True),
               api.Mount(container_path="/scratch", host_path=str(world_dir / "logs"),
                         propagation=api.PROPAGATION_PRIVATE, selinux_relabel=True)]

@@ -284,3 +284,25 @@ def test_netns_helpers_are_idempotent_and_never_mount_the_directory() -> None:
         netns.delete(b)
     assert not os.path.exists(netns.path(b))
     assert _netns_dir_mount_entries() == dir_mounts
+
+
+def test_vm_pod_removed_after_ip_netns_add_hid_its_namespace(
+        world_dir: Path, fresh_ns: FreshMountNamespace, ns_virtletd: NsVirtletdProcess) -> None:
+    """An admin's ``ip netns add`` while VM pods run hides their namespace mounts under a new /run/netns mount, where
+    the kernel refuses to unlink them (EBUSY): StopPodSandbox/RemovePodSandbox still succeed (the namespace is
+    released when that mount goes), instead of failing INTERNAL forever and leaving the pod undeletable."""
+    vrt = ns_virtletd.runtime()
+    vm = vrt.RunPodSandbox(api.RunPodSandboxRequest(config=_pod(world_dir, "vm-hidden"), runtime_handler="virtlet"),
+                           timeout=60).pod_sandbox_id
+    fresh_ns.seen.add(os.path.realpath(netns.path(vm)))
+    name = f"vtfresh-{uuid.uuid4().hex[:8]}"
+    fresh_ns.run("ip", "netns", "add", name)
+    fresh_ns.seen.add(f"{NETNS_DIR}/{name}")
+    try:
+        assert not _netns_dir_is_plain(fresh_ns)
+        vrt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=vm), timeout=60)
+        vrt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=vm), timeout=60)
+        assert not vrt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=10).items
+        assert "hidden under a later mount" in ns_virtletd.log()
+    finally:
+        fresh_ns.run("ip", "netns", "delete", name, check=False)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from virtlet import errors
+
+log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/var/run/netns")
 
@@ -163,7 +166,26 @@ def delete(name: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
+        if exc.errno == errno.EBUSY and _dir_is_mount_point():
+            # Someone ran `ip netns add` after this namespace was made: it bind-mounted /run/netns onto itself,
+            # which hides our mount under the new one, where no path reaches it and the kernel refuses the unlink.
+            # The namespace holds nothing of the pod any more (CNI DEL ran before); refusing here would keep the
+            # pod from ever being removed.  It is released when that /run/netns mount goes (or at reboot).
+            log.warning("network namespace %s is hidden under a later mount on %s (made by `ip netns add`); "
+                        "its file stays until that mount is removed or the node reboots", name, NETNS_DIR)
+            return
         raise errors.Internal(f"cannot delete network namespace {name}: unlink: {exc.strerror}") from exc
+
+
+def _dir_is_mount_point() -> bool:
+    """Whether something is mounted on the namespace directory itself (``os.path.ismount`` misses a bind mount of
+    a directory onto itself, which is what ``ip netns add`` makes: same device)."""
+    real = os.path.realpath(NETNS_DIR)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.split()[4] == real for line in f if len(line.split()) > 4)
+    except OSError:
+        return False
 
 
 def list_names() -> list[str]:
