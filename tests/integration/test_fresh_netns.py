@@ -304,5 +304,8 @@ def test_vm_pod_removed_after_ip_netns_add_hid_its_namespace(
         vrt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=vm), timeout=60)
         assert not vrt.ListPodSandbox(api.ListPodSandboxRequest(), timeout=10).items
         assert "hidden under a later mount" in ns_virtletd.log()
+        # released when that mount goes: then the namespace file is reachable again and removable
+        fresh_ns.run("sh", "-c", f"umount -l {NETNS_DIR} && umount -l {NETNS_DIR}/{vm} && rm {NETNS_DIR}/{vm}")
+        assert not os.path.exists(netns.path(vm))
     finally:
         fresh_ns.run("ip", "netns", "delete", name, check=False)
