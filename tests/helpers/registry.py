@@ -127,6 +127,17 @@ class Pusher:
         assert resp.status == 201, (resp.status, resp.reason)
         return _digest(body)
 
+    def busybox(self, repo: str, tag: str) -> str:
+        """Push the ordinary busybox image of ``oci_image`` (what containerd runs); the manifest digest."""
+        from tests.helpers.oci_image import MANIFEST_TYPE, parts
+
+        layer, config, manifest = parts()
+        self.blob(repo, layer)
+        self.blob(repo, config)
+        resp = self._req("PUT", f"/v2/{repo}/manifests/{tag}", manifest, MANIFEST_TYPE)
+        assert resp.status == 201, (resp.status, resp.reason)
+        return _digest(manifest)
+
     def container_disk(self, repo: str, tag: str, disk: Path, compress: bool = True,
                        extra: dict[str, bytes] | None = None, docker: bool = False) -> str:
         """Push ``disk`` as ``/disk/<name>`` in one layer; the manifest digest."""
