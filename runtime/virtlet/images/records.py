@@ -51,3 +51,18 @@ def remove_path(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def repo_tags(record: ImageRecord) -> list[str]:
+    """As containerd: ``repo:tag`` names are tags.  An HTTP image's name has no tag (the URL is the version): it
+    is shown as ``name:latest``, a form clients such as crictl can parse."""
+    return [n if _has_tag(n) else f"{n}:latest" for n in record.names if "@" not in n]
+
+
+def repo_digests(record: ImageRecord) -> list[str]:
+    """``repo@sha256:<manifest>`` names; an HTTP image's names with its content digest."""
+    return [n for n in record.names if "@" in n] or [f"{n}@{record.digest}" for n in record.names]
+
+
+def _has_tag(name: str) -> bool:
+    return name.rfind(":") > name.rfind("/") >= 0

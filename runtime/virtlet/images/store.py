@@ -327,7 +327,10 @@ class ImageStore:
 
     def _resolve(self, ref: str) -> str | None:
         """The digest a ref names, if it is in the index (an exact name such as ``host/repo:tag`` first)."""
-        exact = self._resolve_name(ref.strip().removeprefix(names.PREFIX))
+        bare = ref.strip().removeprefix(names.PREFIX)
+        exact = self._resolve_name(bare)
+        if exact is None and "@" not in bare and bare.rfind(":") <= bare.rfind("/"):
+            exact = self._resolve_name(f"{bare}:latest")  # "host/repo" means "host/repo:latest", as containerd
         if exact is not None:
             return exact
         digest = names.digest_of(ref)
