@@ -17,14 +17,17 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import posixpath
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from virtlet import errors, quantity
 from virtlet.images.fetch import FetchInfo, Sink
-from virtlet.images.registry import MAX_SMALL_BODY, RegistryClient
+from virtlet.images.policy import SourcePolicy
+from virtlet.images.registry import MAX_SMALL_BODY, Credentials, HostConfig, Reference, RegistryClient
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -34,6 +37,7 @@ ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 _INDEXES = (OCI_INDEX, DOCKER_LIST)
 _TAR = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar")
 PLATFORM = ("linux", "amd64")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,24 @@ class Manifest:
     digest: str  # of what the reference names (an index when it names one): the repo digest
     layers: tuple[Layer, ...]
     image_digest: str  # of the image manifest (the platform's, when ``digest`` is an index)
+
+
+def resolve_hosts(ref: Reference, creds: Credentials | None, lookup: Callable[[str], HostConfig],
+                  policy: SourcePolicy, trusted: bool, timeout: float, max_size: int,
+                  ) -> tuple[RegistryClient, Manifest]:
+    """The manifest from the first of the registry's mirrors that has it, else from the registry itself; the
+    client that answered fetches the blobs too (their digests are checked against the manifest, whoever serves
+    them).  A mirror was named by the node admin (trusted, like the registry config's hosts) and gets only
+    the node's credentials for it: the pod's pull secret is sent to the registry it names, never elsewhere."""
+    origin = lookup(ref.host)
+    for mirror in origin.mirrors:
+        client = RegistryClient(ref, None, lookup(mirror), policy, True, timeout, endpoint=mirror)
+        try:
+            return client, resolve(client, max_size)
+        except errors.VirtletError as exc:  # messages never hold secrets
+            log.info("%s: %s; trying the next mirror or the registry", client.what, exc)
+    client = RegistryClient(ref, creds, origin, policy, trusted, timeout)
+    return client, resolve(client, max_size)
 
 
 def resolve(client: RegistryClient, max_size: int) -> Manifest:

@@ -167,8 +167,8 @@ class ImageStore:
         when no stored image has that manifest digest already.  ``also``: the translated name the pod used."""
         if ref.digest and (stored := self._resolve_name(f"{ref.name}@{ref.digest}")):
             return self._named(f"{ref.name}@{ref.digest}", stored, str(ref), *also)  # pinned, present: no network
-        client = reg.RegistryClient(ref, creds, self.registries.lookup(ref.host), self.policy, trusted, timeout)
-        manifest = containerdisk.resolve(client, self.policy.max_size)
+        client, manifest = containerdisk.resolve_hosts(ref, creds, self.registries.lookup, self.policy, trusted,
+                                                       timeout, self.policy.max_size)
         by_digest = f"{ref.name}@{manifest.digest}"
         digest = self._resolve_name(by_digest) or self._resolve_name(f"{ref.name}@{manifest.image_digest}")
         if digest is None:
