@@ -150,10 +150,14 @@ class Pusher:
         return _digest(manifest)
 
     def container_disk(self, repo: str, tag: str, disk: Path, compress: bool = True,
-                       extra: dict[str, bytes] | None = None, docker: bool = False) -> str:
-        """Push ``disk`` as ``/disk/<name>`` in one layer; the manifest digest."""
+                       extra: dict[str, bytes] | None = None, docker: bool = False, zstd: bool = False) -> str:
+        """Push ``disk`` as ``/disk/<name>`` in one layer (gzip, zstd or plain tar); the manifest digest."""
         layer = layer_tar({f"disk/{disk.name}": disk.read_bytes(), **(extra or {})})
-        if compress:
+        if zstd:
+            import zstandard
+
+            layer = zstandard.ZstdCompressor(level=1).compress(layer)
+        elif compress:
             layer = gzip.compress(layer, compresslevel=1)
         config = self.blob(repo, json.dumps({"architecture": "amd64", "os": "linux",
                                              "rootfs": {"type": "layers", "diff_ids": []}}).encode())
@@ -166,7 +170,7 @@ class Pusher:
                 "application/vnd.oci.image.config.v1+json"
         return self.manifest(repo, tag, {
             "schemaVersion": 2, "mediaType": mt, "config": {"mediaType": cmt, **config},
-            "layers": [{"mediaType": lmt + ("+gzip" if compress else ""), **desc}]})
+            "layers": [{"mediaType": lmt + ("+zstd" if zstd else "+gzip" if compress else ""), **desc}]})
 
     def index(self, repo: str, tag: str, manifests: dict[str, str]) -> str:
         """An OCI index of already pushed manifests: {"os/arch": digest}."""

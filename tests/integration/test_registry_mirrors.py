@@ -85,3 +85,20 @@ def test_mirrors_in_order_with_fallback_and_a_custom_ca(
             _pull(daemon, f"{origin.host}/vm/tiny:v1")
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "mirrors" in exc.value.details()
+
+
+def test_zstd_layer(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path, tiny_image: Path) -> None:
+    """A containerDisk whose layer is zstd-compressed (``+zstd``, what newer build tools publish) is pulled."""
+    pytest.importorskip("zstandard", reason="zstandard (a project dependency) is not installed")
+    config = world_dir / "registries.yaml"
+    (world_dir / "zstd-registry").mkdir()
+    with Registry(world_dir / "zstd-registry") as reg:
+        digest = Pusher(reg.host).container_disk("vm/tiny", "zstd", tiny_image, zstd=True)
+        _config(config, f"registries:\n  '{reg.host}': {{}}\n")
+        with running_virtletd(world_dir, netns_guard, loopback_cni, [
+                "--libvirt-uri", "test:///default", "--kvm", "off", "--image-registries-config",
+                str(config)]) as daemon:
+            image_id = _pull(daemon, f"{reg.host}/vm/tiny:zstd")
+            assert image_id == "sha256:" + hashlib.sha256(tiny_image.read_bytes()).hexdigest()
+            listed = daemon.image().ListImages(api.ListImagesRequest()).images
+            assert [list(i.repo_digests) for i in listed] == [[f"{reg.host}/vm/tiny@{digest}"]]
