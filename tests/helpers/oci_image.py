@@ -66,18 +66,7 @@ def build(name: str, out: Path, cmd: list[str] | None = None, binary: Path = BUS
 
     ``cmd`` is the image's default command (``sleep`` for a long time when omitted).
     """
-    layer = _layer(binary)
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": cmd or ["/bin/sleep", "2147483647"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
-        "history": [{"created_by": "virtlet tests/helpers/oci_image.py"}],
-    }, sort_keys=True).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-        "config": {"mediaType": CONFIG_TYPE, "digest": _digest(config), "size": len(config)},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": _digest(layer), "size": len(layer)}],
-    }, sort_keys=True).encode()
+    layer, config, manifest = parts(cmd, binary)
     tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else "latest"
     index = json.dumps({
         "schemaVersion": 2,
@@ -92,6 +81,23 @@ def build(name: str, out: Path, cmd: list[str] | None = None, binary: Path = BUS
         for blob in (layer, config, manifest):
             _add(tar, f"blobs/sha256/{_digest(blob).removeprefix('sha256:')}", blob)
     return OciImage(name, out, _digest(manifest), _digest(config))
+
+
+def parts(cmd: list[str] | None = None, binary: Path = BUSYBOX) -> tuple[bytes, bytes, bytes]:
+    """The image's blobs (layer, config, manifest): what an archive holds and what a registry push sends."""
+    layer = _layer(binary)
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd or ["/bin/sleep", "2147483647"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
+        "history": [{"created_by": "virtlet tests/helpers/oci_image.py"}],
+    }, sort_keys=True).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": CONFIG_TYPE, "digest": _digest(config), "size": len(config)},
+        "layers": [{"mediaType": LAYER_TYPE, "digest": _digest(layer), "size": len(layer)}],
+    }, sort_keys=True).encode()
+    return layer, config, manifest
 
 
 def import_image(image: OciImage, address: str, namespace: str = "k8s.io", snapshotter: str = "") -> None:

@@ -40,8 +40,11 @@ def _digest(data: bytes) -> str:
 class Registry:
     """``docker-registry serve`` on 127.0.0.1:<free port>, storage and config in ``base``; killed on exit."""
 
-    def __init__(self, base: Path, users: dict[str, str] | None = None, token: TokenServer | None = None) -> None:
+    def __init__(self, base: Path, users: dict[str, str] | None = None, token: TokenServer | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) files: the registry speaks HTTPS (see ``make_tls``)."""
         self.base = base
+        self.tls = tls
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.storage = base / "storage"
@@ -65,7 +68,8 @@ class Registry:
         config.write_text(
             "version: 0.1\nlog:\n  level: warn\n  accesslog: {disabled: true}\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete: {{enabled: true}}\n"
-            f"http:\n  addr: {self.host}\n  secret: {uuid.uuid4().hex}\n{auth}")
+            f"http:\n  addr: {self.host}\n  secret: {uuid.uuid4().hex}\n"
+            + (f"  tls:\n    certificate: {self.tls[0]}\n    key: {self.tls[1]}\n" if self.tls else "") + auth)
         self.log = open(self.base / "registry.log", "wb")
         self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
@@ -94,12 +98,19 @@ class Registry:
 class Pusher:
     """Pushes blobs and manifests with a fixed Authorization header (Basic, or a Bearer token)."""
 
-    def __init__(self, host: str, authorization: str | None = None) -> None:
+    def __init__(self, host: str, authorization: str | None = None, ca: Path | None = None) -> None:
+        self.ca = ca
         self.host = host
         self.authorization = authorization
 
     def _req(self, method: str, path: str, body: bytes = b"", ctype: str = "") -> http.client.HTTPResponse:
-        conn = http.client.HTTPConnection(self.host, timeout=60)
+        if self.ca is not None:
+            import ssl
+
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self.host, timeout=60, context=ssl.create_default_context(cafile=str(self.ca)))
+        else:
+            conn = http.client.HTTPConnection(self.host, timeout=60)
         headers = {"Content-Length": str(len(body))}
         if ctype:
             headers["Content-Type"] = ctype
@@ -127,11 +138,26 @@ class Pusher:
         assert resp.status == 201, (resp.status, resp.reason)
         return _digest(body)
 
+    def busybox(self, repo: str, tag: str) -> str:
+        """Push the ordinary busybox image of ``oci_image`` (what containerd runs); the manifest digest."""
+        from tests.helpers.oci_image import MANIFEST_TYPE, parts
+
+        layer, config, manifest = parts()
+        self.blob(repo, layer)
+        self.blob(repo, config)
+        resp = self._req("PUT", f"/v2/{repo}/manifests/{tag}", manifest, MANIFEST_TYPE)
+        assert resp.status == 201, (resp.status, resp.reason)
+        return _digest(manifest)
+
     def container_disk(self, repo: str, tag: str, disk: Path, compress: bool = True,
-                       extra: dict[str, bytes] | None = None, docker: bool = False) -> str:
-        """Push ``disk`` as ``/disk/<name>`` in one layer; the manifest digest."""
+                       extra: dict[str, bytes] | None = None, docker: bool = False, zstd: bool = False) -> str:
+        """Push ``disk`` as ``/disk/<name>`` in one layer (gzip, zstd or plain tar); the manifest digest."""
         layer = layer_tar({f"disk/{disk.name}": disk.read_bytes(), **(extra or {})})
-        if compress:
+        if zstd:
+            import zstandard
+
+            layer = zstandard.ZstdCompressor(level=1).compress(layer)
+        elif compress:
             layer = gzip.compress(layer, compresslevel=1)
         config = self.blob(repo, json.dumps({"architecture": "amd64", "os": "linux",
                                              "rootfs": {"type": "layers", "diff_ids": []}}).encode())
@@ -144,7 +170,7 @@ class Pusher:
                 "application/vnd.oci.image.config.v1+json"
         return self.manifest(repo, tag, {
             "schemaVersion": 2, "mediaType": mt, "config": {"mediaType": cmt, **config},
-            "layers": [{"mediaType": lmt + ("+gzip" if compress else ""), **desc}]})
+            "layers": [{"mediaType": lmt + ("+zstd" if zstd else "+gzip" if compress else ""), **desc}]})
 
     def index(self, repo: str, tag: str, manifests: dict[str, str]) -> str:
         """An OCI index of already pushed manifests: {"os/arch": digest}."""
@@ -282,3 +308,22 @@ class TokenServer:
         signing = f"{b64(header)}.{b64(claims)}"
         sig = self.key.sign(signing.encode(), padding.PKCS1v15(), hashes.SHA256())
         return signing + "." + base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
+
+
+def make_tls(base: Path, name: str = "ca") -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl): (ca, cert, key)."""
+    base.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = base / f"{name}.pem", base / f"{name}.key"
+    cert, key, csr = base / f"{name}-server.pem", base / f"{name}-server.key", base / f"{name}-server.csr"
+    ext = base / f"{name}-ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+        "-subj", f"/CN=virtlet test {name}")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out",
+        str(cert), "-days", "2", "-extfile", str(ext))
+    return ca, cert, key

@@ -318,3 +318,45 @@ def test_virtletctl_image_push(world_dir: Path, netns_guard: NetnsGuard, loopbac
             image_id = _pull(d, ref, api.AuthConfig(username=USER, password=PASSWORD))
             assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
             assert _pull(d, f"{reg.host}/vm/pushed:1", api.AuthConfig(username=USER, password=PASSWORD)) == image_id
+
+
+def test_container_status_names_the_image_the_pod_asked_for(
+        world_dir: Path, netns_guard: NetnsGuard, bridge_cni: Path,
+        basic_registry: tuple[Registry, dict[str, str]]) -> None:
+    """ContainerStatus shows the image name of the ContainerConfig, or for an image id (what the kubelet
+    sends after a pull) the image's repo tag, as containerd; the id is in image_ref/image_id.  A reference
+    without a tag means ``:latest`` in ImageStatus."""
+    from tests.integration.test_daemon_sandbox import _config
+
+    reg, _ = basic_registry
+    ref = f"{reg.host}/vm/tiny"
+    Pusher(reg.host, basic(USER, PASSWORD)).container_disk("vm/tiny", "latest", reg_tiny_path())
+    right = api.AuthConfig(username=USER, password=PASSWORD)
+    with _daemon(world_dir, netns_guard, bridge_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+        image_id = _pull(daemon, f"{ref}:v1", right)
+        assert _pull(daemon, ref, right) == image_id  # same disk, tag latest
+        status = daemon.image().ImageStatus(api.ImageStatusRequest(image=api.ImageSpec(image=ref))).image
+        assert status.id == image_id and f"{ref}:latest" in status.repo_tags
+        rt = daemon.runtime()
+        cfg = _config("regname", "uid-regname")
+        sid = rt.RunPodSandbox(api.RunPodSandboxRequest(config=cfg, runtime_handler="virtlet")).pod_sandbox_id
+        try:
+            for asked, shown in ((image_id, status.repo_tags[0]), (f"{ref}:v1", f"{ref}:v1")):
+                cid = rt.CreateContainer(api.CreateContainerRequest(
+                    pod_sandbox_id=sid, sandbox_config=cfg, config=api.ContainerConfig(
+                        metadata=api.ContainerMetadata(name="vm"), image=api.ImageSpec(image=asked),
+                        log_path="vm.log")), timeout=60).container_id
+                st = rt.ContainerStatus(api.ContainerStatusRequest(container_id=cid)).status
+                assert (st.image.image, st.image_ref, st.image_id) == (shown, image_id, image_id)
+                listed = rt.ListContainers(api.ListContainersRequest()).containers
+                assert [(c.image.image, c.image_ref) for c in listed if c.id == cid] == [(shown, image_id)]
+                rt.RemoveContainer(api.RemoveContainerRequest(container_id=cid), timeout=60)
+        finally:
+            rt.StopPodSandbox(api.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+            rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+
+
+def reg_tiny_path() -> Path:
+    from tests.integration.conftest import GUEST_IMAGES
+
+    return Path(os.environ.get("VIRTLET_TINY_IMAGE", GUEST_IMAGES / "tiny.qcow2"))

@@ -69,6 +69,14 @@ def test_registry_config(tmp_path: Path) -> None:
     assert "topsecret" not in str(exc.value)
 
 
+def test_registry_config_mirrors() -> None:
+    hosts = registry_config.parse({"registries": {"r.example": {"mirrors": ["m1.lan:5000", "m2.lan"]}}})
+    assert hosts["r.example"].mirrors == ("m1.lan:5000", "m2.lan")
+    for bad in ("m1.lan", ["https://m1.lan"], ["m1.lan/path"], [1], [f"m{i}" for i in range(9)]):
+        with pytest.raises(ValueError, match=r"registries.r.example.mirrors"):
+            registry_config.parse({"registries": {"r.example": {"mirrors": bad}}})
+
+
 def test_platform_choice() -> None:
     entries = [{"digest": "sha256:" + "1" * 64, "platform": {"os": "linux", "architecture": "arm64"}},
                {"digest": "sha256:" + "2" * 64, "platform": {"os": "linux", "architecture": "amd64"}}]

@@ -22,6 +22,7 @@ from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.runtime_service import fill_unimplemented, service_method_names
+from virtlet.images.records import repo_digests, repo_tags
 from virtlet.images.registry import Credentials
 
 PREFIX = "virtlet.cloud/"
@@ -36,17 +37,10 @@ def _name(spec: api.ImageSpec, what: str) -> str:
 
 
 def _image(record: Any) -> api.Image:
-    """As containerd: ``repo:tag`` names are tags, ``repo@sha256:<manifest>`` names are digests.  An HTTP
-    image's name has neither (the URL is the version): it is shown as ``name:latest`` and
-    ``name@<content digest>``, forms clients such as crictl can parse."""
-    tags = [n if _has_tag(n) else f"{n}:latest" for n in record.names if "@" not in n]
-    digests = [n for n in record.names if "@" in n] or [f"{n}@{record.digest}" for n in record.names]
+    """Tags and digests as containerd lists them (``records.repo_tags``/``repo_digests``)."""
+    tags, digests = repo_tags(record), repo_digests(record)
     return api.Image(id=record.digest, repo_tags=tags, repo_digests=digests, size=record.size,
                      spec=api.ImageSpec(image=(tags or digests or [record.digest])[0]))
-
-
-def _has_tag(name: str) -> bool:
-    return name.rfind(":") > name.rfind("/") >= 0
 
 
 def _credentials(auth: api.AuthConfig) -> Credentials | None:

@@ -4,7 +4,7 @@ A containerDisk (KubeVirt's format) is an ordinary image whose layer holds one r
 (qcow2 or raw).  ``resolve`` fetches the manifest the reference names (OCI manifest or index, Docker schema 2
 manifest or list; from an index linux/amd64 is chosen) and verifies its sha256 against a pinned digest;
 ``fetch_disk`` streams each layer blob once: the blob's sha256 and size are verified on the fly, it is
-decompressed (gzip, zstd with the optional ``zstandard`` module, or none), the tar stream is read and the bytes
+decompressed (gzip, zstd with the ``zstandard`` module (a dependency), or none), the tar stream is read and the bytes
 of the disk file go straight into the store's sink (which hashes and writes them).  Nothing is unpacked to
 disk.  The image's digest in the store is the digest of the disk file; the manifest digest becomes the name
 ``<repo>@sha256:<manifest digest>``.
@@ -17,14 +17,17 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import posixpath
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 from virtlet import errors, quantity
 from virtlet.images.fetch import FetchInfo, Sink
-from virtlet.images.registry import MAX_SMALL_BODY, RegistryClient
+from virtlet.images.policy import SourcePolicy
+from virtlet.images.registry import MAX_SMALL_BODY, Credentials, HostConfig, Reference, RegistryClient
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -34,6 +37,7 @@ ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 _INDEXES = (OCI_INDEX, DOCKER_LIST)
 _TAR = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar")
 PLATFORM = ("linux", "amd64")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,24 @@ class Manifest:
     digest: str  # of what the reference names (an index when it names one): the repo digest
     layers: tuple[Layer, ...]
     image_digest: str  # of the image manifest (the platform's, when ``digest`` is an index)
+
+
+def resolve_hosts(ref: Reference, creds: Credentials | None, lookup: Callable[[str], HostConfig],
+                  policy: SourcePolicy, trusted: bool, timeout: float, max_size: int,
+                  ) -> tuple[RegistryClient, Manifest]:
+    """The manifest from the first of the registry's mirrors that has it, else from the registry itself; the
+    client that answered fetches the blobs too (their digests are checked against the manifest, whoever serves
+    them).  A mirror was named by the node admin (trusted, like the registry config's hosts) and gets only
+    the node's credentials for it: the pod's pull secret is sent to the registry it names, never elsewhere."""
+    origin = lookup(ref.host)
+    for mirror in origin.mirrors:
+        client = RegistryClient(ref, None, lookup(mirror), policy, True, timeout, endpoint=mirror)
+        try:
+            return client, resolve(client, max_size)
+        except errors.VirtletError as exc:  # messages never hold secrets
+            log.info("%s: %s; trying the next mirror or the registry", client.what, exc)
+    client = RegistryClient(ref, creds, origin, policy, trusted, timeout)
+    return client, resolve(client, max_size)
 
 
 def resolve(client: RegistryClient, max_size: int) -> Manifest:
@@ -139,11 +161,11 @@ def _decompressed(blob: _VerifiedBlob, layer: Layer, client: RegistryClient) -> 
         return gzip.GzipFile(fileobj=blob, mode="rb")
     if mt.endswith("+zstd"):
         try:
-            import zstandard  # type: ignore[import-not-found]  # optional: python3-zstandard
+            import zstandard  # a dependency (pyproject); imported here so a node without it still pulls the rest
         except ImportError as exc:
             raise errors.FailedPrecondition(
                 f"{client.what}: the layer is zstd-compressed and this node lacks the zstandard module") from exc
-        return zstandard.ZstdDecompressor().stream_reader(blob)
+        return zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], blob))  # it only calls read()
     raise _bad(client, f"layer media type {mt[:100]!r} is not a tar layer (plain, gzip or zstd)")
 
 

@@ -102,6 +102,7 @@ class HostConfig:
     ca: str | None = None  # PEM trusted in addition to the system CAs
     credentials: Credentials | None = None
     configured: bool = False  # listed in the node's registry config: the admin named it, so it is trusted
+    mirrors: tuple[str, ...] = ()  # host[:port] tried in order before this registry (containerdisk.resolve_hosts)
 
 
 def is_loopback(host: str) -> bool:
@@ -118,16 +119,19 @@ class RegistryClient:
     """Requests to one repository of one registry, authenticated on demand (401 challenge)."""
 
     def __init__(self, ref: Reference, creds: Credentials | None, host: HostConfig, policy: pol.SourcePolicy,
-                 trusted: bool, timeout: float = 60.0) -> None:
+                 trusted: bool, timeout: float = 60.0, endpoint: str | None = None) -> None:
+        """``endpoint``: the host[:port] to ask (a mirror) when it is not ``ref.host``; ``host`` is its config."""
         self.ref = ref
+        self.endpoint = endpoint or ref.host
         self.creds = creds if creds is not None else host.credentials
         self.policy = policy
         self.trusted = trusted or host.configured  # the first hop only; redirects and realms are checked
-        scheme = "http" if host.insecure or is_loopback(ref.host) else "https"
-        self.base = f"{scheme}://{ref.host}"
-        self.profile = TransportProfile(name=f"registry {ref.host}", timeout=timeout,
+        # a loopback registry speaks plain HTTP (as Docker and containerd assume) unless the admin gave it a CA
+        scheme = "http" if host.insecure or (is_loopback(self.endpoint) and not host.ca) else "https"
+        self.base = f"{scheme}://{self.endpoint}"
+        self.profile = TransportProfile(name=f"registry {self.endpoint}", timeout=timeout,
                                         tls=TlsConfig(ca_certs=(host.ca,) if host.ca else ()))
-        self.what = f"image {str(ref)!r}"
+        self.what = f"image {str(ref)!r}" + (f" (mirror {self.endpoint})" if endpoint else "")
         self._authorization: str | None = None
 
     def get(self, path: str, accept: str = "") -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
@@ -238,7 +242,7 @@ class RegistryClient:
             form = {**query, "grant_type": "refresh_token", "refresh_token": creds.identity_token,
                     "client_id": "virtlet"}
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}" if form is None else realm
-        trusted = self.trusted and urlsplit(realm).netloc == self.ref.host
+        trusted = self.trusted and urlsplit(realm).netloc == self.endpoint
         resp, conn = self._send_token(url, auth, trusted, form)
         try:
             if resp.status != 200:
@@ -272,9 +276,9 @@ class RegistryClient:
 
     def _status_error(self, status: int, reason: str, path: str) -> errors.VirtletError:
         said = f" (the registry says: {reason})" if reason else ""
-        what = f"{self.what}: {self.ref.host} answered {status} for {path.split('/')[0]}{said}"
+        what = f"{self.what}: {self.endpoint} answered {status} for {path.split('/')[0]}{said}"
         if status == 401 or status == 403:
-            return self._denied(f"{self.ref.host} refused the credentials ({status})", reason)
+            return self._denied(f"{self.endpoint} refused the credentials ({status})", reason)
         if status in (404, 410):
             return errors.NotFound(f"{what}; check the repository, tag or digest")
         if status >= 500 or status == 429:

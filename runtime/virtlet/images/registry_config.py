@@ -11,6 +11,13 @@ One YAML file, written by the node admin (keep it ``0600``, it holds passwords):
           -----BEGIN CERTIFICATE-----
       127.0.0.1:5000: {}                # loopback registries speak plain HTTP anyway
       build.lan:5000: {insecure: true}  # plain HTTP allowed for this registry
+      docker.io:
+        mirrors: [mirror.lan:5000]      # asked first, in order; the registry itself when none has the image
+      mirror.lan:5000:                  # a mirror's own scheme, CA and (node) credentials
+        ca: |
+          -----BEGIN CERTIFICATE-----
+
+A loopback registry speaks plain HTTP unless its entry has a ``ca`` (then HTTPS with that CA).
 
 A missing file means no registry settings.  The file is re-read when its mtime, size or inode changes.  A
 broken file fails every registry pull with FailedPrecondition naming the file and key, never a value (values
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,7 +39,8 @@ from virtlet import errors
 from virtlet.images.registry import Credentials, HostConfig
 
 log = logging.getLogger(__name__)
-_HOST_KEYS = {"auth", "ca", "insecure"}
+_HOST_KEYS = {"auth", "ca", "insecure", "mirrors"}
+_HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?$")
 _AUTH_KEYS = {"username": "username", "password": "password", "auth": "auth",
               "identityToken": "identity_token", "registryToken": "registry_token"}
 
@@ -100,9 +109,14 @@ def parse(doc: Any) -> dict[str, HostConfig]:
             raise ValueError(f"registries.{host}.ca: expected PEM certificate text")
         if not isinstance(body.get("insecure", False), bool):
             raise ValueError(f"registries.{host}.insecure: expected true or false")
+        mirrors = body.get("mirrors") or []
+        if not isinstance(mirrors, list) or len(mirrors) > 8 or \
+                not all(isinstance(m, str) and _HOST.match(m) for m in mirrors):
+            raise ValueError(f"registries.{host}.mirrors: expected a list of at most 8 host[:port]")
         try:
             creds = Credentials.build(**{_AUTH_KEYS[k]: v for k, v in auth.items()})
         except errors.InvalidArgument as exc:
             raise ValueError(f"registries.{host}.auth.auth: not base64 of 'username:password'") from exc
-        out[str(host)] = HostConfig(bool(body.get("insecure", False)), ca, creds, configured=True)
+        out[str(host)] = HostConfig(bool(body.get("insecure", False)), ca, creds, configured=True,
+                                    mirrors=tuple(mirrors))
     return out

@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -37,6 +36,9 @@ from virtlet.images import registry as reg
 from virtlet.images.fetch import Fetcher, FetchInfo, HttpFetcher
 from virtlet.images.policy import SourcePolicy
 from virtlet.images.progress import ProgressLog
+from virtlet.images.records import FsInfo as FsInfo  # re-exported: callers import them from the store
+from virtlet.images.records import ImageRecord as ImageRecord
+from virtlet.images.records import db_error, fsync_dir, remove_path
 from virtlet.images.registry import Credentials
 from virtlet.images.registry_config import RegistryConfig
 from virtlet.images.sink import HashingFileSink, disk
@@ -52,25 +54,6 @@ CREATE TABLE IF NOT EXISTS names (
     name TEXT PRIMARY KEY, digest TEXT NOT NULL REFERENCES images(digest));
 CREATE INDEX IF NOT EXISTS names_by_digest ON names(digest);
 """
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    digest: str  # "sha256:<hex>" of the file content
-    names: tuple[str, ...]  # normalised names (no virtlet.cloud/ prefix, no tag), sorted
-    size: int
-    path: Path  # image_dir/data/<hex>
-    format: str  # "qcow2" | "raw"
-    virtual_size: int
-    pulled_at: float  # time.time() of the last pull that named it
-
-
-@dataclass(frozen=True)
-class FsInfo:
-    mountpoint: str
-    used_bytes: int
-    inodes_used: int
-    timestamp_ns: int
 
 
 class ImageStore:
@@ -159,7 +142,7 @@ class ImageStore:
         source = self.translator.resolve(parsed.name)  # also when pinned: image_name_fallback applies
         if urlsplit(source.url).scheme == "oci":
             ref = reg.parse_reference(source.url.removeprefix("oci://"), f"image {parsed.name!r} ({source.origin})")
-            return self._pull_registry(ref, credentials, source.trusted, source.transport.timeout)
+            return self._pull_registry(ref, credentials, source.trusted, source.transport.timeout, parsed.name)
         if digest is None or self._record(digest) is None:
             digest = self._shared_download((source.url, source.trusted, source.transport, parsed.digest),
                                            source.name, source.url, lambda sink: self._fetch(source, sink),
@@ -179,13 +162,13 @@ class ImageStore:
         return self.fetchers[urlsplit(source.url).scheme].fetch(source, sink)
 
     def _pull_registry(self, ref: reg.Reference, creds: Credentials | None, trusted: bool,
-                       timeout: float = 60.0) -> ImageRecord:
+                       timeout: float = 60.0, *also: str) -> ImageRecord:
         """A containerDisk from a registry: the manifest is always asked for (a tag may move); the blobs only
-        when no stored image has that manifest digest already."""
+        when no stored image has that manifest digest already.  ``also``: the translated name the pod used."""
         if ref.digest and (stored := self._resolve_name(f"{ref.name}@{ref.digest}")):
-            return self._named(f"{ref.name}@{ref.digest}", stored, str(ref))  # pinned and present: no network
-        client = reg.RegistryClient(ref, creds, self.registries.lookup(ref.host), self.policy, trusted, timeout)
-        manifest = containerdisk.resolve(client, self.policy.max_size)
+            return self._named(f"{ref.name}@{ref.digest}", stored, str(ref), *also)  # pinned, present: no network
+        client, manifest = containerdisk.resolve_hosts(ref, creds, self.registries.lookup, self.policy, trusted,
+                                                       timeout, self.policy.max_size)
         by_digest = f"{ref.name}@{manifest.digest}"
         digest = self._resolve_name(by_digest) or self._resolve_name(f"{ref.name}@{manifest.image_digest}")
         if digest is None:
@@ -195,7 +178,7 @@ class ImageStore:
                 lambda sink: containerdisk.fetch_disk(client, manifest, sink, self.policy.max_size),
                 None, "registry")
         tags = (f"{ref.name}:{ref.tag}",) if ref.tag else ()
-        return self._named(by_digest, digest, str(ref), *tags)
+        return self._named(by_digest, digest, str(ref), *tags, *also)
 
     def _shared_download(self, key: Hashable, name: str, url: str, fetch: Callable[[HashingFileSink], FetchInfo],
                          pin: str | None, origin: str) -> str:
@@ -258,7 +241,7 @@ class ImageStore:
             if created:
                 os.chmod(tmp, 0o644)  # QEMU runs as another user and reads it through an overlay
                 os.rename(tmp, dest)
-                _fsync_dir(self.data_dir)
+                fsync_dir(self.data_dir)
                 failpoints.hit("image.pull.after_rename")
             try:
                 self._db.execute(
@@ -268,7 +251,7 @@ class ImageStore:
             except sqlite3.Error as exc:
                 if created:
                     dest.unlink(missing_ok=True)
-                raise _db_error(exc, what) from exc
+                raise db_error(exc, what) from exc
         log.info("%s stored as %s (%s, %d bytes)", what, digest, image.format, size)
 
     def _name(self, name: str, digest: str) -> None:
@@ -286,7 +269,7 @@ class ImageStore:
             except sqlite3.Error as exc:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                raise _db_error(exc, f"image {name!r}") from exc
+                raise db_error(exc, f"image {name!r}") from exc
             if old and old[0] != digest:
                 self._drop_if_unneeded(old[0])
 
@@ -321,12 +304,12 @@ class ImageStore:
         with self._lock:
             for p in self.tmp_dir.iterdir():
                 log.info("removing leftover partial download %s", p)
-                _remove(p)
+                remove_path(p)
             indexed = {r[0] for r in self._db.execute("SELECT digest FROM images")}
             for p in self.data_dir.iterdir():
                 if f"sha256:{p.name}" not in indexed:
                     log.info("removing unindexed image data %s", p)
-                    _remove(p)
+                    remove_path(p)
             for digest in sorted(indexed):
                 if not self._data_path(digest).is_file():
                     log.warning("image %s is indexed but its data is missing: forgetting it", digest)
@@ -344,7 +327,10 @@ class ImageStore:
 
     def _resolve(self, ref: str) -> str | None:
         """The digest a ref names, if it is in the index (an exact name such as ``host/repo:tag`` first)."""
-        exact = self._resolve_name(ref.strip().removeprefix(names.PREFIX))
+        bare = ref.strip().removeprefix(names.PREFIX)
+        exact = self._resolve_name(bare)
+        if exact is None and "@" not in bare and bare.rfind(":") <= bare.rfind("/"):
+            exact = self._resolve_name(f"{bare}:latest")  # "host/repo" means "host/repo:latest", as containerd
         if exact is not None:
             return exact
         digest = names.digest_of(ref)
@@ -374,26 +360,3 @@ class ImageStore:
 
     def _data_path(self, digest: str) -> Path:
         return self.data_dir / digest.removeprefix("sha256:")
-
-
-def _db_error(exc: sqlite3.Error, what: str) -> errors.VirtletError:
-    if "full" in str(exc):
-        return errors.ResourceExhausted(f"{what}: image index is full (no space left in the image directory)")
-    return errors.Internal(f"{what}: image index error: {exc}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        import shutil
-
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)

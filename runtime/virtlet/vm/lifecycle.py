@@ -9,6 +9,8 @@ import time
 import uuid
 
 from virtlet import errors, failpoints, preconditions
+from virtlet.images import names
+from virtlet.images.records import repo_tags
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
 from virtlet.vm.annotations import MIN_MEMORY_BYTES
@@ -30,11 +32,14 @@ class VmLifecycle(VmExits):
         image = self.parts.image_status(spec.image)
         if image is None:
             raise errors.NotFound(f"image {spec.image!r} is not present; pull it first (PullImage)")
+        # ContainerStatus shows the name the pod asked for; the kubelet usually sends the image id PullImage
+        # answered, which as containerd is shown as the image's first repo tag (the id is in image_ref)
+        tags = repo_tags(image) if names.digest_of(spec.image.removeprefix(names.PREFIX)) else []
         cid = str(uuid.uuid4())
         cdir = self.container_dir(cid)
         rec = st.ContainerRecord(
             id=cid, sandbox_id=spec.sandbox_id, name=spec.name, attempt=spec.attempt, state=st.CONTAINER_CREATED,
-            created_at=st.now_ns(), image=spec.image, image_ref=image.digest, log_path=spec.log_path,
+            created_at=st.now_ns(), image=(tags or [spec.image])[0], image_ref=image.digest, log_path=spec.log_path,
             labels=dict(spec.labels), annotations=dict(spec.annotations), config=spec.config,
             extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path),
                    "creating": True})
