@@ -1,0 +1,100 @@
+"""virtletd's Prometheus endpoint and the CRI metrics calls on a real VM pod (one TCG boot): the per-VM series
+carry the pod's labels and grow, CRI calls are counted per method and code."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
+from tests.integration.test_vm_network import pod_ip
+from virtlet.cri.gen import api_pb2 as api
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.network]
+
+_SAMPLE = re.compile(r'^(?P<name>[a-z_:]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
+
+
+def metrics_url(daemon: VirtletdProcess) -> str:
+    found = re.search(r"metrics endpoint listening on (http://\S+/metrics)", daemon.log_path.read_text())
+    assert found, daemon.log()
+    return found.group(1)
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = urllib.request.urlopen(url, timeout=60).read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None or line.startswith("#"):
+            continue
+        labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'[a-z_]+="[^"]*"', m["labels"] or ""))
+        out[(m["name"], frozenset((k, v.strip('"')) for k, v in labels))] = float(m["value"])
+    return out
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    hits = [v for (n, ls), v in samples.items() if n == name and want <= ls]
+    assert len(hits) == 1, f"{name}{labels}: {hits} in {sorted(k for k in samples if k[0].startswith(name))}"
+    return hits[0]
+
+
+def test_prometheus_series_of_a_running_vm_pod(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,
+                                               tiny_image: Path) -> None:
+    url = metrics_url(vm_virtletd)
+    assert url.startswith("http://127.0.0.1:")
+    shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
+    image = image_server.name("files/tiny.qcow2")
+    _pull(vm_virtletd, image)
+    pod = Pod(vm_virtletd, world_dir, "vm-metrics", memory=128 << 20, image=image)
+    rt = pod.rt
+    try:
+        pod.run_sandbox()
+        pod.create()
+        pod.start()
+        pod.wait_log(MARKER)
+        vm = {"namespace": pod.sandbox_config.metadata.namespace, "pod": "vm-metrics", "container": "vm",
+              "container_id": pod.container_id}
+        first = scrape(url)
+        assert value(first, "virtlet_vm_cpu_seconds_total", **vm) > 0
+        assert value(first, "virtlet_vm_memory_rss_bytes", **vm) > 0
+        assert value(first, "virtlet_vm_disk_read_bytes_total", **vm) > 0  # the guest booted from its disk
+        assert value(first, "virtlet_vm_disk_reads_total", **vm) > 0
+        value(first, "virtlet_vm_disk_written_bytes_total", **vm)
+        value(first, "virtlet_vm_disk_writes_total", **vm)
+        assert value(first, "virtlet_vm_writable_layer_bytes", **vm) > 0
+        ok_starts = value(first, "virtlet_cri_requests_total", method="StartContainer", code="OK")
+        assert ok_starts == 1
+        assert value(first, "virtlet_cri_request_duration_seconds_count", method="StartContainer") == 1
+
+        subprocess.run(["busybox", "ping", "-c", "3", "-W", "5", pod_ip(pod)], check=True, capture_output=True,
+                       timeout=60)
+        with pytest.raises(grpc.RpcError) as err:
+            rt.ContainerStatus(api.ContainerStatusRequest(container_id="no-such-container"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        time.sleep(1)
+        second = scrape(url)
+        pod_net = {"namespace": vm["namespace"], "pod": "vm-metrics", "pod_sandbox_id": pod.sandbox_id,
+                   "interface": "eth0"}
+        assert value(second, "virtlet_vm_cpu_seconds_total", **vm) > value(first, "virtlet_vm_cpu_seconds_total", **vm)
+        assert value(second, "virtlet_pod_network_receive_bytes_total", **pod_net) > 0
+        assert value(second, "virtlet_pod_network_transmit_bytes_total", **pod_net) > 0
+        assert value(second, "virtlet_cri_request_errors_total", method="ContainerStatus", code="NOT_FOUND") == 1
+        assert value(second, "virtlet_cri_requests_total", method="ContainerStatus", code="NOT_FOUND") == 1
+
+        rt.StopContainer(api.StopContainerRequest(container_id=pod.container_id, timeout=5), timeout=120)
+        stopped = scrape(url)
+        assert not [k for k in stopped if k[0].startswith("virtlet_vm_cpu") and ("container_id", pod.container_id)
+                    in k[1]]  # no usage series for a stopped VM
+    finally:
+        pod.stop_and_remove()
