@@ -49,6 +49,29 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
     return hits[0]
 
 
+def check_cri_metrics(rt: Any, pod: Pod) -> None:
+    """ListMetricDescriptors / ListPodSandboxMetrics over gRPC: cAdvisor names, labels matching their keys."""
+    keys = {d.name: list(d.label_keys) for d in rt.ListMetricDescriptors(
+        api.ListMetricDescriptorsRequest(), timeout=30).descriptors}
+    pods = {p.pod_sandbox_id: p for p in rt.ListPodSandboxMetrics(api.ListPodSandboxMetricsRequest(),
+                                                                   timeout=60).pod_metrics}
+    mine = pods[pod.sandbox_id]
+    net = {m.name: dict(zip(keys[m.name], m.label_values, strict=True)) | {"value": m.value.value}
+           for m in mine.metrics}
+    rx = net["container_network_receive_bytes_total"]
+    assert rx["value"] > 0 and rx["interface"] == "eth0" and rx["pod"] == "vm-metrics"
+    [vm] = mine.container_metrics
+    assert vm.container_id == pod.container_id
+    got = {m.name: dict(zip(keys[m.name], m.label_values, strict=True)) | {"value": m.value.value}
+           for m in vm.metrics}
+    for name in ("container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
+                 "container_fs_reads_bytes_total", "container_fs_reads_total"):
+        assert got[name]["id"] == pod.container_id and got[name]["container"] == "vm", got[name]
+        assert got[name]["namespace"] == "default" and got[name]["pod"] == "vm-metrics"
+    assert got["container_memory_working_set_bytes"]["value"] > 0
+    assert got["container_fs_reads_bytes_total"]["value"] > 0
+
+
 def test_prometheus_series_of_a_running_vm_pod(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,
                                                tiny_image: Path) -> None:
     url = metrics_url(vm_virtletd)
@@ -91,6 +114,8 @@ def test_prometheus_series_of_a_running_vm_pod(vm_virtletd: VirtletdProcess, wor
         assert value(second, "virtlet_pod_network_transmit_bytes_total", **pod_net) > 0
         assert value(second, "virtlet_cri_request_errors_total", method="ContainerStatus", code="NOT_FOUND") == 1
         assert value(second, "virtlet_cri_requests_total", method="ContainerStatus", code="NOT_FOUND") == 1
+
+        check_cri_metrics(rt, pod)
 
         rt.StopContainer(api.StopContainerRequest(container_id=pod.container_id, timeout=5), timeout=120)
         stopped = scrape(url)
