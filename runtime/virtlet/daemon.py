@@ -203,6 +203,7 @@ class Virtletd:
         grace = float(self.cfg.shutdown_grace) if grace is None else grace
         log.info("stopping: no new calls; waiting up to %.0fs for calls in flight (VMs keep running)", grace)
         self._stopping.set()
+        self.runtime.events.close()  # GetContainerEvents streams end now, not at the end of the grace
         left = self.server.stop(grace)
         if left:
             log.error("%d CRI call(s) still running after %.0fs; exiting without waiting for them (the next "

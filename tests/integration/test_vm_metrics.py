@@ -3,9 +3,11 @@ carry the pod's labels and grow, CRI calls are counted per method and code."""
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +20,7 @@ from tests.helpers.daemon import VirtletdProcess
 from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
 from tests.integration.test_vm_network import pod_ip
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.vm.manager import VmManager
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.network]
 
@@ -72,9 +75,42 @@ def check_cri_metrics(rt: Any, pod: Pod) -> None:
     assert got["container_fs_reads_bytes_total"]["value"] > 0
 
 
+class EventWatcher:
+    """A GetContainerEvents subscriber on its own channel, collecting events in a thread."""
+
+    def __init__(self, daemon: VirtletdProcess) -> None:
+        self.events: queue.Queue[api.ContainerEventResponse] = queue.Queue()
+        self.stream = daemon.runtime().GetContainerEvents(api.GetEventsRequest(), timeout=600)
+        self.stream.initial_metadata()  # sent once subscribed: no event of what the test does next is missed
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self.stream:
+                self.events.put(event)
+        except grpc.RpcError:
+            pass  # cancelled by close()
+
+    def next_for(self, cid: str, timeout: float = 120) -> api.ContainerEventResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(deadline - time.monotonic(), 0.1))
+            if event.container_id == cid:
+                return event
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.thread.join(30)
+
+
 def test_prometheus_series_of_a_running_vm_pod(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,
                                                tiny_image: Path) -> None:
+    """One boot for the Prometheus endpoint, the CRI metrics calls and GetContainerEvents (item 4/5 of issue 17);
+    the VM is stopped by destroying its domain behind virtletd's back, so the STOPPED event comes from libvirt's
+    lifecycle events."""
     url = metrics_url(vm_virtletd)
+    watcher = EventWatcher(vm_virtletd)
     assert url.startswith("http://127.0.0.1:")
     shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
     image = image_server.name("files/tiny.qcow2")
@@ -117,9 +153,29 @@ def test_prometheus_series_of_a_running_vm_pod(vm_virtletd: VirtletdProcess, wor
 
         check_cri_metrics(rt, pod)
 
-        rt.StopContainer(api.StopContainerRequest(container_id=pod.container_id, timeout=5), timeout=120)
+        created = watcher.next_for(pod.container_id)
+        assert created.container_event_type == api.CONTAINER_CREATED_EVENT
+        assert created.pod_sandbox_status.id == pod.sandbox_id
+        assert created.pod_sandbox_status.state == api.SANDBOX_READY
+        started = watcher.next_for(pod.container_id)
+        assert started.container_event_type == api.CONTAINER_STARTED_EVENT
+        assert started.created_at >= created.created_at
+
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", VmManager.domain_name(pod.container_id)],
+                       check=True, capture_output=True, timeout=60)
+        stopped_event = watcher.next_for(pod.container_id)
+        assert stopped_event.container_event_type == api.CONTAINER_STOPPED_EVENT
+        [status] = [c for c in stopped_event.containers_statuses if c.id == pod.container_id]
+        assert status.state == api.CONTAINER_EXITED and status.exit_code != 0
         stopped = scrape(url)
         assert not [k for k in stopped if k[0].startswith("virtlet_vm_cpu") and ("container_id", pod.container_id)
                     in k[1]]  # no usage series for a stopped VM
+
+        rt.RemoveContainer(api.RemoveContainerRequest(container_id=pod.container_id), timeout=120)
+        deleted = watcher.next_for(pod.container_id)
+        assert deleted.container_event_type == api.CONTAINER_DELETED_EVENT
+        assert pod.container_id not in [c.id for c in deleted.containers_statuses]
+        pod.container_id = ""
     finally:
+        watcher.close()
         pod.stop_and_remove()

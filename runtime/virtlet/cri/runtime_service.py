@@ -17,6 +17,7 @@ from virtlet import errors, preconditions
 from virtlet.cri import stats_pb, validation
 from virtlet.cri.container_status import container_state, container_status, stored_config
 from virtlet.cri.cri_metrics import MetricsCalls
+from virtlet.cri.events import ContainerEvents, EventCalls
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.ports import Containers, StreamingUrls
@@ -41,7 +42,7 @@ def _metadata(rec: st.SandboxRecord) -> api.PodSandboxMetadata:
     return api.PodSandboxMetadata(name=rec.name, namespace=rec.namespace, uid=rec.uid, attempt=rec.attempt)
 
 
-class RuntimeServicer(MetricsCalls, api_grpc.RuntimeServiceServicer):
+class RuntimeServicer(MetricsCalls, EventCalls, api_grpc.RuntimeServiceServicer):
     """CRI RuntimeService of virtletd, built by the daemon with every part it uses: the sandbox manager, the VM
     manager (``containers``) and the streaming service.  Without ``containers``/``streaming`` (unit tests of
     other calls) the calls that need them answer UNAVAILABLE."""
@@ -56,6 +57,7 @@ class RuntimeServicer(MetricsCalls, api_grpc.RuntimeServiceServicer):
         self.pod_cidr = ""
         self.containers = containers
         self.streaming = streaming
+        self.events = ContainerEvents(self.store, self._event_statuses)  # GetContainerEvents (virtlet.cri.events)
 
     # -- runtime ---------------------------------------------------------------------------------------
     def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
