@@ -21,6 +21,7 @@ from virtlet.cri.events import ContainerEvents, EventCalls
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.ports import Containers, StreamingUrls
+from virtlet.cri.stream_lists import StreamListCalls
 from virtlet.network import capabilities as net_capabilities
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
@@ -42,7 +43,7 @@ def _metadata(rec: st.SandboxRecord) -> api.PodSandboxMetadata:
     return api.PodSandboxMetadata(name=rec.name, namespace=rec.namespace, uid=rec.uid, attempt=rec.attempt)
 
 
-class RuntimeServicer(MetricsCalls, EventCalls, api_grpc.RuntimeServiceServicer):
+class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.RuntimeServiceServicer):
     """CRI RuntimeService of virtletd, built by the daemon with every part it uses: the sandbox manager, the VM
     manager (``containers``) and the streaming service.  Without ``containers``/``streaming`` (unit tests of
     other calls) the calls that need them answer UNAVAILABLE."""
