@@ -102,6 +102,15 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 Observer = Callable[[str, str, float], None]  # (gRPC method, status code name, seconds): the metrics hook
 
 
+def _observe(observe: Observer | None, method: str, code: str, seconds: float) -> None:
+    if observe is None:
+        return
+    try:
+        observe(method, code, seconds)
+    except Exception:  # counting must never change a call's answer
+        log.exception("metrics of %s failed", method)
+
+
 def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer | None = None) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         start = time.monotonic()
@@ -130,8 +139,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer | N
                 level = logging.DEBUG  # the kubelet polls these every second
             elapsed = time.monotonic() - start
             log.log(level, "%s %s %.1fms %s", method, call_ids(request), elapsed * 1000, code.name)
-            if observe is not None:
-                observe(method, code.name, elapsed)
+            _observe(observe, method, code.name, elapsed)
         return None  # pragma: no cover - abort raised
 
     return handler
@@ -162,8 +170,7 @@ def _wrap_stream(method: str, behavior: Callable[..., Any], observe: Observer | 
         finally:
             elapsed = time.monotonic() - start
             log.info("%s stream ended %.1fms %s", method, elapsed * 1000, code.name)
-            if observe is not None:
-                observe(method, code.name, elapsed)
+            _observe(observe, method, code.name, elapsed)
 
     return handler
 
