@@ -68,6 +68,10 @@ def _host_port(key: str, value: Any) -> str:
     return text
 
 
+def _optional_host_port(key: str, value: Any) -> str:
+    return "" if value == "" else _host_port(key, value)
+
+
 def _size(key: str, value: Any) -> int:
     try:
         return quantity.parse_bytes(str(value) if isinstance(value, int) else value, 2**63 - 1)
@@ -158,6 +162,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cni_conf_dir", Path("/etc/cni/net.d"), _path, "CNI network configuration directory"),
     Setting("stream_address", "127.0.0.1:10010", _host_port,
             "HOST:PORT of the streaming server (attach, port-forward)"),
+    Setting("metrics_address", "127.0.0.1:9474", _optional_host_port,
+            "HOST:PORT of the Prometheus /metrics endpoint (plain HTTP; loopback by default; empty: off); "
+            "see docs/metrics.md"),
     Setting("kvm", "auto", _choice(KVM_MODES),
             "auto: use KVM when a test guest really runs, else TCG; on: require KVM; off: always TCG"),
     Setting("log_level", "info", _choice(LOG_LEVELS), "log verbosity"),
@@ -186,6 +193,7 @@ class Config:
     cni_bin_dir: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     stream_address: str = "127.0.0.1:10010"
+    metrics_address: str = "127.0.0.1:9474"
     kvm: str = "auto"
     log_level: str = "info"
     shutdown_grace: int = 30

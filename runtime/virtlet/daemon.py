@@ -26,6 +26,7 @@ from virtlet import config as cfgmod
 from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.image_service import ImageServicer
+from virtlet.cri.metrics import MetricsEndpoint
 from virtlet.cri.runtime_service import RuntimeServicer
 from virtlet.cri.server import CriServer
 from virtlet.images.policy import SourcePolicy
@@ -125,7 +126,8 @@ class Virtletd:
         self.runtime = RuntimeServicer(self.sandboxes, self.status_conditions, self.status_info,
                                        containers=self.vms, streaming=self.streaming)
         self.images = ImageServicer(self.image_store)
-        self.server = CriServer(cfg.listen, self.runtime, self.images)
+        self.metrics = MetricsEndpoint(cfg.metrics_address, self.store, self.vms)
+        self.server = CriServer(cfg.listen, self.runtime, self.images, observe=self.metrics.observe)
         self._stopping = threading.Event()
 
     def _secure_dirs(self, qemu: tuple[int, int] | None) -> None:
@@ -172,6 +174,7 @@ class Virtletd:
         self.image_store.cleanup_at_start()
         self._recover_vms()
         self.streaming.start()
+        self.metrics.start()
         self.server.start()
 
     def _recover_vms(self) -> None:
@@ -200,12 +203,14 @@ class Virtletd:
         grace = float(self.cfg.shutdown_grace) if grace is None else grace
         log.info("stopping: no new calls; waiting up to %.0fs for calls in flight (VMs keep running)", grace)
         self._stopping.set()
+        self.runtime.events.close()  # GetContainerEvents streams end now, not at the end of the grace
         left = self.server.stop(grace)
         if left:
             log.error("%d CRI call(s) still running after %.0fs; exiting without waiting for them (the next "
                       "start recovers what they left, as after a crash)", left, grace)
             return False
         self.streaming.stop()
+        self.metrics.stop()
         self.vms.shutdown()
         self.image_store.close()
         self.libvirt.close()

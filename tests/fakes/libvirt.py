@@ -59,6 +59,8 @@ class FakeDomain:
         self.rss_kib = 150_000
         self.actual_kib = 262_144
         self.cgroup = True
+        self.block = {"block.count": 1, "block.0.rd.bytes": 4096, "block.0.rd.reqs": 2, "block.0.wr.bytes": 512,
+                      "block.0.wr.reqs": 1}
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _call(self, method: str) -> None:
@@ -168,6 +170,9 @@ class FakeDomain:
             raise not_running(self._name)
         return {"actual": self.actual_kib, "rss": self.rss_kib, "last_update": 0}
 
+    def connect(self) -> FakeConnection:
+        return self.conn
+
     def info(self) -> list[int]:
         self._call("info")
         state = self.state_reason[0]
@@ -179,6 +184,9 @@ _NAME = re.compile(r"<name>([^<]+)</name>")
 
 class FakeConnection:
     """A libvirt connection (``libvirt.virConnect``) with its domains."""
+
+    def domainListGetStats(self, doms: list[FakeDomain], stats: int = 0) -> list[tuple[FakeDomain, dict[str, int]]]:
+        return [(d, dict(d.block)) for d in doms if d._running()]
 
     def __init__(self) -> None:
         self.domains: dict[str, FakeDomain] = {}

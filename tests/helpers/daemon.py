@@ -36,7 +36,7 @@ class VirtletdProcess:
     def cmd(self) -> list[str]:
         return [sys.executable, "-m", "virtlet.daemon", "--listen", str(self.socket),
                 "--state-dir", str(self.state_dir), "--run-dir", str(self.run_dir),
-                "--stream-address", "127.0.0.1:0", *self.args]
+                "--stream-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *self.args]
 
     def start(self, timeout: float = 30.0) -> VirtletdProcess:
         env = {**os.environ, **self.env}

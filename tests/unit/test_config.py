@@ -80,3 +80,11 @@ def test_shutdown_grace() -> None:
     for bad in ("-1", "1.5", "²", "3601", ""):
         with pytest.raises(config.ConfigError, match="--shutdown-grace"):
             config.load(["--shutdown-grace", bad])
+
+
+def test_metrics_address() -> None:
+    assert config.load([]).metrics_address == "127.0.0.1:9474"
+    assert config.load(["--metrics-address", ""]).metrics_address == ""
+    assert config.load(["--metrics-address", "[::1]:0"]).metrics_address == "[::1]:0"
+    with pytest.raises(config.ConfigError, match="metrics"):
+        config.load(["--metrics-address", "9474"])

@@ -308,8 +308,30 @@ def test_removed_container_is_forgotten(world: World) -> None:
     assert "c1" not in world.vms.stats._previous
 
 
-def test_metric_descriptors_stay_unimplemented(world: World) -> None:
-    with pytest.raises(errors.Unimplemented):
-        world.rt.ListMetricDescriptors(api.ListMetricDescriptorsRequest(), None)
-    with pytest.raises(errors.Unimplemented):
-        world.rt.ListPodSandboxMetrics(api.ListPodSandboxMetricsRequest(), None)
+def test_cri_metrics_with_cadvisor_names(world: World) -> None:
+    world.sandbox("s1")
+    world.container("old", "s1", state=st.CONTAINER_EXITED)
+    world.container("new", "s1", domain=FakeDomain(cpu_ns=3 * SEC + 1, rss_kib=1000))
+    world.links[("/var/run/netns/s1", "eth0")] = {"rx_bytes": 1500, "rx_errors": 1, "tx_bytes": 900,
+                                                 "tx_errors": 0}
+    descriptors = {d.name: list(d.label_keys) for d in world.rt.ListMetricDescriptors(
+        api.ListMetricDescriptorsRequest(), None).descriptors}
+    assert descriptors["container_cpu_usage_seconds_total"] == ["container", "id", "image", "name", "namespace",
+                                                                "pod"]
+    assert descriptors["container_network_receive_bytes_total"][-1] == "interface"
+    [pod] = world.rt.ListPodSandboxMetrics(api.ListPodSandboxMetricsRequest(), None).pod_metrics
+    assert pod.pod_sandbox_id == "s1"
+    net = {m.name: m for m in pod.metrics}
+    assert net["container_network_receive_bytes_total"].value.value == 1500
+    assert net["container_network_receive_errors_total"].value.value == 1
+    assert [c.container_id for c in pod.container_metrics] == ["new"]  # a stopped VM has no usage to report
+    values = {m.name: m for m in pod.container_metrics[0].metrics}
+    for m in (*pod.metrics, *values.values()):
+        assert m.name in descriptors and len(m.label_values) == len(descriptors[m.name])
+    assert values["container_cpu_usage_seconds_total"].value.value == 3
+    assert values["container_cpu_usage_seconds_total"].metric_type == api.COUNTER
+    assert values["container_memory_working_set_bytes"].value.value == 1000 * 1024
+    assert values["container_memory_working_set_bytes"].metric_type == api.GAUGE
+    assert values["container_fs_reads_bytes_total"].value.value == 4096
+    assert values["container_fs_writes_total"].value.value == 1
+    assert list(values["container_memory_rss"].label_values)[:2] == ["vm", "new"]

@@ -14,11 +14,13 @@ with RuntimeClassInImageCriApi set it for pods of that RuntimeClass) and the nam
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from virtlet import errors
+from virtlet.cri import stream_lists
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.runtime_service import fill_unimplemented, service_method_names
@@ -79,6 +81,12 @@ class ImageServicer(api_grpc.ImageServiceServicer):
             name, digest = "", name
         records = self.store.list(name=name or None, digest=digest)
         return api.ListImagesResponse(images=[_image(r) for r in records])
+
+    def StreamImages(self, request: api.StreamImagesRequest,
+                     context: grpc.ServicerContext) -> Iterable[api.StreamImagesResponse]:
+        """ListImages in batches (``virtlet.cri.stream_lists``)."""
+        images = self.ListImages(api.ListImagesRequest(filter=request.filter), context).images
+        return stream_lists.stream(images, lambda b: api.StreamImagesResponse(images=b))
 
     def RemoveImage(self, request: api.RemoveImageRequest,
                     context: grpc.ServicerContext) -> api.RemoveImageResponse:

@@ -99,7 +99,19 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+Observer = Callable[[str, str, float], None]  # (gRPC method, status code name, seconds): the metrics hook
+
+
+def _observe(observe: Observer | None, method: str, code: str, seconds: float) -> None:
+    if observe is None:
+        return
+    try:
+        observe(method, code, seconds)
+    except Exception:  # counting must never change a call's answer
+        log.exception("metrics of %s failed", method)
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer | None = None) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         start = time.monotonic()
         code = grpc.StatusCode.OK
@@ -125,8 +137,9 @@ def _wrap_unary(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]
                                 "/PodSandboxStatus", "/ContainerStatus", "/ImageStatus")) \
                     and code == grpc.StatusCode.OK:
                 level = logging.DEBUG  # the kubelet polls these every second
-            log.log(level, "%s %s %.1fms %s", method, call_ids(request), (time.monotonic() - start) * 1000,
-                    code.name)
+            elapsed = time.monotonic() - start
+            log.log(level, "%s %s %.1fms %s", method, call_ids(request), elapsed * 1000, code.name)
+            _observe(observe, method, code.name, elapsed)
         return None  # pragma: no cover - abort raised
 
     return handler
@@ -139,7 +152,7 @@ def _status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     return code
 
 
-def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_stream(method: str, behavior: Callable[..., Any], observe: Observer | None = None) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         start = time.monotonic()
         code = grpc.StatusCode.OK
@@ -155,13 +168,20 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any
             log.exception("%s failed", method)
             _abort(context, exc)
         finally:
-            log.info("%s stream ended %.1fms %s", method, (time.monotonic() - start) * 1000, code.name)
+            elapsed = time.monotonic() - start
+            log.info("%s stream ended %.1fms %s", method, elapsed * 1000, code.name)
+            _observe(observe, method, code.name, elapsed)
 
     return handler
 
 
 class ErrorMappingInterceptor(ServerInterceptor):
-    """Wraps every unary and server-streaming handler with error mapping and the call log line."""
+    """Wraps every unary and server-streaming handler with error mapping, the call log line and ``observe``
+    (the Prometheus counters of ``virtlet.cri.metrics``; called once per call with its method, code and
+    duration)."""
+
+    def __init__(self, observe: Observer | None = None) -> None:
+        self.observe = observe
 
     def intercept_service(self, continuation: Callable[..., Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -170,12 +190,12 @@ class ErrorMappingInterceptor(ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, handler.unary_unary, self.observe),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
+                _wrap_stream(method, handler.unary_stream, self.observe),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler

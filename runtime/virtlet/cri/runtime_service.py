@@ -16,9 +16,12 @@ import virtlet
 from virtlet import errors, preconditions
 from virtlet.cri import stats_pb, validation
 from virtlet.cri.container_status import container_state, container_status, stored_config
+from virtlet.cri.cri_metrics import MetricsCalls
+from virtlet.cri.events import ContainerEvents, EventCalls
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.gen import api_pb2_grpc as api_grpc
 from virtlet.cri.ports import Containers, StreamingUrls
+from virtlet.cri.stream_lists import StreamListCalls
 from virtlet.network import capabilities as net_capabilities
 from virtlet.sandbox.manager import SandboxManager, SandboxSpec
 from virtlet.state import store as st
@@ -40,7 +43,7 @@ def _metadata(rec: st.SandboxRecord) -> api.PodSandboxMetadata:
     return api.PodSandboxMetadata(name=rec.name, namespace=rec.namespace, uid=rec.uid, attempt=rec.attempt)
 
 
-class RuntimeServicer(api_grpc.RuntimeServiceServicer):
+class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.RuntimeServiceServicer):
     """CRI RuntimeService of virtletd, built by the daemon with every part it uses: the sandbox manager, the VM
     manager (``containers``) and the streaming service.  Without ``containers``/``streaming`` (unit tests of
     other calls) the calls that need them answer UNAVAILABLE."""
@@ -55,6 +58,7 @@ class RuntimeServicer(api_grpc.RuntimeServiceServicer):
         self.pod_cidr = ""
         self.containers = containers
         self.streaming = streaming
+        self.events = ContainerEvents(self.store, self._event_statuses)  # GetContainerEvents (virtlet.cri.events)
 
     # -- runtime ---------------------------------------------------------------------------------------
     def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
@@ -372,9 +376,11 @@ def _unimplemented(name: str, later: str) -> Callable[..., Any]:
 
 
 def fill_unimplemented(cls: type, names: Iterable[str], later: str = "planned") -> None:
-    """Give every CRI method the servicer does not define a clear UNIMPLEMENTED answer."""
+    """Give every CRI method the servicer (or a mixin of it, not the generated base) does not define a clear
+    UNIMPLEMENTED answer."""
+    own = [k for k in cls.__mro__ if k is not object and not k.__module__.endswith("_pb2_grpc")]
     for name in names:
-        if name not in cls.__dict__:
+        if not any(name in k.__dict__ for k in own):
             setattr(cls, name, _unimplemented(name, later))
 
 

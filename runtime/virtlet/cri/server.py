@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from virtlet import errors
 from virtlet.cri import versions
-from virtlet.cri.interceptor import ErrorMappingInterceptor, ServerInterceptor
+from virtlet.cri.interceptor import ErrorMappingInterceptor, Observer, ServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,14 @@ class CallGate(ServerInterceptor):
 
 
 class CriServer:
-    def __init__(self, listen: str, runtime_servicer: Any, image_servicer: Any, workers: int = 32) -> None:
+    def __init__(self, listen: str, runtime_servicer: Any, image_servicer: Any, workers: int = 32,
+                 observe: Observer | None = None) -> None:
         self.path = Path(listen)
         self.health = health.HealthServicer()
         self.gate = CallGate()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cri"),
-            interceptors=[self.gate, ErrorMappingInterceptor()],
+            interceptors=[self.gate, ErrorMappingInterceptor(observe)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                      ("grpc.max_send_message_length", MAX_MESSAGE),
                      ("grpc.so_reuseport", 0)])

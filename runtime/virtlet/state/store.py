@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -156,6 +156,9 @@ def _private_db_files(path: Path) -> None:
             pass
 
 
+_STATE_EVENTS = {CONTAINER_RUNNING: "STARTED", CONTAINER_EXITED: "STOPPED"}
+
+
 class StateStore:
     """All reads and writes of virtletd state.  Thread-safe; each write is one committed transaction."""
 
@@ -163,6 +166,9 @@ class StateStore:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._lock = threading.RLock()
+        # called with (record, "CREATED" | "STARTED" | "STOPPED" | "DELETED") after each container state change
+        # commits, under the store's lock (so in commit order): a listener must only enqueue, never block
+        self.container_listeners: list[Callable[[ContainerRecord, str], None]] = []
         _private_db_files(path)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -273,7 +279,19 @@ class StateStore:
             db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
 
     # -- containers -----------------------------------------------------------------------------------
+    def _notify(self, rec: ContainerRecord, change: str) -> None:
+        for listener in self.container_listeners:
+            try:
+                listener(rec, change)
+            except Exception:  # an observer must not undo a committed change
+                log.exception("container listener failed")
+
     def add_container(self, rec: ContainerRecord) -> None:
+        with self._lock:
+            self._add_container(rec)
+            self._notify(rec, "CREATED")
+
+    def _add_container(self, rec: ContainerRecord) -> None:
         cols = [f for f in rec.__dataclass_fields__]
         with self._tx() as db:
             sandbox = db.execute("SELECT state FROM sandboxes WHERE id=?", (rec.sandbox_id,)).fetchone()
@@ -312,6 +330,13 @@ class StateStore:
         return [_decode_row(ContainerRecord, r) for r in rows]
 
     def update_container(self, container_id: str, **changes: Any) -> ContainerRecord:
+        with self._lock:
+            old, new = self._update_container(container_id, **changes)
+            if new.state != old.state and new.state in _STATE_EVENTS:
+                self._notify(new, _STATE_EVENTS[new.state])
+            return new
+
+    def _update_container(self, container_id: str, **changes: Any) -> tuple[ContainerRecord, ContainerRecord]:
         with self._tx() as db:
             row = db.execute("SELECT * FROM containers WHERE id=?", (container_id,)).fetchone()
             if row is None:
@@ -326,8 +351,12 @@ class StateStore:
             sets = ", ".join(f"{k}=?" for k in changes)
             db.execute(f"UPDATE containers SET {sets} WHERE id=?",
                        [*(_encode(k, getattr(new, k)) for k in changes), container_id])
-            return new
+            return rec, new
 
     def delete_container(self, container_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM containers WHERE id=?", (container_id,))
+        with self._lock:
+            rec = self.get_container(container_id)
+            with self._tx() as db:
+                db.execute("DELETE FROM containers WHERE id=?", (container_id,))
+            if rec is not None:
+                self._notify(rec, "DELETED")

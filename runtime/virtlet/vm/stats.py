@@ -16,6 +16,9 @@ servicer turns them into protobuf).  What each number means:
 - writable layer: the directory holding the VM's overlay is the "filesystem"; ``used_bytes`` is what the
   container's qcow2 overlay and cloud-init ISO occupy on disk (``st_blocks * 512``, not their apparent size);
   ``inodes_used`` counts those files.
+- disk I/O: libvirt's bulk block stats (``VIR_DOMAIN_STATS_BLOCK``) summed over every disk of the domain (root
+  overlay, config drive, volumes): bytes and requests read and written since QEMU started (they restart at 0
+  when the VM restarts, as a counter of a new container would).
 - sandbox network: the counters of the CNI interface (``eth0``) in the pod netns, read over netlink (see
   ``plumbing.link_counters``).  Everything the VM sends or receives off-pod passes that interface.
 """
@@ -67,11 +70,21 @@ class FsSample:
 
 
 @dataclass(frozen=True)
+class DiskSample:
+    timestamp: int
+    read_bytes: int
+    reads: int
+    write_bytes: int
+    writes: int
+
+
+@dataclass(frozen=True)
 class ContainerSample:
     record: st.ContainerRecord
     writable_layer: FsSample
     cpu: CpuSample | None = None  # None: not running, or its domain vanished while sampling
     memory: MemorySample | None = None
+    disk: DiskSample | None = None  # None: as cpu, or libvirt has no block stats for the domain
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,23 @@ def _memory(raw: dict[str, int], timestamp: int) -> MemorySample | None:
     actual = int(raw.get("actual", 0)) * KIB
     return MemorySample(timestamp=timestamp, working_set_bytes=rss, usage_bytes=rss, rss_bytes=rss,
                         available_bytes=max(actual - rss, 0))
+
+
+def _disk(dom: Any, timestamp: int) -> DiskSample | None:
+    try:
+        stats = dom.connect().domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_BLOCK)
+    except libvirt.libvirtError as exc:
+        log.debug("no block stats: %s", exc)
+        return None
+    if not stats:
+        return None
+    raw = stats[0][1]
+
+    def total(key: str) -> int:
+        return sum(int(raw.get(f"block.{i}.{key}", 0)) for i in range(int(raw.get("block.count", 0))))
+
+    return DiskSample(timestamp=timestamp, read_bytes=total("rd.bytes"), reads=total("rd.reqs"),
+                      write_bytes=total("wr.bytes"), writes=total("wr.reqs"))
 
 
 def writable_layer(rec: st.ContainerRecord, timestamp: int) -> FsSample:
@@ -190,22 +220,22 @@ class StatsSampler:
             self.forget(rec.id)
             return ContainerSample(record=rec, writable_layer=layer)
         try:
-            cpu, memory = self._usage(rec.id)
+            cpu, memory, disk = self._usage(rec.id)
         except (libvirt.libvirtError, _DomainGone) as exc:
             # the VM stopped between listing and sampling: report what is still true (its files)
             log.debug("no CPU/memory for container %s: its domain is gone (%s)", rec.id, str(exc) or "not running")
             self.forget(rec.id)
             return ContainerSample(record=rec, writable_layer=layer)
-        return ContainerSample(record=rec, writable_layer=layer, cpu=cpu, memory=memory)
+        return ContainerSample(record=rec, writable_layer=layer, cpu=cpu, memory=memory, disk=disk)
 
-    def _usage(self, cid: str) -> tuple[CpuSample, MemorySample | None]:
+    def _usage(self, cid: str) -> tuple[CpuSample, MemorySample | None, DiskSample | None]:
         dom = self.lookup(cid)
         if dom is None:
             raise _DomainGone()
         raw_memory = dom.memoryStats()  # raises on a domain that is not running
         cpu_ns = _cpu_time_ns(dom)
         now = self.clock()
-        return self._cpu(cid, now, cpu_ns), _memory(raw_memory, now)
+        return self._cpu(cid, now, cpu_ns), _memory(raw_memory, now), _disk(dom, now)
 
     def _cpu(self, cid: str, now: int, cpu_ns: int) -> CpuSample:
         with self._lock:
