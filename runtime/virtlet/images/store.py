@@ -276,12 +276,14 @@ class ImageStore:
     # -- removal --------------------------------------------------------------------------------------------
 
     def remove(self, name_or_ref: str) -> None:
-        """Remove the image the ref resolves to, with all its names (like containerd's CRI).  Idempotent;
-        the data file stays, nameless, while ``in_use()`` holds its digest (``cleanup_at_start`` takes it
-        later)."""
+        """Remove the image the ref resolves to, with all its names.  Idempotent.  Refused with
+        FAILED_PRECONDITION while ``in_use()`` holds its digest (a container uses it)."""
         digest = self._resolve(name_or_ref)
         if digest is None:
             return
+        if digest in self.in_use():  # issue 16: an image a container uses is not removed (the kubelet's GC skips it)
+            raise errors.FailedPrecondition(f"image {name_or_ref} is used by a container; remove the containers "
+                                            "that use it first")
         with self._lock:
             self._db.execute("DELETE FROM names WHERE digest=?", (digest,))
             failpoints.hit("image.remove.after_unname")
