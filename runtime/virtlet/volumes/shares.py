@@ -39,13 +39,13 @@ class GuestShare:
     """One share as the guest mounts it."""
 
     tag: str
-    fstype: str  # "virtiofs" | "9p"
+    fstype: str  # "virtiofs" | "9p" | "ext4" (a scratch disk, ``virtlet.volumes.scratch``: tag is UUID=...)
     guest_path: str
     readonly: bool
 
     @property
     def options(self) -> str:
-        base = "defaults" if self.fstype == "virtiofs" else NINEP_OPTIONS
+        base = NINEP_OPTIONS if self.fstype == "9p" else "defaults"
         return base + (",ro" if self.readonly else "") + ",nofail"
 
 

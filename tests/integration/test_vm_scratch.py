@@ -1,0 +1,110 @@
+"""Scratch disks (``VirtletScratchDisks``) and the termination message of a real tiny VM (TCG), driven through
+CRI like the kubelet, plus the bad scratch-disk inputs on libvirt's test driver (no VM boots)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.helpers.daemon import VirtletdProcess
+from tests.integration.test_vm_exec import _exec, _wait_for_agent
+from tests.integration.test_vm_lifecycle import MARKER, _pull
+from tests.integration.test_vm_volumes import VolumePod, _mounts_under
+from virtlet.cri.gen import api_pb2 as api
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.network]
+
+
+def _debugfs_cat(image: Path, path: str) -> str:
+    """A file's content in the ext4 disk image, read on the host without mounting it."""
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_scratch_disk_in_a_vm(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,
+                              tiny_image: Path) -> None:
+    shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
+    name = image_server.name("files/tiny.qcow2")
+    _pull(vm_virtletd, name)
+    pod_dir = world_dir / "kubelet" / "pods" / "uid-vm-scratch"
+    empty = pod_dir / "volumes" / "kubernetes.io~empty-dir" / "scratch"
+    empty.mkdir(parents=True)
+    shared = pod_dir / "volumes" / "kubernetes.io~empty-dir" / "shared"
+    shared.mkdir(parents=True)
+    mounts = [api.Mount(container_path="/scratch", host_path=str(empty)),
+              api.Mount(container_path="/shared", host_path=str(shared))]
+    pod = VolumePod(vm_virtletd, world_dir, "vm-scratch", image=name, mounts=mounts,
+                    annotations={"VirtletScratchDisks": "scratch=64Mi"})
+    disk = empty / "virtlet-scratch.img"
+    try:
+        pod.run_sandbox()
+        pod.create()
+        assert disk.is_file() and disk.stat().st_size == 64 << 20
+        assert disk.stat().st_blocks * 512 < 64 << 20, "the scratch disk should be sparse"
+        xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", f"virtlet-{pod.container_id}"],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"<source file='{disk}'" in xml and "<serial>scr-" in xml, xml
+        pod.start()
+        pod.wait_log(MARKER)
+        _wait_for_agent(pod)
+        res = _exec(pod, "sh", "-c", "grep ' /scratch ' /proc/mounts && echo on-scratch > /scratch/f && sync")
+        assert res.exit_code == 0 and b"ext4" in bytes(res.stdout), "\n".join(
+            [str(res)] + [x for x in pod.log_lines() if "virtlet tiny guest" in x])
+        assert not (empty / "f").exists()  # a disk, not a share
+        assert _debugfs_cat(disk, "/f") == "on-scratch\n"
+    finally:
+        pod.stop_and_remove()
+    assert disk.exists(), "the disk file belongs to the emptyDir: the kubelet removes it with the pod"
+    assert not _mounts_under(world_dir)
+
+
+def test_bad_scratch_disks_are_refused(virtletd: VirtletdProcess, world_dir: Path, image_server: Any) -> None:
+    from tests.integration.test_hostile_pod_specs import Pod as HostilePod
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
+                   check=True)
+    tdir = world_dir / "translations"
+    tdir.mkdir(exist_ok=True)
+    (tdir / "scratch.yaml").write_text(
+        f"translations:\n  - name: scratch-test/vm\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
+    image = "virtlet.cloud/scratch-test/vm"
+    _pull(virtletd, image)
+    empty = world_dir / "pods" / "u1" / "volumes" / "kubernetes.io~empty-dir" / "data"
+    empty.mkdir(parents=True)
+    other = world_dir / "host" / "data"
+    other.mkdir(parents=True)
+    linked = world_dir / "pods" / "u1" / "volumes" / "kubernetes.io~empty-dir" / "linked"
+    linked.mkdir(parents=True)
+    (linked / "virtlet-scratch.img").symlink_to("/etc/hostname")
+    mnt = [api.Mount(container_path="/data", host_path=str(empty))]
+    cases: list[tuple[str, list[api.Mount], list[str]]] = [
+        ("nosuch", mnt, ["VirtletScratchDisks", "'nosuch'", "not an emptyDir"]),
+        ("data=2Ti", mnt, ["VirtletScratchDisks", "'data'", "at most"]),
+        ("data=1Mi", mnt, ["VirtletScratchDisks", "'data'", "smaller"]),
+        ("data=lots", mnt, ["VirtletScratchDisks", "'data'"]),
+        ("Data/x", mnt, ["VirtletScratchDisks", "not an emptyDir volume name"]),
+        ("data,data", mnt, ["VirtletScratchDisks", "listed twice"]),
+        ("data", [api.Mount(container_path="/data", host_path=str(other))], ["'data'", "not an emptyDir"]),
+        ("linked", [api.Mount(container_path="/l", host_path=str(linked))], ["'linked'", "not a regular file"]),
+    ]
+    pod = HostilePod(virtletd, world_dir, "bad-scratch")
+    rt = virtletd.runtime()
+    containers = virtletd.state_dir / "containers"
+    for value, mounts, words in cases:
+        cfg = api.ContainerConfig(metadata=api.ContainerMetadata(name="vm"), image=api.ImageSpec(image=image),
+                                  mounts=mounts, annotations={"VirtletScratchDisks": value})
+        with pytest.raises(grpc.RpcError) as err:
+            rt.CreateContainer(api.CreateContainerRequest(pod_sandbox_id=pod.id, config=cfg,
+                                                          sandbox_config=pod.config), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (value, err.value)
+        for word in words:
+            assert word in (err.value.details() or ""), (value, word, err.value.details())
+        assert not rt.ListContainers(api.ListContainersRequest(), timeout=30).containers
+        assert not any(containers.iterdir()) if containers.exists() else True
+        assert not (empty / "virtlet-scratch.img").exists()
+    assert (linked / "virtlet-scratch.img").is_symlink()
