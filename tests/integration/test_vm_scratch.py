@@ -108,3 +108,31 @@ def test_bad_scratch_disks_are_refused(virtletd: VirtletdProcess, world_dir: Pat
         assert not any(containers.iterdir()) if containers.exists() else True
         assert not (empty / "virtlet-scratch.img").exists()
     assert (linked / "virtlet-scratch.img").is_symlink()
+
+
+def test_termination_message_reaches_the_kubelets_file(vm_virtletd: VirtletdProcess, world_dir: Path,
+                                                       image_server: Any, tiny_image: Path) -> None:
+    """The guest writes its termination log; StopContainer copies it (through the guest agent, at most 4096
+    bytes, as the kubelet reads) into the host file the kubelet gave for ``/dev/termination-log``."""
+    shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
+    name = image_server.name("files/tiny.qcow2")
+    _pull(vm_virtletd, name)
+    term = world_dir / "kubelet" / "pods" / "uid-vm-term" / "containers" / "vm" / "5eed"
+    term.parent.mkdir(parents=True)
+    term.write_text("")
+    pod = VolumePod(vm_virtletd, world_dir, "vm-term", image=name,
+                    mounts=[api.Mount(container_path="/dev/termination-log", host_path=str(term))])
+    try:
+        pod.run_sandbox()
+        pod.create()
+        pod.start()
+        pod.wait_log(MARKER)
+        _wait_for_agent(pod)
+        res = _exec(pod, "sh", "-c", "printf 'bye from the VM\\n' > /dev/termination-log; "
+                                     "head -c 6000 /dev/zero | tr '\\0' x >> /dev/termination-log")
+        assert res.exit_code == 0, res
+        pod.rt.StopContainer(api.StopContainerRequest(container_id=pod.container_id, timeout=30), timeout=120)
+        data = term.read_bytes()
+        assert data.startswith(b"bye from the VM\n") and len(data) == 4096, data[:100]
+    finally:
+        pod.stop_and_remove()

@@ -121,6 +121,9 @@ class VmParts:
             extra["block_devices"] = [v.host_path for v in plan.volumes]
         if scratch_files:
             extra["scratch_disks"] = [f.path for f in scratch_files]
+        term = next((f for f in vols.plan.files if f.kind == "termination-log"), None)
+        if term is not None:  # copied back from the guest at StopContainer (virtlet.vm.termination)
+            extra["termination_log"] = {"guest": term.guest_path, "host": term.host_path}
         return dx.to_string(domain), extra
 
     def _plan_volumes(self, spec: ContainerSpec, annotations: dict[str, str]) -> _Volumes:
