@@ -136,3 +136,39 @@ def test_termination_message_reaches_the_kubelets_file(vm_virtletd: VirtletdProc
         assert data.startswith(b"bye from the VM\n") and len(data) == 4096, data[:100]
     finally:
         pod.stop_and_remove()
+
+
+@pytest.mark.slow
+def test_full_image_mounts_scratch_disk(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real cloud-init and udev: the ``mounts`` entry (``/dev/disk/by-uuid/<uuid>``) mounts the scratch disk."""
+    import time
+
+    from tests.integration import test_vm_exec
+    from tests.integration.conftest import guest_image
+
+    shutil.copy(guest_image("full"), image_server.root / "full.qcow2")
+    name = image_server.name("files/full.qcow2")
+    _pull(vm_virtletd, name)
+    empty = world_dir / "kubelet" / "pods" / "uid-full-scratch" / "volumes" / "kubernetes.io~empty-dir" / "db"
+    empty.mkdir(parents=True)
+    pod = VolumePod(vm_virtletd, world_dir, "full-scratch", image=name, memory=1 << 30,
+                    mounts=[api.Mount(container_path="/var/lib/db", host_path=str(empty))],
+                    annotations={"VirtletScratchDisks": "db=128Mi"})
+    try:
+        pod.run_sandbox()
+        pod.create()
+        pod.start()
+        monkeypatch.setattr(test_vm_exec, "AGENT_TIMEOUT", 600.0)  # a full Debian boot under TCG
+        _wait_for_agent(pod)
+        out = ""
+        for _ in range(120):  # the agent answers before cloud-init's mounts module ran
+            res = _exec(pod, "sh", "-c", "grep ' /var/lib/db ' /proc/mounts && echo full > /var/lib/db/f && sync")
+            out = bytes(res.stdout).decode()
+            if res.exit_code == 0:
+                break
+            time.sleep(2)
+        assert " ext4 " in out, out
+        assert _debugfs_cat(empty / "virtlet-scratch.img", "/f") == "full\n"
+    finally:
+        pod.stop_and_remove()

@@ -50,6 +50,8 @@ def test_plan_and_disk_file(tmp_path: Path) -> None:
     assert scratch.prepare(plan.scratch[0]) == made  # a restarted container keeps the disk (the emptyDir's life)
     line = shares.mounts_file(scratch.guest_entries(plan.scratch)).decode()
     assert line == f"share UUID={made.fs_uuid} ext4 defaults,nofail /data\n"
+    cfg = shares.cloud_config(scratch.guest_entries(plan.scratch), [])
+    assert cfg["mounts"] == [[f"/dev/disk/by-uuid/{made.fs_uuid}", "/data", "ext4", "defaults,nofail", "0", "0"]]
 
 
 def test_disk_order_block_then_scratch_then_config_drive() -> None:

@@ -10,7 +10,7 @@ quantity, default ``DEFAULT_SIZE``, at most the node's ``max_root_volume_size``)
   container restarts, not the pod);
 - attaches it as a raw virtio (or SCSI) disk after the block volumes, before the config drive, with the serial
   ``scr-`` + 16 hex digits of the SHA-256 of the container path;
-- mounts it in the guest at the container path by its UUID (``UUID=<uuid>``): a cloud-config ``mounts`` entry
+- mounts it in the guest at the container path by its UUID: a cloud-config ``mounts`` entry (``/dev/disk/by-uuid/``)
   for real cloud-init, a ``share UUID=<uuid> ext4 ...`` line in ``virtlet/mounts`` for the tiny guest.
 
 Bad input (a malformed annotation, an unknown name, a size over the bound, a disk file that is not a regular
