@@ -39,6 +39,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "cri_latency": (["--sandboxes", "50", "--calls", "500"], ["--sandboxes", "50", "--calls", "100"]),
     "criproxy_latency": (["--pods", "50", "--calls", "300"], ["--pods", "10", "--calls", "100"]),
     "image_pull": (["--size-mb", "1024"], ["--size-mb", "256", "--repeat", "2"]),
+    "volumes": (["--size-mb", "256"], ["--size-mb", "32"]),
 }
 
 

@@ -13,8 +13,9 @@ metadata holds); ``domain_xml`` only knows how to write them.  Choices and why:
   need only ``ata_piix``), and the default machine type cannot change under us.
 - The config drive is the LAST disk, a read-only CD-ROM: IDE ``hdc`` for virtio root disks, the SCSI disk after
   the block volumes (``sdb`` without any) when ``VirtletDiskDriver`` is ``scsi`` (one virtio-scsi controller).
-- Block volumes (CRI devices) follow the root disk in CRI order (``vdb``, ``vdc``, ... / ``sdb``, ...); a
-  persistent root device replaces the overlay as ``vda``/``sda`` (``virtlet.volumes``).
+- Block volumes (CRI devices) follow the root disk in CRI order (``vdb``, ``vdc``, ... / ``sdb``, ...), then
+  the scratch disks in mount order; a persistent root device replaces the overlay as ``vda``/``sda``
+  (``virtlet.volumes``).
 - CPU quota/period from CRI bound the whole container, so they become ``global_quota``/``global_period``
   (libvirt's ``quota`` is per vCPU).  A quota without a period gets the kernel's default period, 100 ms.
 - ``<metadata>`` holds the container, sandbox and pod identity under ``VIRTLET_XMLNS`` so a restarted virtletd
@@ -31,6 +32,7 @@ from xml.etree import ElementTree as ET
 from virtlet.vm import domain_xml as dx
 from virtlet.vm.annotations import VmOptions
 from virtlet.volumes.devices import BlockVolume
+from virtlet.volumes.scratch import ScratchFile
 
 VIRTLET_XMLNS = "https://virtlet.cloud/xmlns/domain/1.0"
 VIRTLET_XMLNS_PREFIX = "virtlet"
@@ -67,6 +69,7 @@ class DomainRequest:
     extra_metadata: Mapping[str, str] = field(default_factory=dict)  # more <metadata> fields, e.g. image ref
     shares: Sequence[dx.Filesystem] = ()  # pod directory volumes (virtlet.volumes.shares)
     block_volumes: Sequence[BlockVolume] = ()  # CRI devices: raw disks after the root disk (vdb, vdc, ...)
+    scratch_disks: Sequence[ScratchFile] = ()  # emptyDir scratch disks: raw files after the block volumes
     root_device: str | None = None  # persistent root: this block device is vda instead of ``overlay``
 
 
@@ -153,6 +156,9 @@ def _block_disks(req: DomainRequest, scsi: bool) -> list[dx.Disk]:
         disks.append(dx.Disk(source=vol.host_path, type="block", format="raw", cache="none", io="native",
                              readonly=vol.readonly, serial=vol.serial, target_dev=_disk_name(prefix, len(disks)),
                              target_bus=bus))
+    for disk in req.scratch_disks:  # a file in the emptyDir: the host page cache is fine (tmpfs has no O_DIRECT)
+        disks.append(dx.Disk(source=disk.path, format="raw", serial=disk.serial,
+                             target_dev=_disk_name(prefix, len(disks)), target_bus=bus))
     return disks
 
 

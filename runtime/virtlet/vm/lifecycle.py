@@ -13,6 +13,7 @@ from virtlet.images import names
 from virtlet.images.records import repo_tags
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
+from virtlet.vm import termination
 from virtlet.vm.annotations import MIN_MEMORY_BYTES
 from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec, ResourceUpdate
 from virtlet.vm.exits import VmExits
@@ -165,6 +166,7 @@ class VmLifecycle(VmExits):
             guest = self._guest(cid)
             if guest is not None and guest.is_active():
                 deadline = time.monotonic() + max(timeout, 0)
+                self._copy_termination_message(rec, guest, timeout)
                 self._press_power_button(cid, guest, deadline)
                 if self._domain_active(cid):
                     log.info("container %s did not shut down within %ss; destroying the VM", cid, timeout)
@@ -177,6 +179,14 @@ class VmLifecycle(VmExits):
                 failpoints.hit("container.stop.after_domain_stopped")
             self._mark_exited(cid, *self._stopped_status(rec))
 
+
+    def _copy_termination_message(self, rec: st.ContainerRecord, guest: gu.Guest, timeout: int) -> None:
+        """The guest's termination log -> the kubelet's file, while the agent still answers (best effort)."""
+        term = rec.extra.get("termination_log")
+        if not isinstance(term, dict):
+            return
+        termination.collect(guest.agent_transport(), str(term.get("guest", "")), str(term.get("host", "")),
+                            rec.name, termination.budget_for(timeout))
 
     def _press_power_button(self, cid: str, guest: gu.Guest, deadline: float) -> None:
         """Press the ACPI power button every ``ACPI_REPEAT`` seconds until the VM is off or ``deadline`` passes.

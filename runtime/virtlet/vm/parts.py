@@ -21,7 +21,7 @@ from virtlet.vm.annotations import (
     parse_vm_options,
 )
 from virtlet.vm.manager import ContainerSpec
-from virtlet.volumes import binds, persistent_root, shares
+from virtlet.volumes import binds, persistent_root, scratch, shares
 from virtlet.volumes import devices as vdev
 from virtlet.volumes import mounts as vmounts
 
@@ -69,7 +69,13 @@ class VmParts:
         cloudinit.parse_cloudinit_options(pod_annotations)
         plan = vdev.plan_devices(spec.devices)  # INVALID_ARGUMENT before anything is made
         reimage = _reimage_requested(pod_annotations)
-        vols = self._plan_volumes(spec)
+        vols = self._plan_volumes(spec, pod_annotations)
+        if len(plan.volumes) + len(vols.plan.scratch) > vdev.MAX_BLOCK_VOLUMES:
+            raise errors.InvalidArgument(
+                f"the container has {len(plan.volumes)} block volumes and {len(vols.plan.scratch)} scratch disks; "
+                f"a VM takes at most {vdev.MAX_BLOCK_VOLUMES} disks besides its root disk")
+        for disk in vols.plan.scratch:
+            scratch.check_existing(disk)
         sources = {s.tag: binds.bind_readonly(s.host_path, cdir, i) for i, s in enumerate(vols.plan.shares)
                    if shares.needs_ro_bind(s, vols.driver)}  # undone by VmManager._destroy_everything
         root = cdir / "root.qcow2"
@@ -95,6 +101,7 @@ class VmParts:
             extra_files={**vols.seed_files, **({vdev.GUEST_MAP_FILE: vdev.guest_map(plan.volumes)}
                                                if plan.volumes else {})},
             instance_id=root_header.instance_id if root_header is not None else None), seed)
+        scratch_files = [scratch.prepare(d) for d in vols.plan.scratch]  # in the emptyDir: the kubelet removes it
         domain = designer.design_domain(designer.DomainRequest(
             container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
             pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
@@ -102,7 +109,8 @@ class VmParts:
             nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
             extra_metadata={"image": spec.image, "image-ref": image.digest},
             shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources),
-            block_volumes=plan.volumes, root_device=plan.root.host_path if plan.root is not None else None))
+            block_volumes=plan.volumes, scratch_disks=scratch_files,
+            root_device=plan.root.host_path if plan.root is not None else None))
         extra: dict[str, Any] = {"config_drive": str(seed), "vcpus": options.vcpus,
                                  "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
         if plan.root is not None:
@@ -111,13 +119,20 @@ class VmParts:
             extra["root"] = str(root)
         if plan.volumes:
             extra["block_devices"] = [v.host_path for v in plan.volumes]
+        if scratch_files:
+            extra["scratch_disks"] = [f.path for f in scratch_files]
+        term = next((f for f in vols.plan.files if f.kind == "termination-log"), None)
+        if term is not None:  # copied back from the guest at StopContainer (virtlet.vm.termination)
+            extra["termination_log"] = {"guest": term.guest_path, "host": term.host_path}
         return dx.to_string(domain), extra
 
-    def _plan_volumes(self, spec: ContainerSpec) -> _Volumes:
-        """The container's CRI mounts, validated and turned into shares + guest instructions (nothing made)."""
-        plan = vmounts.plan_mounts(list(spec.mounts))
+    def _plan_volumes(self, spec: ContainerSpec, annotations: dict[str, str]) -> _Volumes:
+        """The container's CRI mounts, validated and turned into shares, scratch disks + guest instructions
+        (nothing made).  Scratch disks are bounded by the node's ``max_root_volume_size``."""
+        sizes = scratch.parse_annotation(annotations.get(scratch.ANNOTATION), self.max_root_volume_size)
+        plan = vmounts.plan_mounts(list(spec.mounts), sizes)
         driver = shares.pick_driver(self.share_driver, self.virtiofsd)
-        guest = shares.guest_shares(plan, driver)
+        guest = shares.guest_shares(plan, driver) + scratch.guest_entries(plan.scratch)
         files = shares.read_file_copies(plan)
         return _Volumes(plan=plan, driver=driver, user_data=shares.cloud_config(guest, files),
                         seed_files={shares.MOUNTS_FILE: shares.mounts_file(guest)} if guest else {})

@@ -39,13 +39,22 @@ class GuestShare:
     """One share as the guest mounts it."""
 
     tag: str
-    fstype: str  # "virtiofs" | "9p"
+    fstype: str  # "virtiofs" | "9p" | "ext4" (a scratch disk, ``virtlet.volumes.scratch``: tag is UUID=...)
     guest_path: str
     readonly: bool
 
     @property
+    def cloud_init_source(self) -> str:
+        """The source in a cloud-config ``mounts`` entry: the tag, except a scratch disk's ``UUID=<uuid>``, which
+        cloud-init's ``mounts`` module would drop (it keeps only names of existing block devices or
+        ``host:path`` sources): ``/dev/disk/by-uuid/<uuid>`` (udev's link) instead."""
+        if self.tag.startswith("UUID="):
+            return "/dev/disk/by-uuid/" + self.tag[len("UUID="):]
+        return self.tag
+
+    @property
     def options(self) -> str:
-        base = "defaults" if self.fstype == "virtiofs" else NINEP_OPTIONS
+        base = NINEP_OPTIONS if self.fstype == "9p" else "defaults"
         return base + (",ro" if self.readonly else "") + ",nofail"
 
 
@@ -95,7 +104,7 @@ def cloud_config(shares: Sequence[GuestShare], files: Sequence[tuple[FileCopy, b
     mount points and mounts them) and ``write_files`` for single-file mounts."""
     data: dict[str, Any] = {}
     if shares:
-        data["mounts"] = [[g.tag, g.guest_path, g.fstype, g.options, "0", "0"] for g in shares]
+        data["mounts"] = [[g.cloud_init_source, g.guest_path, g.fstype, g.options, "0", "0"] for g in shares]
     if files:
         data["write_files"] = [{"path": f.guest_path, "encoding": "b64", "owner": "root:root",
                                 "permissions": "0444" if f.readonly else "0644",
