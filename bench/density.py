@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report
 from bench.stats import percentile
-from bench.vm_boot import RPC_TIMEOUT, Cleanup, _raise_interrupt, bridge_cni, log, start_virtletd, tiny_image
-from tests.helpers.http_server import ImageHttpServer
+from bench.vm_boot import RPC_TIMEOUT, Cleanup, _raise_interrupt, log, tiny_image, tiny_world
 
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.vm.designer import domain_name
@@ -146,15 +143,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     rows: list[report.Row] = []
     with Cleanup() as stack:
-        base = Path(tempfile.mkdtemp(prefix="virtlet-density-", dir="/var/tmp"))
-        base.chmod(0o755)
-        stack.callback(shutil.rmtree, base, True)
-        (base / "www").mkdir()
-        shutil.copy(image, base / "www" / "tiny.qcow2")
-        server = stack.enter_context(ImageHttpServer(base / "www"))
-        daemon = start_virtletd(base, bridge_cni(base, stack), stack)
-        vm_image = server.name("files/tiny.qcow2")
-        daemon.image().PullImage(api.PullImageRequest(image=api.ImageSpec(image=vm_image)), timeout=300)
+        base, daemon, vm_image = tiny_world("virtlet-density-", image, stack)
         rt = daemon.runtime()
         pods = Pods(rt, base, vm_image, args.memory_mib)
         stack.callback(pods.remove_all)

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,14 +32,12 @@ from bench.vm_boot import (
     Cleanup,
     MarkerWatch,
     _raise_interrupt,
-    bridge_cni,
     log,
-    start_virtletd,
     tiny_image,
+    tiny_world,
     wait_all,
 )
 from tests.helpers.containerd import BUSYBOX_IMAGE, ContainerdProcess
-from tests.helpers.http_server import ImageHttpServer
 
 from virtlet.cri.gen import api_pb2 as api
 
@@ -120,18 +116,10 @@ def main() -> int:
     vm_rows: list[Times] = []
     cd_rows: list[Times] = []
     with Cleanup() as stack:
-        base = Path(tempfile.mkdtemp(prefix="virtlet-podstart-", dir="/var/tmp"))
-        base.chmod(0o755)
-        stack.callback(shutil.rmtree, base, True)
-        (base / "www").mkdir()
-        shutil.copy(image, base / "www" / "tiny.qcow2")
-        server = stack.enter_context(ImageHttpServer(base / "www"))
-        daemon = start_virtletd(base, bridge_cni(base, stack), stack)
+        base, daemon, vm_image = tiny_world("virtlet-podstart-", image, stack)
         containerd = ContainerdProcess()
         stack.callback(containerd.stop)
         containerd.start()
-        vm_image = server.name("files/tiny.qcow2")
-        daemon.image().PullImage(api.PullImageRequest(image=api.ImageSpec(image=vm_image)), timeout=300)
         vrt, crt = (daemon.runtime(), daemon.image()), (containerd.runtime(), containerd.image())
         one_pod(*crt, base, "warm-cd", 0, BUSYBOX_IMAGE, False, args.timeout)  # first-pod costs of both
         one_pod(*vrt, base, "warm-vm", 0, vm_image, True, args.timeout)

@@ -190,6 +190,27 @@ def start_virtletd(base: Path, conf: Path, stack: contextlib.ExitStack) -> Virtl
     return daemon
 
 
+def tiny_world(prefix: str, image: Path, stack: contextlib.ExitStack) -> tuple[Path, VirtletdProcess, str]:
+    """What every VM bench starts from: a temp dir QEMU can reach, the tiny image served over HTTP, a virtletd on a
+    bench-only bridge network that has pulled it.  Returns the dir, the daemon and the image name; everything is
+    undone by ``stack``."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    base.chmod(0o755)  # libvirt's QEMU must reach the overlays and the config drive
+    stack.callback(shutil.rmtree, base, True)
+    www = base / "www"
+    www.mkdir()
+    shutil.copy(image, www / "tiny.qcow2")
+    server = stack.enter_context(ImageHttpServer(www))
+    daemon = start_virtletd(base, bridge_cni(base, stack), stack)
+    name = server.name("files/tiny.qcow2")
+    try:
+        daemon.image().PullImage(api.PullImageRequest(image=api.ImageSpec(image=name)), timeout=300)
+    except Exception:
+        log(f"--- end of virtletd's log ---\n{daemon.log()}")
+        raise
+    return base, daemon, name
+
+
 # -- the two paths ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -405,18 +426,8 @@ def main() -> int:
 def run(args: argparse.Namespace, image: Path, rows: list[Row]) -> None:
     """All rounds; appends one row per finished round, removes everything it made before returning."""
     with Cleanup() as stack:
-        base = Path(tempfile.mkdtemp(prefix="virtlet-vmboot-", dir="/var/tmp"))
-        base.chmod(0o755)  # libvirt's QEMU must reach the overlays and the config drive
-        stack.callback(shutil.rmtree, base, True)
-        www = base / "www"
-        www.mkdir()
-        shutil.copy(image, www / "tiny.qcow2")
-        server = stack.enter_context(ImageHttpServer(www))
-        conf = bridge_cni(base, stack)
-        daemon = start_virtletd(base, conf, stack)
+        base, daemon, name = tiny_world("virtlet-vmboot-", image, stack)
         try:
-            name = server.name("files/tiny.qcow2")
-            daemon.image().PullImage(api.PullImageRequest(image=api.ImageSpec(image=name)), timeout=300)
             pod = VirtletdPath(daemon, base, name)
             template_dir = base / "template"
             template_dir.mkdir()

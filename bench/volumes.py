@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,14 +39,12 @@ from bench.vm_boot import (
     Cleanup,
     MarkerWatch,
     _raise_interrupt,
-    bridge_cni,
     log,
-    start_virtletd,
     tiny_image,
+    tiny_world,
     wait_all,
 )
 from tests.helpers.daemon import VirtletdProcess
-from tests.helpers.http_server import ImageHttpServer
 
 from virtlet.cri.gen import api_pb2 as api
 
@@ -118,16 +114,7 @@ def guest_rw(pod: BenchPod, cid: str, target: str, size_mb: int) -> tuple[float,
 def run(args: argparse.Namespace, image: Path, rows: list[report.Row]) -> None:
     size = args.size_mb << 20
     with Cleanup() as stack:
-        base = Path(tempfile.mkdtemp(prefix="virtlet-benchvol-", dir="/var/tmp"))
-        base.chmod(0o755)
-        stack.callback(shutil.rmtree, base, True)
-        www = base / "www"
-        www.mkdir()
-        shutil.copy(image, www / "tiny.qcow2")
-        server = stack.enter_context(ImageHttpServer(www))
-        daemon = start_virtletd(base, bridge_cni(base, stack), stack)
-        name = server.name("files/tiny.qcow2")
-        daemon.image().PullImage(api.PullImageRequest(image=api.ImageSpec(image=name)), timeout=300)
+        base, daemon, name = tiny_world("virtlet-benchvol-", image, stack)
         image_size = int(json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
                                                    capture_output=True, text=True, check=True).stdout)
                          ["virtual-size"])
