@@ -154,6 +154,20 @@ def image_server(world_dir: Path) -> Iterator[Any]:
         yield server
 
 
+def small_translated_image(world_dir: Path, image_server: Any, name: str) -> str:
+    """A 16 MiB empty qcow2 served over real HTTP (``image_server``) and named ``name`` by a translation file (the
+    admin's, so trusted); returns the image name a pod uses, ``virtlet.cloud/<name>``."""
+    import subprocess
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
+                   check=True)
+    tdir = world_dir / "translations"
+    tdir.mkdir(exist_ok=True)
+    (tdir / f"{name.replace('/', '-')}.yaml").write_text(
+        f"translations:\n  - name: {name}\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
+    return f"virtlet.cloud/{name}"
+
+
 @pytest.fixture
 def bridge_cni(world_dir: Path) -> Iterator[Path]:
     """A CNI conf dir with a bridge + host-local network on a test-only bridge and subnet."""

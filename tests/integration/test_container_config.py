@@ -3,7 +3,6 @@ running virtletd (libvirt's test driver: no VM needs to boot), compared with wha
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import small_translated_image
 from virtlet.cri.gen import api_pb2 as api
 
 IMAGE = "virtlet.cloud/config-test/vm"
@@ -18,13 +18,7 @@ IMAGE = "virtlet.cloud/config-test/vm"
 
 @pytest.fixture
 def vm_image(world_dir: Path, image_server: Any) -> str:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
-                   check=True)
-    tdir = world_dir / "translations"
-    tdir.mkdir(exist_ok=True)
-    (tdir / "config-test.yaml").write_text(
-        f"translations:\n  - name: config-test/vm\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
-    return IMAGE
+    return small_translated_image(world_dir, image_server, IMAGE.removeprefix("virtlet.cloud/"))
 
 
 class Pod:

@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers.containerd import BUSYBOX_IMAGE, ContainerdProcess
 from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import small_translated_image
 from virtlet.cri import versions
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.proxy.naming import external_id
@@ -96,13 +97,7 @@ def containerd() -> Iterator[ContainerdProcess]:
 @pytest.fixture
 def vm_image(world_dir: Path, image_server: Any) -> str:
     """A 16 MiB qcow2 served over real HTTP, named ``virtlet.cloud/proxytest/vm`` by a translation file."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
-                   check=True)
-    tdir = world_dir / "translations"
-    tdir.mkdir(exist_ok=True)
-    (tdir / "proxytest.yaml").write_text(
-        f"translations:\n  - name: proxytest/vm\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
-    return VM_IMAGE
+    return small_translated_image(world_dir, image_server, VM_IMAGE.removeprefix("virtlet.cloud/"))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ are not delayed, and must leave no container, record or file behind.  A valid po
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import small_translated_image
 from virtlet.cri.gen import api_pb2 as api
 
 IMAGE = "virtlet.cloud/hostile-test/vm"
@@ -65,13 +65,7 @@ HOSTILE: list[tuple[dict[str, str], list[str]]] = [
 @pytest.fixture
 def vm_image(world_dir: Path, image_server: Any) -> str:
     """A 16 MiB qcow2 served over real HTTP and named by a translation file (the admin's, so trusted)."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
-                   check=True)
-    tdir = world_dir / "translations"
-    tdir.mkdir(exist_ok=True)
-    (tdir / "hostile.yaml").write_text(
-        f"translations:\n  - name: hostile-test/vm\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
-    return IMAGE
+    return small_translated_image(world_dir, image_server, IMAGE.removeprefix("virtlet.cloud/"))
 
 
 class Pod:

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import small_translated_image
 from tests.integration.test_vm_exec import _exec, _wait_for_agent
 from tests.integration.test_vm_lifecycle import MARKER, _pull
 from tests.integration.test_vm_volumes import VolumePod, _mounts_under
@@ -66,13 +67,7 @@ def test_scratch_disk_in_a_vm(vm_virtletd: VirtletdProcess, world_dir: Path, ima
 def test_bad_scratch_disks_are_refused(virtletd: VirtletdProcess, world_dir: Path, image_server: Any) -> None:
     from tests.integration.test_hostile_pod_specs import Pod as HostilePod
 
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
-                   check=True)
-    tdir = world_dir / "translations"
-    tdir.mkdir(exist_ok=True)
-    (tdir / "scratch.yaml").write_text(
-        f"translations:\n  - name: scratch-test/vm\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
-    image = "virtlet.cloud/scratch-test/vm"
+    image = small_translated_image(world_dir, image_server, "scratch-test/vm")
     _pull(virtletd, image)
     empty = world_dir / "pods" / "u1" / "volumes" / "kubernetes.io~empty-dir" / "data"
     empty.mkdir(parents=True)

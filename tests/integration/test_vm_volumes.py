@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import small_translated_image
 from tests.integration.test_vm_exec import _exec, _wait_for_agent
 from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
 from virtlet.cri.gen import api_pb2 as api
@@ -175,13 +176,7 @@ def _bad_mounts(tmp: Path) -> list[tuple[list[api.Mount], list[str]]]:
 def test_bad_mounts_are_refused(virtletd: VirtletdProcess, world_dir: Path, image_server: Any) -> None:
     from tests.integration.test_hostile_pod_specs import Pod as HostilePod
 
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(world_dir / "www" / "vm.qcow2"), "16M"],
-                   check=True)
-    tdir = world_dir / "translations"
-    tdir.mkdir(exist_ok=True)
-    (tdir / "vols.yaml").write_text(
-        f"translations:\n  - name: vols-test/vm\n    url: http://127.0.0.1:{image_server.port}/files/vm.qcow2\n")
-    image = "virtlet.cloud/vols-test/vm"
+    image = small_translated_image(world_dir, image_server, "vols-test/vm")
     _pull(virtletd, image)
     tmp = world_dir / "vol-src"
     tmp.mkdir()
