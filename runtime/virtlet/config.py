@@ -160,6 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cni_bin_dir", (Path("/opt/cni/bin"), Path("/usr/lib/cni")), _path_list,
             "CNI plugin directories (list, or colon-separated)"),
     Setting("cni_conf_dir", Path("/etc/cni/net.d"), _path, "CNI network configuration directory"),
+    Setting("cni_extra_conf_dir", Path("/etc/cni/multus/net.d"), _path,
+            "CNI network configs the k8s.v1.cni.cncf.io/networks annotation names (by their 'name'), node-wide "
+            "in the dir, per namespace in <dir>/<namespace>/; see docs/networking.md"),
     Setting("stream_address", "127.0.0.1:10010", _host_port,
             "HOST:PORT of the streaming server (attach, port-forward)"),
     Setting("metrics_address", "127.0.0.1:9474", _optional_host_port,
@@ -192,6 +195,7 @@ class Config:
     virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
     cni_bin_dir: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
     cni_conf_dir: Path = Path("/etc/cni/net.d")
+    cni_extra_conf_dir: Path = Path("/etc/cni/multus/net.d")
     stream_address: str = "127.0.0.1:10010"
     metrics_address: str = "127.0.0.1:9474"
     kvm: str = "auto"

@@ -33,6 +33,7 @@ from virtlet.images.policy import SourcePolicy
 from virtlet.images.registry_config import RegistryConfig
 from virtlet.images.store import ImageStore
 from virtlet.network.cni import CniConfigStore, CniRunner
+from virtlet.network.extra_networks import ExtraNetworks
 from virtlet.network.pod_network import PodNetwork
 from virtlet.sandbox.manager import SandboxManager
 from virtlet.sandbox.network_hook import PodNetworkHook
@@ -113,7 +114,9 @@ class Virtletd:
                                           cfg.image_source_allow, cfg.image_max_size, cfg.image_name_fallback),
                                       registries=RegistryConfig(cfg.image_registries_config))
         self.cni_config = CniConfigStore(cfg.cni_conf_dir, cfg.cni_bin_dir)
-        self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net")
+        self.pod_network = PodNetwork(CniRunner(self.cni_config, cfg.state_dir / "cni"), cfg.run_dir / "net",
+                                      extra=ExtraNetworks(cfg.cni_extra_conf_dir, cfg.cni_bin_dir,
+                                                          cfg.state_dir / "cni" / "extra"))
         self.vms = VmManager(self.store, self.libvirt,
                              VmParts(self.image_store, self.pod_network, self.kvm.domain_type, kvm.find_emulator(),
                                      max_root_volume_size=cfg.max_root_volume_size,

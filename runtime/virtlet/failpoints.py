@@ -24,6 +24,8 @@ NAMES: dict[str, str] = {
     # RunPodSandbox
     "sandbox.run.after_record": "record CREATING, nothing on the host yet",
     "sandbox.after_netns": "record CREATING, netns made, no CNI ADD",
+    "sandbox.network.after_cni_add": "record CREATING, CNI ADD of the pod network and every extra network done, "
+                                     "no bridge, no DHCP server",
     "sandbox.after_network": "record CREATING, CNI ADD done, bridge and DHCP server running",
     # StopPodSandbox
     "sandbox.stop.after_containers": "containers stopped, pod network still up",

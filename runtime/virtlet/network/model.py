@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virtlet.network.attachments import Attachment
+
 
 @dataclass(frozen=True)
 class SandboxNetSpec:
@@ -29,6 +31,9 @@ class SandboxNetSpec:
     # CNI capability args the pod's annotations ask for ("bandwidth", "ips", "mac"), validated
     # (``virtlet.network.capabilities.from_annotations``)
     annotation_caps: dict[str, Any] = field(default_factory=dict)
+    # extra networks of the k8s.v1.cni.cncf.io/networks annotation, validated
+    # (``virtlet.network.attachments.parse``); only set-up needs them, teardown finds them in the CNI cache
+    extra_networks: list[Attachment] = field(default_factory=list)
 
     @property
     def netns_name(self) -> str:
@@ -58,6 +63,9 @@ class NicInfo:
     # CIDRs: pod IPs, given to the guest by cloud-init network-config (no DHCPv6/RA yet); removed from the veth
     ipv6: list[str] = field(default_factory=list)
     ipv6_gateway: str = ""  # the CNI result's gateway of the first IPv6 address ("" when it has none)
+    # "" for an interface of the pod network; the CNI network name of an extra network (its addresses are
+    # not pod IPs, and it never carries the default route)
+    network: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,8 +97,9 @@ class PodNetworkInfo:
     @property
     def pod_ips(self) -> list[str]:
         """IPv4 addresses first (in NIC order), then IPv6: the CRI's ip + additional_ips."""
-        v4 = [n.ip for n in self.nics if n.ip]
-        v6 = [a.split("/")[0] for n in self.nics for a in n.ipv6]
+        pod = [n for n in self.nics if not n.network]  # extra networks' addresses are not the pod's IPs
+        v4 = [n.ip for n in pod if n.ip]
+        v6 = [a.split("/")[0] for n in pod for a in n.ipv6]
         return v4 + v6
 
     @property

@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from virtlet import errors
-from virtlet.network import plumbing
+from virtlet import errors, failpoints
+from virtlet.network import extra_networks, plumbing
 from virtlet.network.cni import CniPluginError, CniResult, CniRunner
 from virtlet.network.dhcp_process import DhcpProcess
 from virtlet.network.dhcp_server import DEFAULT_LEASE, DhcpConfig, NicLease
@@ -52,8 +52,11 @@ def bridge_name(index: int) -> str:
 
 
 class PodNetwork:
-    def __init__(self, cni: CniRunner, run_dir: Path, lease_time: int = DEFAULT_LEASE) -> None:
+    def __init__(self, cni: CniRunner, run_dir: Path, lease_time: int = DEFAULT_LEASE,
+                 extra: extra_networks.ExtraNetworks | None = None) -> None:
         self.cni = cni
+        # without an extra conf dir no extra network resolves, but the teardown still DELs cached ones
+        self.extra = extra or extra_networks.ExtraNetworks(None, cni.store.bin_dirs, cni.cache_dir / "extra")
         self.run_dir = Path(run_dir)
         self.lease_time = lease_time
 
@@ -62,6 +65,7 @@ class PodNetwork:
         """CNI ADD, bridge per interface, DHCP server started; everything is undone when a step fails."""
         if not Path(spec.netns_path).exists():
             raise errors.FailedPrecondition(f"network namespace {spec.netns_path} does not exist")
+        extra_nets = self.extra.resolve(spec)  # an unknown extra network fails before anything is made
         self._dir(spec.sandbox_id).mkdir(parents=True, exist_ok=True)
         try:
             result = self.cni.add(spec)  # undoes itself on failure
@@ -75,7 +79,11 @@ class PodNetwork:
                 f"{exc} (the pod asks for fixed addresses, annotations VirtletIPAddresses/VirtletMACAddress: "
                 f"{fixed}; an address must be free and inside the network's range)") from exc
         try:
+            added = self.extra.add(spec, extra_nets, [str(i.get("name", "")) for _, i in result.sandbox_interfaces()],
+                                   MAX_NICS)
+            failpoints.hit("sandbox.network.after_cni_add")
             info = self._plumb(spec, result)
+            extra_networks.plumb(spec, info, added)
             _check_fixed_addresses(spec, info)
             self._save(info)
             info.dhcp_pid = self._dhcp(info, spec.hostname).start()
@@ -124,6 +132,7 @@ class PodNetwork:
             self.release_taps(info)
             for nic in info.nics:
                 plumbing.delete_link(nic.bridge, spec.netns_path)
+        self.extra.delete(spec)  # the extra networks were added last: deleted first, in reverse
         self.cni.delete(spec)
         shutil.rmtree(self._dir(spec.sandbox_id), ignore_errors=True)
 

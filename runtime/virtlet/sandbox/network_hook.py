@@ -5,7 +5,7 @@ network it ran, so the teardown (also after a crash) passes the same ones again.
 
 from __future__ import annotations
 
-from virtlet.network import capabilities
+from virtlet.network import attachments, capabilities
 from virtlet.network.model import PodNetworkInfo, SandboxNetSpec
 from virtlet.network.pod_network import PodNetwork
 from virtlet.sandbox.manager import SandboxSpec
@@ -17,7 +17,8 @@ def _net_spec(rec: st.SandboxRecord, spec: SandboxSpec | None = None) -> Sandbox
         sandbox_id=rec.id, netns_path=rec.netns, pod_name=rec.name, pod_namespace=rec.namespace, pod_uid=rec.uid,
         hostname=rec.hostname, port_mappings=list(spec.port_mappings) if spec else [],
         dns=dict(spec.dns) if spec else {},
-        annotation_caps=capabilities.from_annotations(spec.annotations) if spec else {})
+        annotation_caps=capabilities.from_annotations(spec.annotations) if spec else {},
+        extra_networks=attachments.parse(spec.annotations) if spec else [])
 
 
 class PodNetworkHook:
