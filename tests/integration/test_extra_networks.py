@@ -249,3 +249,74 @@ def test_sigkill_mid_setup_leaves_no_interface_reservation_or_dhcp_server(
         assert str(daemon.base) not in cmdline, f"DHCP server left: {cmdline}"
     cache = daemon.state_dir / "cni" / "extra"
     assert not list(cache.glob(f"{sid}.*")) if cache.exists() else True
+
+
+# -- a pod network whose CNI result already has several interfaces (Multus itself as the pod network's plugin) ----
+MULTI_PLUGIN = r'''#!/usr/bin/env python3
+"""A meta plugin standing in for Multus as the pod network: each of "delegates" is run (Debian's plugins) with its
+own CNI_IFNAME and host-local network name; the results are merged into one with several sandbox interfaces."""
+import json, os, subprocess, sys
+conf = json.load(sys.stdin)
+cmd = os.environ["CNI_COMMAND"]
+if cmd == "VERSION":
+    print(json.dumps({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0"]}))
+    sys.exit(0)
+out = {"cniVersion": conf["cniVersion"], "interfaces": [], "ips": [], "routes": []}
+delegates = list(enumerate(conf["delegates"]))
+for i, d in (delegates if cmd == "ADD" else reversed(delegates)):
+    d = dict(d)
+    ifname = d.pop("ifname")
+    sub = dict(d, cniVersion=conf["cniVersion"], name=f"{conf['name']}-{ifname}")
+    p = subprocess.run(["/usr/lib/cni/" + d["type"]], input=json.dumps(sub), capture_output=True, text=True,
+                       env=dict(os.environ, CNI_IFNAME=ifname))
+    if p.returncode:
+        sys.stdout.write(p.stdout)
+        sys.exit(p.returncode)
+    if cmd == "ADD":
+        r = json.loads(p.stdout)
+        base = len(out["interfaces"])
+        out["interfaces"] += r.get("interfaces", [])
+        out["ips"] += [dict(ip, interface=ip.get("interface", 0) + base) for ip in r.get("ips", [])]
+        out["routes"] += r.get("routes", []) if i == 0 else []
+if cmd == "ADD":
+    print(json.dumps(out))
+'''
+
+
+def test_pod_network_result_with_two_interfaces(world_dir: Path, netns_guard: NetnsGuard) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    name, bin_dir, conf = f"vxmulti-{suffix}", world_dir / "multi-bin", world_dir / "cni-multi"
+    bin_dir.mkdir()
+    conf.mkdir()
+    (bin_dir / "vx-multi").write_text(MULTI_PLUGIN)
+    (bin_dir / "vx-multi").chmod(0o755)
+    n = random.randint(1, 250)
+    bridges, subnets = [f"vxm0{suffix}", f"vxm1{suffix}"], [f"10.93.{n}.0/24", f"10.92.{n}.0/24"]
+    (conf / "10-multi.conf").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": name, "type": "vx-multi", "delegates": [
+            {"type": "bridge", "ifname": f"eth{i}", "bridge": bridges[i], "isGateway": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": subnets[i]}]], "routes": [{"dst": "0.0.0.0/0"}]}}
+            for i in (0, 1)]}))
+    try:
+        with running_virtletd(world_dir, netns_guard, conf, [
+                "--libvirt-uri", "test:///default", "--kvm", "off", "--cni-bin-dir", f"{bin_dir}:{CNI_BIN}"]) as daemon:
+            sid = daemon.runtime().RunPodSandbox(api.RunPodSandboxRequest(config=_config("multi", "")),
+                                                 timeout=120).pod_sandbox_id
+            try:
+                nics = _info(daemon, sid)["network"]["nics"]
+                assert [(x["veth"], x["bridge"], x["network"]) for x in nics] == [
+                    ("eth0", "vmbr0", ""), ("eth1", "vmbr1", "")]
+                assert [x["ip"].rsplit(".", 1)[0] for x in nics] == [s.rsplit(".", 1)[0] for s in subnets]
+                lease0, lease1 = (_dhcp_lease(sid, nic, world_dir) for nic in nics)
+                assert lease0["ip"] == nics[0]["ip"] and lease0.get("router") == nics[0]["gateway"]
+                assert lease1["ip"] == nics[1]["ip"] and not lease1.get("router"), lease1  # one default route
+            finally:
+                _remove(daemon, sid)
+            for i in (0, 1):
+                leases = Path("/var/lib/cni/networks") / f"{name}-eth{i}"
+                assert not [p for p in leases.glob("*") if p.name[0].isdigit()]
+                assert os.listdir(f"/sys/class/net/{bridges[i]}/brif") == []
+    finally:
+        for i in (0, 1):
+            _sh("ip", "link", "del", bridges[i], check=False)
+            shutil.rmtree(f"/var/lib/cni/networks/{name}-eth{i}", ignore_errors=True)
