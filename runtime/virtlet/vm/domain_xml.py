@@ -19,6 +19,7 @@ from virtlet.vm.domain_devices import (
     Devices,
     Disk,
     EthernetInterface,
+    FileChannel,
     Filesystem,
     GuestAgentChannel,
     MemBalloon,
@@ -31,7 +32,7 @@ from virtlet.vm.xml_fields import int_of, req, sub, text_of
 __all__ = [
     "DOMAIN_TYPES", "Cpu", "CpuTune", "Domain", "Metadata", "Os", "SysInfo", "from_string", "to_string",
     "Controller", "Devices", "Disk", "EthernetInterface", "Filesystem", "MemoryBacking", "GuestAgentChannel",
-    "MemBalloon", "Rng",
+    "FileChannel", "MemBalloon", "Rng",
     "UnixSerial", "VncGraphics",
 ]
 

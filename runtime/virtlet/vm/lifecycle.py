@@ -13,7 +13,7 @@ from virtlet.images import names
 from virtlet.images.records import repo_tags
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
-from virtlet.vm import termination
+from virtlet.vm import guest_exit, termination
 from virtlet.vm.annotations import MIN_MEMORY_BYTES
 from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec, ResourceUpdate
 from virtlet.vm.exits import VmExits
@@ -131,6 +131,7 @@ class VmLifecycle(VmExits):
                 return
             self.parts.taps_before_start(sandbox)
             failpoints.hit("container.start.after_taps")
+            guest_exit.reset(guest_exit.exit_file(self.container_dir(cid)))  # no report of an earlier run counts
             try:
                 guest.start()
             except errors.Internal as exc:
