@@ -117,6 +117,7 @@ def design_domain(req: DomainRequest) -> dx.Domain:
         title=f"{req.pod_namespace}/{req.pod_name} (virtlet)",
         memory_bytes=opts.memory_bytes,
         vcpus=opts.vcpus,
+        max_vcpus=opts.max_vcpus or None,
         cpuset=opts.cpuset or None,
         cputune=dx.CpuTune(shares=opts.cpu_shares, global_period=period, global_quota=opts.cpu_quota),
         os=dx.Os(machine=MACHINE, boot_devices=("hd",), smbios_sysinfo=True),
