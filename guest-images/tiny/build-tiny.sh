@@ -74,6 +74,7 @@ printf 'root:x:0:\n' > "$R/etc/group"
 printf 'root::19000:0:99999:7:::\n' > "$R/etc/shadow"
 printf '/bin/sh\n' > "$R/etc/shells"
 install -m 0755 "$HERE/virtlet-sysinfo" "$R/usr/bin/virtlet-sysinfo"
+install -m 0755 "$HERE/virtlet-exit" "$R/usr/bin/virtlet-exit"
 install -m 0644 "$HERE/issue" "$R/etc/issue"
 chmod 700 "$R/root" "$R/root/.ssh"
 # the kernel opens /dev/console before /init mounts devtmpfs: without the node, early output is lost

@@ -141,6 +141,11 @@ class FakeDomain:
         self.memory_set = (kib, flags)
         return 0
 
+    def setVcpusFlags(self, count: int, flags: int = 0) -> int:
+        self._call("setVcpusFlags")
+        self.vcpus_set = getattr(self, "vcpus_set", []) + [(count, flags)]
+        return 0
+
     def setSchedulerParametersFlags(self, params: dict[str, int], flags: int = 0) -> int:
         self._call("setSchedulerParametersFlags")
         self.sched_set = getattr(self, "sched_set", []) + [(dict(params), flags)]

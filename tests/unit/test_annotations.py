@@ -43,7 +43,7 @@ def test_all_annotations() -> None:
     assert o == ann.VmOptions(vcpus=4, memory_bytes=512 * MiB, disk_driver="scsi",
                               system_uuid="123e4567-e89b-12d3-a456-426614174000", root_volume_size=4 * GiB,
                               cpu_model="host-model", cpu_shares=512, cpu_quota=50000, cpu_period=100000,
-                              cpuset="0-1,3")
+                              cpuset="0-1,3", max_vcpus=4)  # no VirtletMaxVCPUs: no room to grow
 
 
 def test_unknown_virtlet_annotations_are_ignored() -> None:

@@ -280,10 +280,11 @@ class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.Runtim
 
     def UpdateContainerResources(self, request: api.UpdateContainerResourcesRequest,
                                  context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
-        # What QEMU applies live (memory by balloon up to the VM's size at create, CPU shares/quota/period) is
-        # applied (virtlet.vm.lifecycle.update_resources); a CPU pinning change is UNIMPLEMENTED (the kubelet's
-        # in-place resize never sends one); fields with no meaning for a VM (OOM score, hugepages, swap, unified
-        # cgroup keys) are ignored as at CreateContainer.  Never OK for a change that was not applied.
+        # What QEMU applies live is applied (virtlet.vm.lifecycle.update_resources): memory by balloon up to the VM's
+        # size at create, vCPU hot-plug for a CPU limit above the VM's vCPUs up to VirtletMaxVCPUs (beyond it
+        # FAILED_PRECONDITION), CPU shares/quota/period; a CPU pinning change is UNIMPLEMENTED (the kubelet's in-place
+        # resize never sends one); fields with no meaning for a VM (OOM score, hugepages, swap, unified cgroup keys)
+        # are ignored as at CreateContainer.  Never OK for a change that was not applied.
         from virtlet.vm.manager import ResourceUpdate
 
         validation.require_id(request.container_id, "container_id")

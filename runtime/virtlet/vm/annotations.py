@@ -4,7 +4,7 @@ Everything a user can get wrong about a VM's shape is checked here, once, at Cre
 and the manager only ever see valid values.  Every error is ``errors.InvalidArgument`` naming the annotation
 (or CRI field), the value that was given and the values that are allowed.
 
-Annotations handled here: ``VirtletVCPUCount``, ``VirtletRootVolumeSize``, ``VirtletDiskDriver``,
+Annotations handled here: ``VirtletVCPUCount``, ``VirtletMaxVCPUs``, ``VirtletRootVolumeSize``, ``VirtletDiskDriver``,
 ``VirtletSystemUUID``, ``VirtletCPUModel``; ``VirtletLibvirtCPUSetting`` is refused (not supported).
 Other ``Virtlet*`` annotations are ignored here on purpose: cloud-init's (``VirtletCloudInit*``,
 ``VirtletSSHKeys``...) are parsed by ``virtlet.cloudinit``, and unknown ones must not break manifests
@@ -28,8 +28,11 @@ GiB = 1024 * MiB
 DEFAULT_MEMORY_BYTES = 1 * GiB
 MIN_MEMORY_BYTES = 32 * MiB
 DEFAULT_VCPUS = 1
+DEFAULT_CFS_PERIOD_US = 100000  # the kernel's default CFS period: a quota without a period uses it
 
 VCPU_COUNT = "VirtletVCPUCount"
+#: The most vCPUs UpdateContainerResources may hot-plug up to (default: VirtletVCPUCount, no hot-plug).
+MAX_VCPUS = "VirtletMaxVCPUs"
 ROOT_VOLUME_SIZE = "VirtletRootVolumeSize"
 DISK_DRIVER = "VirtletDiskDriver"
 SYSTEM_UUID = "VirtletSystemUUID"
@@ -98,6 +101,7 @@ class VmOptions:
     cpu_quota: int | None = None  # microseconds per period for the whole VM
     cpu_period: int | None = None  # microseconds
     cpuset: str = ""  # normalised host CPU list, "" = any CPU
+    max_vcpus: int = 0  # vCPUs the VM may grow to live (hot-plug); 0 = vcpus
 
 
 def check_annotation_sizes(annotations: Mapping[str, str], where: str) -> None:
@@ -123,7 +127,7 @@ def parse_vm_options(annotations: Mapping[str, str], memory_limit_bytes: int, cp
 
     ``memory_limit_bytes`` is the container's ``resources.limits.memory`` (0 = unset -> 1 GiB).
     """
-    for name in (VCPU_COUNT, ROOT_VOLUME_SIZE, DISK_DRIVER, SYSTEM_UUID, CPU_MODEL):
+    for name in (VCPU_COUNT, MAX_VCPUS, ROOT_VOLUME_SIZE, DISK_DRIVER, SYSTEM_UUID, CPU_MODEL):
         value = annotations.get(name)
         if value is not None and len(value) > MAX_SCALAR_VALUE:
             raise errors.InvalidArgument(
@@ -133,8 +137,15 @@ def parse_vm_options(annotations: Mapping[str, str], memory_limit_bytes: int, cp
             f"annotation {LIBVIRT_CPU_SETTING} is not supported by this virtlet; remove it and use "
             f"{CPU_MODEL}: host-model (or nothing, for QEMU's default CPU model)")
     cpus = _cpu_resources(cpu, max(host_cpus, 1))
+    vcpus = _vcpus(annotations.get(VCPU_COUNT), max(host_cpus, 1))
+    max_vcpus = _max_vcpus(annotations.get(MAX_VCPUS), vcpus, max(host_cpus, 1))
+    if cpus["cpu_quota"]:  # with room to grow, a CPU limit above VirtletVCPUCount starts with the vCPUs it needs
+        # (so a container restarted after an in-place resize keeps the vCPUs the resize gave it)
+        needed = -(-cpus["cpu_quota"] // (cpus["cpu_period"] or DEFAULT_CFS_PERIOD_US))
+        vcpus = max(vcpus, min(max_vcpus, needed))
     return VmOptions(
-        vcpus=_vcpus(annotations.get(VCPU_COUNT), max(host_cpus, 1)),
+        vcpus=vcpus,
+        max_vcpus=max_vcpus,
         memory_bytes=_memory(memory_limit_bytes),
         disk_driver=_choice(annotations, DISK_DRIVER, DISK_DRIVERS, "virtio"),
         system_uuid=_system_uuid(annotations.get(SYSTEM_UUID), pod_uid),
@@ -152,6 +163,18 @@ def _vcpus(value: str | None, host_cpus: int) -> int:
         raise errors.InvalidArgument(
             f"annotation {VCPU_COUNT}: {value!r} is not allowed; expected a whole number from 1 to "
             f"{host_cpus} (this node has {host_cpus} CPUs); default {DEFAULT_VCPUS}")
+    return int(text)
+
+
+def _max_vcpus(value: str | None, vcpus: int, host_cpus: int) -> int:
+    """``VirtletMaxVCPUs``: from ``VirtletVCPUCount`` to the node's CPU count; unset -> no room to grow."""
+    if value is None:
+        return vcpus
+    text = value.strip()
+    if not _WHOLE_NUMBER.fullmatch(text) or not vcpus <= int(text) <= host_cpus:
+        raise errors.InvalidArgument(
+            f"annotation {MAX_VCPUS}: {value!r} is not allowed; expected a whole number from {VCPU_COUNT} "
+            f"({vcpus}) to {host_cpus} (this node has {host_cpus} CPUs); default {VCPU_COUNT}, no vCPU hot-plug")
     return int(text)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from virtlet.vm import domain_xml as dx
+from virtlet.vm import guest_exit
 from virtlet.vm.annotations import VmOptions
 from virtlet.volumes.devices import BlockVolume
 from virtlet.volumes.scratch import ScratchFile
@@ -71,6 +72,7 @@ class DomainRequest:
     block_volumes: Sequence[BlockVolume] = ()  # CRI devices: raw disks after the root disk (vdb, vdc, ...)
     scratch_disks: Sequence[ScratchFile] = ()  # emptyDir scratch disks: raw files after the block volumes
     root_device: str | None = None  # persistent root: this block device is vda instead of ``overlay``
+    exit_file: Path | None = None  # host side of the guest's exit-code port (virtlet.vm.guest_exit)
 
 
 def domain_name(container_id: str) -> str:
@@ -102,6 +104,7 @@ def design_domain(req: DomainRequest) -> dx.Domain:
         interfaces=[dx.EthernetInterface(target_dev=n.tap, mac=n.mac, mtu=n.mtu) for n in req.nics],
         serials=[dx.UnixSerial(path=str(req.console_socket), log_file=str(req.console_log), log_append=True)],
         channels=[dx.GuestAgentChannel()],  # exec and exec probes (virtlet.vm.guest_agent)
+        file_channels=exit_code_channels(req),
         graphics=[dx.VncGraphics()],  # unix socket in libvirt's per-domain dir: root only (virtletctl vnc)
         memballoon=dx.MemBalloon(model="virtio"),
         rng=dx.Rng(),
@@ -114,6 +117,7 @@ def design_domain(req: DomainRequest) -> dx.Domain:
         title=f"{req.pod_namespace}/{req.pod_name} (virtlet)",
         memory_bytes=opts.memory_bytes,
         vcpus=opts.vcpus,
+        max_vcpus=opts.max_vcpus or None,
         cpuset=opts.cpuset or None,
         cputune=dx.CpuTune(shares=opts.cpu_shares, global_period=period, global_quota=opts.cpu_quota),
         os=dx.Os(machine=MACHINE, boot_devices=("hd",), smbios_sysinfo=True),
@@ -126,6 +130,13 @@ def design_domain(req: DomainRequest) -> dx.Domain:
                               fields=_metadata_fields(req))],
         memory_backing=_share_memory_backing(req),
     )
+
+
+def exit_code_channels(req: DomainRequest) -> list[dx.FileChannel]:
+    """The virtio-serial port ``cloud.virtlet.exit`` the guest reports its own exit code on, file-backed."""
+    if req.exit_file is None:
+        return []
+    return [dx.FileChannel(path=str(req.exit_file), name=guest_exit.CHANNEL_NAME)]
 
 
 def _share_memory_backing(req: DomainRequest) -> dx.MemoryBacking | None:

@@ -205,6 +205,25 @@ class GuestAgentChannel:
 
 
 @dataclass
+class FileChannel:
+    """A virtio-serial port named ``name`` whose output the host appends to the file ``path`` (libvirt opens it,
+    or virtlogd does): a one-way channel from the guest, e.g. its exit code (``virtlet.vm.guest_exit``)."""
+
+    path: str
+    name: str
+
+    def to_xml(self) -> ET.Element:
+        el = ET.Element("channel", type="file")
+        sub(el, "source", path=self.path)
+        sub(el, "target", type="virtio", name=self.name)
+        return el
+
+    @classmethod
+    def from_xml(cls, el: ET.Element) -> FileChannel:
+        return cls(path=req(el, "source").get("path", ""), name=req(el, "target").get("name", ""))
+
+
+@dataclass
 class VncGraphics:
     """VNC display.  ``listen_type`` ``socket`` (what virtletd asks for): a unix socket; with no ``socket`` path
     libvirt puts it in the domain's private directory (``/var/lib/libvirt/qemu/domain-N-<name>/vnc.sock``,
@@ -274,6 +293,7 @@ class Devices:
     serials: list[UnixSerial] = field(default_factory=list)
     channels: list[GuestAgentChannel] = field(default_factory=list)
     graphics: list[VncGraphics] = field(default_factory=list)
+    file_channels: list[FileChannel] = field(default_factory=list)
     memballoon: MemBalloon | None = None
     rng: Rng | None = None
 
@@ -286,7 +306,8 @@ class Devices:
             el.append(item.to_xml())
         if self.serials:
             el.append(self.serials[0].console_xml())
-        more: list[GuestAgentChannel | VncGraphics] = [*self.channels, *self.graphics]
+        more: list[GuestAgentChannel | VncGraphics | FileChannel] = [*self.channels, *self.graphics,
+                                                                     *self.file_channels]
         for extra in more:
             el.append(extra.to_xml())
         if self.memballoon:
@@ -310,6 +331,8 @@ class Devices:
             channels=[GuestAgentChannel.from_xml(c) for c in el.findall("channel")
                       if c.get("type") == "unix" and c.find("target[@type='virtio']") is not None],
             graphics=[VncGraphics.from_xml(g) for g in el.findall("graphics") if g.get("type") == "vnc"],
+            file_channels=[FileChannel.from_xml(c) for c in el.findall("channel")
+                           if c.get("type") == "file" and c.find("target[@type='virtio']") is not None],
             memballoon=MemBalloon.from_xml(balloon) if balloon is not None else None,
             rng=Rng.from_xml(rng) if rng is not None else None,
         )

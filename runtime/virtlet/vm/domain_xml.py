@@ -19,6 +19,7 @@ from virtlet.vm.domain_devices import (
     Devices,
     Disk,
     EthernetInterface,
+    FileChannel,
     Filesystem,
     GuestAgentChannel,
     MemBalloon,
@@ -31,7 +32,7 @@ from virtlet.vm.xml_fields import int_of, req, sub, text_of
 __all__ = [
     "DOMAIN_TYPES", "Cpu", "CpuTune", "Domain", "Metadata", "Os", "SysInfo", "from_string", "to_string",
     "Controller", "Devices", "Disk", "EthernetInterface", "Filesystem", "MemoryBacking", "GuestAgentChannel",
-    "MemBalloon", "Rng",
+    "FileChannel", "MemBalloon", "Rng",
     "UnixSerial", "VncGraphics",
 ]
 
@@ -202,7 +203,7 @@ class Domain:
     name: str
     uuid: str
     memory_bytes: int
-    vcpus: int
+    vcpus: int  # the vCPUs the VM has (libvirt's ``current``)
     devices: Devices
     type: str = "qemu"
     title: str | None = None
@@ -218,6 +219,7 @@ class Domain:
     sysinfo: SysInfo | None = None
     metadata: list[Metadata] = field(default_factory=list)
     memory_backing: MemoryBacking | None = None
+    max_vcpus: int | None = None  # hot-plug room: ``<vcpu current="vcpus">max_vcpus</vcpu>`` when larger
 
     def to_xml(self) -> ET.Element:
         if self.type not in DOMAIN_TYPES:
@@ -235,7 +237,8 @@ class Domain:
         if self.memory_backing:
             el.append(self.memory_backing.to_xml())
         cpuset = {"cpuset": self.cpuset} if self.cpuset else {}
-        sub(el, "vcpu", str(self.vcpus), placement="static", **cpuset)
+        grow = {"current": str(self.vcpus)} if self.max_vcpus and self.max_vcpus > self.vcpus else {}
+        sub(el, "vcpu", str(max(self.vcpus, self.max_vcpus or 0)), placement="static", **cpuset, **grow)
         if not self.cputune.is_empty():
             el.append(self.cputune.to_xml())
         if self.sysinfo:
@@ -276,7 +279,9 @@ class Domain:
         return cls(
             name=text_of(el, "name") or "", uuid=text_of(el, "uuid") or "",
             memory_bytes=int((memory.text or "0").strip()) * _UNIT_BYTES[unit],
-            vcpus=int((vcpu.text or "0").strip()), devices=Devices.from_xml(req(el, "devices")),
+            vcpus=int(vcpu.get("current") or (vcpu.text or "0").strip()),
+            max_vcpus=int((vcpu.text or "0").strip()) if vcpu.get("current") else None,
+            devices=Devices.from_xml(req(el, "devices")),
             type=el.get("type", ""), title=text_of(el, "title"), cpuset=vcpu.get("cpuset"),
             cputune=CpuTune.from_xml(cputune) if cputune is not None else CpuTune(),
             os=Os.from_xml(req(el, "os")),

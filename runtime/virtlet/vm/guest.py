@@ -116,6 +116,13 @@ class Guest:
         except libvirt.libvirtError as exc:
             raise errors.Internal(f"libvirt could not set the VM's memory: {exc}") from exc
 
+    def set_vcpus(self, count: int) -> None:
+        """Hot-plug vCPUs up to ``count`` (at most the domain's maximum) in the running VM and its definition."""
+        try:
+            self._dom.setVcpusFlags(count, self._affect())
+        except libvirt.libvirtError as exc:
+            raise errors.Internal(f"libvirt could not set the VM's vCPUs to {count}: {exc}") from exc
+
     def set_cpu_tune(self, params: dict[str, int]) -> None:
         """Scheduler parameters (``cpu_shares``, ``global_quota``, ``global_period``) of the whole VM."""
         try:  # libvirt takes the live and the persistent change one at a time here

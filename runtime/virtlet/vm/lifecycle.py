@@ -13,7 +13,7 @@ from virtlet.images import names
 from virtlet.images.records import repo_tags
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
-from virtlet.vm import termination
+from virtlet.vm import guest_exit, termination, vcpu_plug
 from virtlet.vm.annotations import MIN_MEMORY_BYTES
 from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec, ResourceUpdate
 from virtlet.vm.exits import VmExits
@@ -131,6 +131,7 @@ class VmLifecycle(VmExits):
                 return
             self.parts.taps_before_start(sandbox)
             failpoints.hit("container.start.after_taps")
+            guest_exit.reset(guest_exit.exit_file(self.container_dir(cid)))  # no report of an earlier run counts
             try:
                 guest.start()
             except errors.Internal as exc:
@@ -220,12 +221,13 @@ class VmLifecycle(VmExits):
     # -- UpdateContainerResources ---------------------------------------------------------------------
     def update_resources(self, cid: str, upd: ResourceUpdate) -> dict[str, int]:
         """Apply what QEMU can change live: the memory through the balloon (at most the memory the VM was created
-        with: its ``<memory>``, no hot-plug) and the whole VM's CPU shares/quota/period (libvirt's scheduler
-        parameters, the same the designer sets at create).  A VM that is off (CREATED) gets the change in its
+        with: its ``<memory>``, no hot-plug), vCPUs hot-plugged for a CPU limit above the VM's vCPUs (up to
+        ``VirtletMaxVCPUs``: ``virtlet.vm.vcpu_plug``) and the whole VM's CPU shares/quota/period (libvirt's
+        scheduler parameters, the same the designer sets at create).  A VM that is off (CREATED) gets the change in its
         definition.  Returns the resources now in force as CRI names them (also kept in ``extra["resources"]``
         for ContainerStatus).  Nothing is answered OK that was not applied: a value out of range is
         ``InvalidArgument`` before anything changes; libvirt refusing is ``FailedPrecondition`` saying what
-        was applied before (memory first, then CPU)."""
+        was applied before (memory first, then vCPUs, then the CPU parameters)."""
         with self._lock(cid):
             rec = self.store.require_container(cid)
             if rec.state == st.CONTAINER_EXITED:
@@ -240,6 +242,9 @@ class VmLifecycle(VmExits):
                 raise errors.InvalidArgument(
                     f"UpdateContainerResources: linux.memory_limit_in_bytes {upd.memory_limit_bytes} is too little "
                     f"for a VM (at least {MIN_MEMORY_BYTES} bytes, 32Mi)")
+            in_force = dict(rec.extra.get("resources") or {})
+            period = upd.cpu_period or int(in_force.get("cpu_period") or 0)
+            plug = vcpu_plug.plan(cid, rec.extra, upd.cpu_quota, period)  # more vCPUs for a higher CPU limit
             guest = self._guest(cid)
             if guest is None:
                 raise errors.FailedPrecondition(f"container {cid}: its libvirt domain is gone; remove it")
@@ -250,13 +255,19 @@ class VmLifecycle(VmExits):
                 cpu["global_quota"] = upd.cpu_quota if upd.cpu_quota > 0 else -1
             if upd.cpu_period > 0:
                 cpu["global_period"] = upd.cpu_period
-            in_force = dict(rec.extra.get("resources") or {})
             done: list[str] = []
+            extra = dict(rec.extra)
             try:
                 if upd.memory_limit_bytes:
                     guest.set_memory(upd.memory_limit_bytes // 1024)
                     in_force["memory_limit_in_bytes"] = upd.memory_limit_bytes
                     done.append("memory")
+                if plug is not None:
+                    guest.set_vcpus(plug)
+                    extra["vcpus"] = plug
+                    done.append(f"{plug} vCPUs")
+                    if guest.is_active():
+                        vcpu_plug.online_in_guest(guest.agent_transport(), plug, rec.name)
                 if cpu:
                     guest.set_cpu_tune(cpu)
                     in_force.update({"cpu_shares": upd.cpu_shares or in_force.get("cpu_shares", 0),
@@ -266,8 +277,8 @@ class VmLifecycle(VmExits):
                 applied = f" (applied before it: {', '.join(done)})" if done else " (nothing was applied)"
                 raise errors.FailedPrecondition(f"container {cid}: {exc}{applied}") from exc
             finally:
-                if in_force != (rec.extra.get("resources") or {}):
-                    self.store.update_container(cid, extra={**rec.extra, "resources": in_force})
+                if in_force != (rec.extra.get("resources") or {}) or extra != rec.extra:
+                    self.store.update_container(cid, extra={**extra, "resources": in_force})
             log.info("container %s resources updated: %s", cid, in_force)
             return in_force
 

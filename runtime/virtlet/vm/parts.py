@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from virtlet import cloudinit, errors
 from virtlet.console.writer import ConsoleLogWriter
 from virtlet.state import store as st
-from virtlet.vm import designer, overlay
+from virtlet.vm import designer, guest_exit, overlay
 from virtlet.vm import domain_xml as dx
 from virtlet.vm.annotations import (
     DEFAULT_MAX_ROOT_VOLUME_SIZE,
@@ -110,8 +110,10 @@ class VmParts:
             extra_metadata={"image": spec.image, "image-ref": image.digest},
             shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources),
             block_volumes=plan.volumes, scratch_disks=scratch_files,
-            root_device=plan.root.host_path if plan.root is not None else None))
+            root_device=plan.root.host_path if plan.root is not None else None,
+            exit_file=guest_exit.exit_file(cdir)))
         extra: dict[str, Any] = {"config_drive": str(seed), "vcpus": options.vcpus,
+                                 "max_vcpus": max(options.max_vcpus, options.vcpus),
                                  "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
         if plan.root is not None:
             extra["root_device"] = plan.root.host_path

@@ -1,0 +1,89 @@
+"""vCPU hot-plug for UpdateContainerResources: a CPU limit above the VM's vCPUs adds vCPUs live.
+
+A VM is created with ``VirtletVCPUCount`` vCPUs and room to grow to ``VirtletMaxVCPUs`` (default: no room), as
+libvirt's ``<vcpu current="N">MAX</vcpu>``.  A CPU limit (``cpu_quota``/``cpu_period``, the whole VM's) that
+needs more CPUs than the VM has -- ceil(quota / period) -- hot-plugs vCPUs up to that number through libvirt
+(``setVcpusFlags``, the running VM and its definition).  QEMU adds them at once, also under TCG (machine ``pc``);
+Linux sees an ACPI hot-added CPU but leaves it offline until something onlines it (a udev rule in many cloud
+images), so virtletd also asks the QEMU guest agent to online them (``online_in_guest``, best effort, bounded).
+
+Never down: a lower limit keeps the vCPUs the VM has (the CFS quota already bounds what they use).  Removing a
+vCPU needs the guest's cooperation (ACPI eject) and QEMU's ``pc`` machine refuses a vCPU unplug outright
+("device unplug request for not supported device type"), so virtletd never asks.  A limit that needs more than
+the maximum is ``FailedPrecondition`` before anything is changed, saying what to recreate the pod with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from virtlet import errors
+from virtlet.vm import guest_agent as ga
+from virtlet.vm.annotations import DEFAULT_CFS_PERIOD_US, MAX_VCPUS
+
+log = logging.getLogger(__name__)
+
+
+def vcpus_for(quota: int, period: int) -> int:
+    """The whole CPUs a CFS limit of ``quota`` per ``period`` microseconds needs (rounded up)."""
+    return -(-quota // period)
+
+
+def plan(cid: str, extra: Mapping[str, Any], quota: int, period: int) -> int | None:
+    """The vCPU count to hot-plug to for a new limit (``quota`` > 0), None when the VM has enough; raises
+    ``FailedPrecondition`` when the limit needs more than the VM's maximum."""
+    if quota <= 0:
+        return None
+    want = vcpus_for(quota, period or DEFAULT_CFS_PERIOD_US)
+    have = int(extra.get("vcpus") or 1)
+    if want <= have:
+        return None
+    maximum = int(extra.get("max_vcpus") or have)
+    if want > maximum:
+        room = (f"it was created with at most {maximum} vCPUs (annotation {MAX_VCPUS}; unset means no hot-plug)"
+                if maximum > have else f"it was created with {have} vCPUs and no room to add more (annotation "
+                f"{MAX_VCPUS} unset)")
+        raise errors.FailedPrecondition(
+            f"UpdateContainerResources: linux.cpu_quota {quota} per cpu_period {period or DEFAULT_CFS_PERIOD_US} "
+            f"needs {want} vCPUs, more than container {cid}'s VM can have: {room}; recreate the pod with "
+            f"{MAX_VCPUS}: \"{want}\" (or more) to resize it in place")
+    return want
+
+
+#: At most this long (inside UpdateContainerResources, under the container's lock) for the guest to online CPUs.
+ONLINE_BUDGET = 3.0
+_ONLINE_POLL = 0.25
+
+
+def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ONLINE_BUDGET) -> int:
+    """Best effort: bring the guest's vCPUs 0..count-1 online through its QEMU guest agent (``guest-get-vcpus``,
+    ``guest-set-vcpus``), as a guest with a udev CPU hot-add rule would do itself.  A hot-added CPU shows up in the
+    guest a moment after QEMU adds it, so this polls for up to ``budget`` seconds.  Returns how many vCPUs are
+    online at the end (0 when the agent cannot say); never raises: a guest without an agent keeps its new vCPUs
+    offline until it onlines them (logged)."""
+    deadline = time.monotonic() + budget
+    online = 0
+    while True:
+        try:
+            vcpus = call({"execute": "guest-get-vcpus"}, max(0.5, deadline - time.monotonic()))
+            if not isinstance(vcpus, list):
+                raise ValueError(f"guest-get-vcpus answered {type(vcpus).__name__}, not a list")
+            ids = {v.get("logical-id"): bool(v.get("online")) for v in vcpus[:1024] if isinstance(v, dict)}
+            online = sum(1 for up in ids.values() if up)
+            wanted = [{"logical-id": i, "online": True} for i in range(count) if ids.get(i) is False]
+            if wanted:
+                call({"execute": "guest-set-vcpus", "arguments": {"vcpus": wanted}},
+                     max(0.5, deadline - time.monotonic()))
+            elif all(ids.get(i) for i in range(count)):
+                return online
+        except (ga.AgentUnavailable, ga.AgentError, ga.AgentMisbehaved, ga.ReplyTooLarge, ValueError) as exc:
+            log.info("VM pod %s: the guest agent did not online the hot-plugged vCPUs: %s", pod, exc)
+            return online
+        if time.monotonic() + _ONLINE_POLL > deadline:
+            log.info("VM pod %s: %d of %d vCPUs online in the guest after %.1fs; the guest onlines the rest itself",
+                     pod, online, count, budget)
+            return online
+        time.sleep(_ONLINE_POLL)
