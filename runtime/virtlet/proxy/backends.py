@@ -99,11 +99,6 @@ class Backend:
         except grpc.RpcError as exc:
             raise self.relay(exc) from None
 
-    def future(self, service: str, method: str, request: Any, timeout: float | None) -> grpc.Future[Any]:
-        """A unary call started without waiting (for fan-out); the version probe happens before it."""
-        started: grpc.Future[Any] = getattr(self.stub(service, timeout), method).future(request, timeout=timeout)
-        return started
-
     def stream(self, service: str, method: str, request: Any, timeout: float | None = None) -> Any:
         """A server-streaming call (an iterator that is also a grpc.Call, so it can be cancelled)."""
         return getattr(self.stub(service), method)(request, timeout=timeout)

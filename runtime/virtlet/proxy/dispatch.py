@@ -7,6 +7,7 @@ down or slow is answered for by its last-known list, see ``state``, or left out 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -31,6 +32,16 @@ NO_DEADLINE = 3600.0
 Out = Callable[[str, Any], None] | None
 Fallback = Callable[[str], Any] | None
 SYNC_RETRY_S = 5.0
+FAN_OUT_WORKERS = 16  # secondary calls of list fan-outs in flight at once (each bounded by list_timeout)
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=FAN_OUT_WORKERS, thread_name_prefix="criproxy-fanout")
+
+
+def _call_by(backend: Backend, service: str, method: str, request: Any, deadline: float) -> Any:
+    """``backend.call`` with what is left of ``deadline`` (a call that waited in the pool keeps its bound)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise errors.Unavailable(f"{display(backend.name)}: no free fan-out thread before the list deadline")
+    return backend.call(service, method, request, remaining)
 
 
 class Dispatcher:
@@ -120,32 +131,31 @@ class Dispatcher:
                  context: grpc.ServicerContext, fallback: Fallback = None) -> list[tuple[str, Any]]:
         """Send one request per backend at once; a failing primary fails the call.  A secondary that fails or
         is slower than ``list_timeout`` is answered for by ``fallback(name)`` (its last-known list) or, when
-        that gives None, skipped; either way with one warning."""
+        that gives None, skipped; either way with one warning.
+
+        Latency: the secondaries are asked from long-lived pool threads and the primary from the calling
+        thread (grpc's ``future()`` starts a new thread per call, which cost about 0.4 ms per backend)."""
         timeout = self._timeout(context)
-        started: list[tuple[Backend, grpc.Future[Any]]] = []
+        pending: list[tuple[Backend, float, concurrent.futures.Future[Any]]] = []
         results: list[tuple[str, Any]] = []
         for runtime, request in requests.items():
+            if runtime == PRIMARY:
+                continue
             backend = self.backends[runtime]
-            limit = timeout if runtime == PRIMARY else min(self.list_timeout, timeout or self.list_timeout)
+            limit = min(self.list_timeout, timeout or self.list_timeout)
+            deadline = time.monotonic() + limit
+            pending.append((backend, deadline, _POOL.submit(_call_by, backend, service, method, request, deadline)))
+        if PRIMARY in requests:
+            results.append((PRIMARY, self.backends.primary.call(service, method, requests[PRIMARY], timeout)))
+        for backend, deadline, future in pending:
             try:
-                started.append((backend, backend.future(service, method, request, limit)))
-            except errors.VirtletError as exc:  # the version probe failed: the backend is down
-                if runtime == PRIMARY:
-                    raise
-                self._mark(backend, False, str(exc))
-                self._stand_in(results, runtime, fallback)
-        for backend, future in started:
-            try:
-                results.append((backend.name, future.result()))
-            except grpc.RpcError as exc:
-                err = backend.relay(exc)
-                if backend.name == PRIMARY:
-                    raise err from None
-                self._mark(backend, False, str(err))
+                # the call has its own deadline; this bound only matters if the pool is saturated
+                results.append((backend.name, future.result(max(0.0, deadline - time.monotonic()) + 0.5)))
+            except (errors.VirtletError, TimeoutError) as exc:
+                self._mark(backend, False, str(exc) or f"no answer within {self.list_timeout}s")
                 self._stand_in(results, backend.name, fallback)
                 continue
-            if backend.name != PRIMARY:
-                self._mark(backend, True)
+            self._mark(backend, True)
         results.sort(key=lambda r: r[0])  # the primary ("") first, then the secondaries by name
         return results
 
