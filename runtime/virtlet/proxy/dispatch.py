@@ -97,7 +97,11 @@ class Dispatcher:
         return max(remaining, 0.001)
 
     def _call(self, runtime: str, service: str, method: str, request: Any, context: grpc.ServicerContext,
-              out: Out = None) -> Any:
+              out: Out = None, raw: bool = False) -> Any:
+        """The backend's answer; with ``raw``, the primary's answer stays serialized (nothing to rewrite in
+        it: the kubelet gets its bytes, which saves a parse and a serialize per call)."""
+        if raw and runtime == PRIMARY:
+            return self.backends.primary.call_raw(service, method, request, self._timeout(context))
         resp = self.backends[runtime].call(service, method, request, self._timeout(context))
         if out is not None and runtime != PRIMARY:
             out(runtime, resp)
@@ -105,15 +109,15 @@ class Dispatcher:
 
     def _by_sandbox(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
         runtime, request.pod_sandbox_id = self.split_id(request.pod_sandbox_id, "pod_sandbox_id")
-        return self._call(runtime, RT, method, request, context, out)
+        return self._call(runtime, RT, method, request, context, out, raw=True)
 
     def _by_container(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
         runtime, request.container_id = self.split_id(request.container_id, "container_id")
-        return self._call(runtime, RT, method, request, context, out)
+        return self._call(runtime, RT, method, request, context, out, raw=True)
 
     def _by_image(self, method: str, request: Any, context: grpc.ServicerContext, out: Out = None) -> Any:
         runtime, request.image.image = self.rules.split_image(request.image.image)
-        return self._call(runtime, IMG, method, request, context, out)
+        return self._call(runtime, IMG, method, request, context, out, raw=True)
 
     def _mark(self, backend: Backend, up: bool, reason: str = "") -> None:
         """Log a secondary going down once (warning) and coming back once (info), not every relist."""
@@ -128,7 +132,8 @@ class Dispatcher:
                             display(backend.name), reason)
 
     def _fan_out(self, service: str, method: str, requests: dict[str, Any],
-                 context: grpc.ServicerContext, fallback: Fallback = None) -> list[tuple[str, Any]]:
+                 context: grpc.ServicerContext, fallback: Fallback = None,
+                 raw_primary: bool = False) -> list[tuple[str, Any]]:
         """Send one request per backend at once; a failing primary fails the call.  A secondary that fails or
         is slower than ``list_timeout`` is answered for by ``fallback(name)`` (its last-known list) or, when
         that gives None, skipped; either way with one warning.
@@ -146,7 +151,8 @@ class Dispatcher:
             deadline = time.monotonic() + limit
             pending.append((backend, deadline, _POOL.submit(_call_by, backend, service, method, request, deadline)))
         if PRIMARY in requests:
-            results.append((PRIMARY, self.backends.primary.call(service, method, requests[PRIMARY], timeout)))
+            call = self.backends.primary.call_raw if raw_primary else self.backends.primary.call
+            results.append((PRIMARY, call(service, method, requests[PRIMARY], timeout)))
         for backend, deadline, future in pending:
             try:
                 # the call has its own deadline; this bound only matters if the pool is saturated
@@ -166,7 +172,7 @@ class Dispatcher:
             results.append((runtime, known))
 
     def _list(self, method: str, request: Any, context: grpc.ServicerContext, ids: tuple[str, ...],
-              service: str = RT) -> list[tuple[str, Any]]:
+              service: str = RT, raw_primary: bool = False) -> list[tuple[str, Any]]:
         """Fan out a list call whose ``request.filter`` may name ids (``ids`` are the filter's id fields).
         ListPodSandbox and ListContainers answers of secondaries are remembered (unfiltered ones) and stand in
         for a secondary that is down."""
@@ -191,7 +197,7 @@ class Dispatcher:
             stood_in.add(runtime)
             return self.state.last_list(runtime, method, requests[runtime])
 
-        results = self._fan_out(service, method, requests, context, last_known)
+        results = self._fan_out(service, method, requests, context, last_known, raw_primary)
         for runtime, resp in results:
             if runtime != PRIMARY and runtime not in stood_in and not requests[runtime].HasField("filter"):
                 self.state.remember_list(runtime, method, resp)

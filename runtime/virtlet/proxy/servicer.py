@@ -8,12 +8,13 @@ instance exists per served CRI version (only ``Version`` differs between them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 
 from virtlet import errors
+from virtlet.cri import stream_lists
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.stream_lists import StreamListCalls
 from virtlet.proxy import rewrite
@@ -43,7 +44,10 @@ class CriProxy(StreamListCalls, Dispatcher):
 
     # -- RuntimeService: runtime-wide ------------------------------------------------------------------------
 
-    def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
+    def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse | bytes:
+        if self.backends.primary.version() == self.served_version:  # its answer already names this version
+            raw: bytes = self._call(PRIMARY, RT, "Version", request, context, raw=True)
+            return raw
         resp: api.VersionResponse = self._call(PRIMARY, RT, "Version", request, context)
         resp.runtime_api_version = self.served_version
         return resp
@@ -115,14 +119,25 @@ class CriProxy(StreamListCalls, Dispatcher):
     def UpdatePodSandboxResources(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._by_sandbox("UpdatePodSandboxResources", request, context)
 
-    def ListPodSandbox(self, request: api.ListPodSandboxRequest,
-                       context: grpc.ServicerContext) -> api.ListPodSandboxResponse:
-        resp = api.ListPodSandboxResponse()
-        for runtime, part in self._list("ListPodSandbox", request, context, ("id",)):
+    def ListPodSandbox(self, request: api.ListPodSandboxRequest,  # type: ignore[override]  # bytes: see below
+                       context: grpc.ServicerContext) -> bytes:
+        """The primary's answer is passed on as bytes (nothing in it is rewritten) and the secondaries'
+        appended: a list message is its repeated items, so serialized answers concatenate into the merged one."""
+        chunks: list[bytes] = []
+        for runtime, part in self._list("ListPodSandbox", request, context, ("id",), raw_primary=True):
+            if runtime == PRIMARY:
+                chunks.append(part)
+                continue
             for item in part.items:
                 item.id = self.state.record(runtime, SANDBOX, item.id)
-            resp.items.extend(part.items)
-        return resp
+            chunks.append(part.SerializeToString())
+        return b"".join(chunks)
+
+    def StreamPodSandboxes(self, request: api.StreamPodSandboxesRequest,
+                           context: grpc.ServicerContext) -> Iterable[api.StreamPodSandboxesResponse]:
+        merged = self.ListPodSandbox(api.ListPodSandboxRequest(filter=request.filter), context)
+        items = api.ListPodSandboxResponse.FromString(merged).items
+        return stream_lists.stream(items, lambda b: api.StreamPodSandboxesResponse(pod_sandboxes=b))
 
     def ListPodSandboxStats(self, request: api.ListPodSandboxStatsRequest,
                             context: grpc.ServicerContext) -> api.ListPodSandboxStatsResponse:
@@ -205,15 +220,26 @@ class CriProxy(StreamListCalls, Dispatcher):
     def CheckpointContainer(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._by_container("CheckpointContainer", request, context)
 
-    def ListContainers(self, request: api.ListContainersRequest,
-                       context: grpc.ServicerContext) -> api.ListContainersResponse:
-        resp = api.ListContainersResponse()
-        for runtime, part in self._list("ListContainers", request, context, ("id", "pod_sandbox_id")):
+    def ListContainers(self, request: api.ListContainersRequest,  # type: ignore[override]  # bytes: see below
+                       context: grpc.ServicerContext) -> bytes:
+        """Merged as bytes, as ListPodSandbox."""
+        chunks: list[bytes] = []
+        for runtime, part in self._list("ListContainers", request, context, ("id", "pod_sandbox_id"),
+                                        raw_primary=True):
+            if runtime == PRIMARY:
+                chunks.append(part)
+                continue
             for c in part.containers:
                 self.state.record(runtime, CONTAINER, c.id)
                 rewrite.container(runtime, c)
-            resp.containers.extend(part.containers)
-        return resp
+            chunks.append(part.SerializeToString())
+        return b"".join(chunks)
+
+    def StreamContainers(self, request: api.StreamContainersRequest,
+                         context: grpc.ServicerContext) -> Iterable[api.StreamContainersResponse]:
+        merged = self.ListContainers(api.ListContainersRequest(filter=request.filter), context)
+        items = api.ListContainersResponse.FromString(merged).containers
+        return stream_lists.stream(items, lambda b: api.StreamContainersResponse(containers=b))
 
     def ListContainerStats(self, request: api.ListContainerStatsRequest,
                            context: grpc.ServicerContext) -> api.ListContainerStatsResponse:
