@@ -50,6 +50,7 @@ class Backend:
         self._lock = threading.Lock()
         self._version: str | None = None
         self._stubs: dict[str, tuple[versions.CriStub, versions.CriStub]] = {}
+        self._raw: dict[tuple[str, str, str], Any] = {}  # (version, service, method) -> bytes-answer callable
         self.channel.subscribe(self._on_state, try_to_connect=False)
 
     def __repr__(self) -> str:
@@ -99,10 +100,21 @@ class Backend:
         except grpc.RpcError as exc:
             raise self.relay(exc) from None
 
-    def future(self, service: str, method: str, request: Any, timeout: float | None) -> grpc.Future[Any]:
-        """A unary call started without waiting (for fan-out); the version probe happens before it."""
-        started: grpc.Future[Any] = getattr(self.stub(service, timeout), method).future(request, timeout=timeout)
-        return started
+    def call_raw(self, service: str, method: str, request: Any, timeout: float | None) -> bytes:
+        """``call`` with the answer left serialized (for the kubelet unchanged: no parse, no re-serialize)."""
+        version = self.version(min(timeout, self.probe_timeout) if timeout else None)
+        fn = self._raw.get((version, service, method))
+        if fn is None:
+            spec = next(s for s in versions.methods(service) if s.name == method)
+            fn = self.channel.unary_unary(f"/{versions.service_name(service, version)}/{method}",
+                                          request_serializer=spec.request.SerializeToString,
+                                          response_deserializer=None)
+            self._raw[(version, service, method)] = fn
+        try:
+            answer: bytes = fn(request, timeout=timeout)
+            return answer
+        except grpc.RpcError as exc:
+            raise self.relay(exc) from None
 
     def stream(self, service: str, method: str, request: Any, timeout: float | None = None) -> Any:
         """A server-streaming call (an iterator that is also a grpc.Call, so it can be cancelled)."""

@@ -20,10 +20,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from virtlet import errors
 from virtlet.cri import versions
-from virtlet.cri.interceptor import ErrorMappingInterceptor
 from virtlet.cri.server import MAX_MESSAGE, SOCKET_MODE, serve_grpc_on_unix
 from virtlet.proxy import config as cfgmod
 from virtlet.proxy.backends import Backends
+from virtlet.proxy.handlers import add_proxy_servicers
 from virtlet.proxy.routing import Rules
 from virtlet.proxy.servicer import CriProxy
 from virtlet.proxy.state import ProxyState
@@ -43,12 +43,11 @@ class ProxyServer:
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="criproxy"),
-            interceptors=[ErrorMappingInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                      ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.so_reuseport", 0)])
         for version in versions.VERSIONS:
             proxy = CriProxy(self.backends, rules, version, cfg.list_timeout, self.state)
-            versions.add_servicers(self.server, proxy, proxy, versions=(version,))
+            add_proxy_servicers(self.server, proxy, version)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     def start(self) -> None:

@@ -8,13 +8,15 @@ instance exists per served CRI version (only ``Version`` differs between them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 
 from virtlet import errors
+from virtlet.cri import stream_lists
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.cri.stream_lists import StreamListCalls
 from virtlet.proxy import rewrite
 from virtlet.proxy.backends import Backends
 from virtlet.proxy.dispatch import IMG, NO_DEADLINE, RT, Dispatcher
@@ -26,8 +28,14 @@ from virtlet.proxy.state import CONTAINER, SANDBOX, ProxyState
 log = logging.getLogger("virtlet.proxy")
 
 
-class CriProxy(Dispatcher):
-    """Routes CRI calls between the primary runtime and the secondaries (see docs/criproxy.md)."""
+class CriProxy(StreamListCalls, Dispatcher):
+    """Routes CRI calls between the primary runtime and the secondaries (see docs/criproxy.md).
+
+    The ``Stream*`` list calls (``StreamListCalls``) are the merged ``List*`` answers below sent in batches:
+    same fan-out, same id rewriting, same last-known stand-ins for a down secondary.  Backends are asked with
+    ``List*`` (containerd 1.6 has no ``Stream*``), so one backend's list is still bounded by the 16 MiB message
+    limit; the kubelet's merged view is not.
+    """
 
     def __init__(self, backends: Backends, rules: Rules, served_version: str = "v1",
                  list_timeout: float = 2.0, state: ProxyState | None = None) -> None:
@@ -36,7 +44,10 @@ class CriProxy(Dispatcher):
 
     # -- RuntimeService: runtime-wide ------------------------------------------------------------------------
 
-    def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse:
+    def Version(self, request: api.VersionRequest, context: grpc.ServicerContext) -> api.VersionResponse | bytes:
+        if self.backends.primary.version() == self.served_version:  # its answer already names this version
+            raw: bytes = self._call(PRIMARY, RT, "Version", request, context, raw=True)
+            return raw
         resp: api.VersionResponse = self._call(PRIMARY, RT, "Version", request, context)
         resp.runtime_api_version = self.served_version
         return resp
@@ -108,14 +119,25 @@ class CriProxy(Dispatcher):
     def UpdatePodSandboxResources(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._by_sandbox("UpdatePodSandboxResources", request, context)
 
-    def ListPodSandbox(self, request: api.ListPodSandboxRequest,
-                       context: grpc.ServicerContext) -> api.ListPodSandboxResponse:
-        resp = api.ListPodSandboxResponse()
-        for runtime, part in self._list("ListPodSandbox", request, context, ("id",)):
+    def ListPodSandbox(self, request: api.ListPodSandboxRequest,  # type: ignore[override]  # bytes: see below
+                       context: grpc.ServicerContext) -> bytes:
+        """The primary's answer is passed on as bytes (nothing in it is rewritten) and the secondaries'
+        appended: a list message is its repeated items, so serialized answers concatenate into the merged one."""
+        chunks: list[bytes] = []
+        for runtime, part in self._list("ListPodSandbox", request, context, ("id",), raw_primary=True):
+            if runtime == PRIMARY:
+                chunks.append(part)
+                continue
             for item in part.items:
                 item.id = self.state.record(runtime, SANDBOX, item.id)
-            resp.items.extend(part.items)
-        return resp
+            chunks.append(part.SerializeToString())
+        return b"".join(chunks)
+
+    def StreamPodSandboxes(self, request: api.StreamPodSandboxesRequest,
+                           context: grpc.ServicerContext) -> Iterable[api.StreamPodSandboxesResponse]:
+        merged = self.ListPodSandbox(api.ListPodSandboxRequest(filter=request.filter), context)
+        items = api.ListPodSandboxResponse.FromString(merged).items
+        return stream_lists.stream(items, lambda b: api.StreamPodSandboxesResponse(pod_sandboxes=b))
 
     def ListPodSandboxStats(self, request: api.ListPodSandboxStatsRequest,
                             context: grpc.ServicerContext) -> api.ListPodSandboxStatsResponse:
@@ -198,15 +220,26 @@ class CriProxy(Dispatcher):
     def CheckpointContainer(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._by_container("CheckpointContainer", request, context)
 
-    def ListContainers(self, request: api.ListContainersRequest,
-                       context: grpc.ServicerContext) -> api.ListContainersResponse:
-        resp = api.ListContainersResponse()
-        for runtime, part in self._list("ListContainers", request, context, ("id", "pod_sandbox_id")):
+    def ListContainers(self, request: api.ListContainersRequest,  # type: ignore[override]  # bytes: see below
+                       context: grpc.ServicerContext) -> bytes:
+        """Merged as bytes, as ListPodSandbox."""
+        chunks: list[bytes] = []
+        for runtime, part in self._list("ListContainers", request, context, ("id", "pod_sandbox_id"),
+                                        raw_primary=True):
+            if runtime == PRIMARY:
+                chunks.append(part)
+                continue
             for c in part.containers:
                 self.state.record(runtime, CONTAINER, c.id)
                 rewrite.container(runtime, c)
-            resp.containers.extend(part.containers)
-        return resp
+            chunks.append(part.SerializeToString())
+        return b"".join(chunks)
+
+    def StreamContainers(self, request: api.StreamContainersRequest,
+                         context: grpc.ServicerContext) -> Iterable[api.StreamContainersResponse]:
+        merged = self.ListContainers(api.ListContainersRequest(filter=request.filter), context)
+        items = api.ListContainersResponse.FromString(merged).containers
+        return stream_lists.stream(items, lambda b: api.StreamContainersResponse(containers=b))
 
     def ListContainerStats(self, request: api.ListContainerStatsRequest,
                            context: grpc.ServicerContext) -> api.ListContainerStatsResponse:
