@@ -4,10 +4,10 @@ A containerDisk (KubeVirt's format) is an ordinary image whose layer holds one r
 (qcow2 or raw).  ``resolve`` fetches the manifest the reference names (OCI manifest or index, Docker schema 2
 manifest or list; from an index linux/amd64 is chosen) and verifies its sha256 against a pinned digest;
 ``fetch_disk`` streams each layer blob once: the blob's sha256 and size are verified on the fly, it is
-decompressed (gzip, zstd with the ``zstandard`` module (a dependency), or none), the tar stream is read and the bytes
-of the disk file go straight into the store's sink (which hashes and writes them).  Nothing is unpacked to
-disk.  The image's digest in the store is the digest of the disk file; the manifest digest becomes the name
-``<repo>@sha256:<manifest digest>``.
+decompressed (gzip, zstd with the ``zstandard`` module (a dependency), or none), the tar stream is read
+(``tarstream``) and the bytes of the disk file go straight into the store's sink (which hashes and writes
+them).  Nothing is unpacked to disk.  The image's digest in the store is the digest of the disk file; the
+manifest digest becomes the name ``<repo>@sha256:<manifest digest>``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ import io
 import json
 import logging
 import posixpath
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from virtlet import errors, quantity
-from virtlet.images.fetch import FetchInfo, Sink
+from virtlet.images.fetch import FetchInfo
 from virtlet.images.policy import SourcePolicy
 from virtlet.images.registry import MAX_SMALL_BODY, Credentials, HostConfig, Reference, RegistryClient
+from virtlet.images.sink import HashingFileSink
+from virtlet.images.tarstream import SPARSE, TarStream
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -129,16 +130,31 @@ def _platform(entries: Any, what: str) -> str:
                           f"(it has: {', '.join(found[:10]) or 'nothing'})")
 
 
-def fetch_disk(client: RegistryClient, manifest: Manifest, sink: Sink, max_size: int) -> FetchInfo:
-    """Stream the single regular file under ``/disk/`` of the layers into ``sink``."""
+def fetch_disk(client: RegistryClient, manifest: Manifest, sink: HashingFileSink, max_size: int) -> FetchInfo:
+    """Stream the single regular file under ``/disk/`` of the layers into ``sink``.
+
+    Each blob is read once.  Its sha256 (checked against the manifest) is computed by the sink's third
+    worker (``track_outer``), beside the disk file's own sha256 and the write, off the network thread: the
+    disk file's digest stays the image id (the store is content-addressed: ``data/<sha256 of the file>``,
+    and an HTTP pull of the same disk must find the same file), so both sums are needed, and they run in
+    parallel instead of one after the other.  An uncompressed layer's disk bytes are read from the socket
+    straight into the sink's buffers; a compressed layer's blob bytes are copied to the blob hasher."""
     found: str | None = None
+    sink.track_outer()
     for layer in manifest.layers:
         resp, conn = client.get(f"blobs/{layer.digest}")
         try:
-            blob = _VerifiedBlob(resp, layer, client)
-            found = _disk_from_tar(_decompressed(blob, layer, client), sink, found, max_size, client) or found
-            blob.drain_and_verify()
-        except (OSError, http.client.HTTPException, EOFError, tarfile.TarError, ValueError) as exc:
+            plain = layer.media_type in _TAR
+            blob = _VerifiedBlob(resp, layer, client, None if plain else sink.outer_only)
+            stream = _decompressed(blob, layer, client)
+            tar = TarStream(_reader(stream), sink.outer_only if plain else lambda _data: None)
+            found = _disk_from_tar(tar, sink, plain, found, max_size, client) or found
+            tar.drain()
+            blob.drain()
+            digest = "sha256:" + sink.outer_digest()
+            if digest != layer.digest:
+                raise blob.corrupt(f"its content has digest {digest}")
+        except (OSError, http.client.HTTPException, EOFError, ValueError) as exc:
             if isinstance(exc, errors.VirtletError):
                 raise
             if isinstance(exc, OSError | http.client.HTTPException) and not isinstance(exc, gzip.BadGzipFile):
@@ -151,6 +167,12 @@ def fetch_disk(client: RegistryClient, manifest: Manifest, sink: Sink, max_size:
             f"{client.what}: no regular file under /disk/ in its layers; a containerDisk image holds the VM "
             "disk (qcow2 or raw) as the single file in /disk/")
     return FetchInfo(f"{client.base}/v2/{client.ref.repo}", "")
+
+
+def _reader(stream: Any) -> Callable[[memoryview], int]:
+    def read_into(view: memoryview) -> int:
+        return int(stream.readinto(view) or 0)
+    return read_into
 
 
 def _decompressed(blob: _VerifiedBlob, layer: Layer, client: RegistryClient) -> Any:
@@ -169,43 +191,42 @@ def _decompressed(blob: _VerifiedBlob, layer: Layer, client: RegistryClient) -> 
     raise _bad(client, f"layer media type {mt[:100]!r} is not a tar layer (plain, gzip or zstd)")
 
 
-def _disk_from_tar(stream: Any, sink: Sink, found: str | None, max_size: int,
+def _disk_from_tar(tar: TarStream, sink: HashingFileSink, plain: bool, found: str | None, max_size: int,
                    client: RegistryClient) -> str | None:
+    """Copy the /disk/ file of one layer into ``sink`` (with ``plain``, its bytes are blob bytes too)."""
     mine = None
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            path = posixpath.normpath("/" + member.name)
-            if not path.startswith("/disk/") or not member.isreg():
-                continue
-            if found or mine:
-                raise errors.InvalidArgument(
-                    f"{client.what}: more than one file under /disk/ ({found or mine}, {path}); a containerDisk "
-                    "holds exactly one disk file")
-            if member.size > max_size:
-                raise errors.ResourceExhausted(
-                    f"{client.what}: {path} is {member.size} bytes, more than this node's maximum image size "
-                    f"{quantity.format_bytes(max_size)} (image_max_size)")
-            mine = path
-            sink.expect(member.size)
-            src = tar.extractfile(member)
-            assert src is not None
-            left = member.size
-            while left:
-                with sink.buffer() as view:
-                    n = src.readinto(view[:min(len(view), left)])  # type: ignore[attr-defined]
-                if not n:
-                    raise EOFError(f"{path} ends early")
-                sink.commit(n)
-                left -= n
+    while (member := tar.next()) is not None:
+        path = posixpath.normpath("/" + member.name)
+        if not path.startswith("/disk/") or not (member.isreg() or member.type == SPARSE):
+            continue
+        if found or mine:
+            raise errors.InvalidArgument(
+                f"{client.what}: more than one file under /disk/ ({found or mine}, {path}); a containerDisk "
+                "holds exactly one disk file")
+        if member.type == SPARSE:
+            raise _bad(client, f"{path} is a GNU sparse file; store the disk as a regular file")
+        if member.size > max_size:
+            raise errors.ResourceExhausted(
+                f"{client.what}: {path} is {member.size} bytes, more than this node's maximum image size "
+                f"{quantity.format_bytes(max_size)} (image_max_size)")
+        mine = path
+        sink.expect(member.size)
+        while True:
+            with sink.buffer() as view:
+                n = tar.readinto(view)
+            if not n:
+                break
+            sink.commit(n, outer=plain)
     return mine
 
 
 class _VerifiedBlob(io.RawIOBase):
-    """The blob body, hashed and counted as it is read; ``drain_and_verify`` checks size and sha256."""
+    """The blob body, counted as it is read (size checked against the manifest; the sha256 is the sink's
+    outer hash); ``tee`` gets a copy of every byte (a compressed layer, whose disk bytes are not blob bytes)."""
 
-    def __init__(self, resp: http.client.HTTPResponse, layer: Layer, client: RegistryClient) -> None:
-        self.resp, self.layer, self.client = resp, layer, client
-        self.hash = hashlib.sha256()
+    def __init__(self, resp: http.client.HTTPResponse, layer: Layer, client: RegistryClient,
+                 tee: Callable[[bytes], None] | None) -> None:
+        self.resp, self.layer, self.client, self.tee = resp, layer, client, tee
         self.got = 0
 
     def readable(self) -> bool:
@@ -214,25 +235,24 @@ class _VerifiedBlob(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         n = self.resp.readinto(b) or 0
         if n:
-            self.hash.update(memoryview(b)[:n])
             self.got += n
             if self.got > self.layer.size:
-                raise self._corrupt(f"it is longer than the {self.layer.size} bytes the manifest says")
+                raise self.corrupt(f"it is longer than the {self.layer.size} bytes the manifest says")
+            if self.tee is not None:
+                self.tee(bytes(memoryview(b)[:n]))
         elif self.got < self.layer.size:
             raise errors.Unavailable(
                 f"{self.client.what}: blob {self.layer.digest} ended after {self.got} of {self.layer.size} bytes "
                 "(truncated); the pull will be retried")
         return n
 
-    def drain_and_verify(self) -> None:
-        buf = bytearray(1 << 16)
+    def drain(self) -> None:
+        """Read what the tar reader (or decompressor) left (hashed like the rest)."""
+        buf = bytearray(1 << 20)
         while self.readinto(buf):
             pass
-        digest = "sha256:" + self.hash.hexdigest()
-        if digest != self.layer.digest:
-            raise self._corrupt(f"its content has digest {digest}")
 
-    def _corrupt(self, why: str) -> errors.VirtletError:
+    def corrupt(self, why: str) -> errors.VirtletError:
         return errors.FailedPrecondition(
             f"{self.client.what}: blob {self.layer.digest} from the registry does not match the manifest: {why}")
 
