@@ -65,10 +65,12 @@ class HashingFileSink:
 
     Data lives in a pool of pre-allocated buffers (fresh 1 MiB allocations would page-fault on every chunk):
     a fetcher either fills one in place (``buffer``/``commit``: no copy) or hands bytes to ``write`` (one
-    copy).  A buffer returns to the pool when both workers are done with it.
+    copy).  A buffer returns to the pool when every worker it was queued to is done with it.
     """
 
-    def __init__(self, fd: int, progress: ProgressLog, what: str) -> None:
+    def __init__(self, fd: int, progress: ProgressLog, what: str, hash_image: bool = True) -> None:
+        """``hash_image=False``: the caller knows the image's id otherwise (a registry layer's verified digest,
+        see ``containerdisk``) and ``finish`` returns ""; one sha256 pass less."""
         self.fd = fd
         self.hash = hashlib.sha256()
         self.size = 0
@@ -86,15 +88,18 @@ class HashingFileSink:
         self._queues: list[queue.Queue[_Item | None]] = []
         self._workers: list[threading.Thread] = []
         self.outer: hashlib._Hash | None = None  # see track_outer
-        for job in (self._hash, self._write):
-            self._start(job)
+        self._outer_q: queue.Queue[_Item | None] | None = None
+        self._hash_image = hash_image
+        self._image_queues = [self._start(job) for job in ((self._hash, self._write) if hash_image
+                                                           else (self._write,))]
 
-    def _start(self, job: Callable[[memoryview], None]) -> None:
+    def _start(self, job: Callable[[memoryview], None]) -> queue.Queue[_Item | None]:
         q: queue.Queue[_Item | None] = queue.Queue()
         self._queues.append(q)
         w = threading.Thread(target=self._run, args=(q, job), name="image-sink", daemon=True)
         self._workers.append(w)
         w.start()
+        return q
 
     def track_outer(self) -> None:
         """Also hash an *outer* stream the image bytes are a part of (a registry layer blob around the disk
@@ -103,21 +108,21 @@ class HashingFileSink:
         what ``commit(n, outer=True)`` gets.  ``outer_digest`` waits for it and starts a new one."""
         if self.outer is None:
             self.outer = hashlib.sha256()
-            self._start(self._hash_outer)
+            self._outer_q = self._start(self._hash_outer)
 
     def outer_only(self, data: bytes) -> None:
         """Bytes of the outer stream that are not image bytes (hashed in order, never written)."""
-        if self.outer is None:
+        if self._outer_q is None:
             raise ValueError("outer_only() needs track_outer()")
         if data:
-            self._queues[2].put((data, len(data), False))
+            self._outer_q.put((data, len(data), False))
 
     def outer_digest(self) -> str:
         """The outer stream's sha256 hex digest so far (after every byte given before this call); resets."""
-        if self.outer is None:
+        if self._outer_q is None or self.outer is None:
             raise ValueError("outer_digest() needs track_outer()")
         done = threading.Event()
-        self._queues[2].put((done, 0, False))
+        self._outer_q.put((done, 0, False))
         while not done.wait(1.0):
             if self._error is not None:
                 raise self._error
@@ -141,7 +146,7 @@ class HashingFileSink:
         buf, self._current = self._current, None
         if buf is None or not 0 < n <= len(buf):
             raise ValueError("commit() needs a buffer() and 0 < n <= its size")
-        queues = self._queues if outer and self.outer is not None else self._queues[:2]
+        queues = self._image_queues + ([self._outer_q] if outer and self._outer_q is not None else [])
         with self._pending_lock:
             self._pending[id(buf)] = len(queues)
         for q in queues:
@@ -156,7 +161,8 @@ class HashingFileSink:
             self.commit(len(part))
 
     def finish(self) -> str:
-        """Wait for all bytes to be hashed, written and fsynced; the sha256 hex digest."""
+        """Wait for all bytes to be hashed, written and fsynced; the sha256 hex digest ("" without
+        ``hash_image``)."""
         for q in self._queues:
             q.put(None)
         for w in self._workers:
@@ -164,7 +170,7 @@ class HashingFileSink:
         if self._error is not None:
             raise self._error
         disk(lambda: os.fsync(self.fd), self.what, self.size)
-        return self.hash.hexdigest()
+        return self.hash.hexdigest() if self._hash_image else ""
 
     def abort(self) -> None:
         self._stop = True

@@ -119,6 +119,7 @@ class TarStream:
             if not r:
                 if allow_eof and got == 0:
                     return b""
+                self._on_meta(bytes(buf[:got]))  # so the caller's hash has seen every byte read
                 raise TarError(f"the archive ends inside a header or padding ({got} of {n} bytes)")
             got += r
         data = bytes(buf)
