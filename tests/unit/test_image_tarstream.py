@@ -13,7 +13,7 @@ import pytest
 
 from virtlet.images.progress import ProgressLog
 from virtlet.images.sink import HashingFileSink
-from virtlet.images.tarstream import MAX_META, TarError, TarStream, _size
+from virtlet.images.tarstream import MAX_META, SPARSE, TarError, TarStream, _size
 
 LONG = "disk/" + "a-very-long-directory-name/" * 5 + "disk.qcow2"  # > 100 bytes: pax path or GNU long name
 
@@ -137,3 +137,16 @@ def test_sink_outer_hash_covers_outer_only_and_outer_commits(tmp_path: Path) -> 
     finally:
         os.close(fd)
     assert (tmp_path / "out").read_bytes() == body + b"xyz"
+
+
+def test_pax_sparse_member_is_reported_sparse() -> None:
+    """GNU tar's pax sparse format stores a map before the data: reading it as the file would corrupt the disk."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("disk/d")
+        info.size, info.pax_headers = 3, {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    src = io.BytesIO(out.getvalue())
+    tar_ = TarStream(lambda v: src.readinto(v), lambda _b: None)
+    member = tar_.next()
+    assert member is not None and member.type == SPARSE and not member.isreg()

@@ -82,6 +82,8 @@ class TarStream:
                     raise TarError("negative pax size")
             if kind in (b"1", b"2", b"3", b"4", b"5", b"6"):  # links, devices, dirs, fifos: no content
                 size = 0
+            if any(k.startswith("GNU.sparse.") for k in pax):  # pax sparse: the content holds a map, not the file
+                kind = SPARSE
             self._left, self._pad = size, -size % BLOCK
             return Member(name, size, kind)
 
