@@ -119,6 +119,7 @@ def test_sink_outer_hash_covers_outer_only_and_outer_commits(tmp_path: Path) -> 
     sink = HashingFileSink(fd, ProgressLog("test", 3600), "test")
     try:
         sink.track_outer()
+        assert 0 < sink._outer_q.maxsize <= 64  # type: ignore[union-attr]  # copies never pile up in memory
         head, body, tail = os.urandom(512), os.urandom(3 << 20), os.urandom(1000)
         sink.outer_only(head)
         for off in range(0, len(body), 1 << 20):

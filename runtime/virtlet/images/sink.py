@@ -31,6 +31,7 @@ BUFFER_BYTES = 1 << 20
 POOL_BUFFERS = 16
 WRITEBACK_BYTES = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
+OUTER_QUEUE = 2 * POOL_BUFFERS  # at most this many chunks (each <= 1 MiB) wait for the outer hash
 _Item = tuple[bytearray | bytes | threading.Event, int, bool]  # (data, length, from the pool)
 
 
@@ -93,8 +94,8 @@ class HashingFileSink:
         self._image_queues = [self._start(job) for job in ((self._hash, self._write) if hash_image
                                                            else (self._write,))]
 
-    def _start(self, job: Callable[[memoryview], None]) -> queue.Queue[_Item | None]:
-        q: queue.Queue[_Item | None] = queue.Queue()
+    def _start(self, job: Callable[[memoryview], None], bound: int = 0) -> queue.Queue[_Item | None]:
+        q: queue.Queue[_Item | None] = queue.Queue(bound)
         self._queues.append(q)
         w = threading.Thread(target=self._run, args=(q, job), name="image-sink", daemon=True)
         self._workers.append(w)
@@ -108,7 +109,9 @@ class HashingFileSink:
         what ``commit(n, outer=True)`` gets.  ``outer_digest`` waits for it and starts a new one."""
         if self.outer is None:
             self.outer = hashlib.sha256()
-            self._outer_q = self._start(self._hash_outer)
+            # bounded: ``outer_only`` copies (a skipped member, a compressed blob) must not pile up in memory
+            # when the network is faster than sha256; the pooled buffers are bounded by the pool already
+            self._outer_q = self._start(self._hash_outer, OUTER_QUEUE)
 
     def outer_only(self, data: bytes) -> None:
         """Bytes of the outer stream that are not image bytes (hashed in order, never written)."""
