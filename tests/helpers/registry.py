@@ -94,6 +94,19 @@ class Registry:
         hexd = digest.removeprefix("sha256:")
         return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
 
+    def disk_image_id(self, manifest: str) -> str:
+        """The id virtletd gives the containerDisk of a pushed single-layer image manifest (docs/images.md):
+        sha256 of "virtlet containerDisk v1 <tar|gzip|zstd> <layer digest>".  ``manifest``: its digest, or
+        ``repo:tag``."""
+        if not manifest.startswith("sha256:"):
+            repo, tag = manifest.rsplit(":", 1)
+            link = self.storage / "docker/registry/v2/repositories" / repo / "_manifests/tags" / tag / "current/link"
+            manifest = link.read_text().strip()
+        layer = json.loads(self.blob_path(manifest).read_bytes())["layers"][0]
+        mt = layer["mediaType"]
+        kind = "zstd" if mt.endswith("+zstd") else "gzip" if mt.endswith("gzip") else "tar"
+        return _digest(f"virtlet containerDisk v1 {kind} {layer['digest']}".encode())
+
 
 class Pusher:
     """Pushes blobs and manifests with a fixed Authorization header (Basic, or a Bearer token)."""

@@ -4,7 +4,6 @@ itself, and a registry on TLS with a CA the test made (the registries config's `
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -54,8 +53,7 @@ def test_mirrors_in_order_with_fallback_and_a_custom_ca(
         world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path, tiny_image: Path,
         registries: tuple[Registry, Registry, Registry, Path, Path]) -> None:
     origin, empty, secure, ca, other_ca = registries
-    tiny_id = "sha256:" + hashlib.sha256(tiny_image.read_bytes()).hexdigest()
-    other_id = "sha256:" + hashlib.sha256((world_dir / "registries" / "other.qcow2").read_bytes()).hexdigest()
+    tiny_id, other_id = origin.disk_image_id("vm/tiny:v1"), secure.disk_image_id("vm/tiny:v1")
     config = world_dir / "registries.yaml"
     _config(config, f"registries:\n  '{origin.host}':\n    mirrors: ['{empty.host}']\n")
     with running_virtletd(world_dir, netns_guard, loopback_cni, [
@@ -99,6 +97,8 @@ def test_zstd_layer(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path
                 "--libvirt-uri", "test:///default", "--kvm", "off", "--image-registries-config",
                 str(config)]) as daemon:
             image_id = _pull(daemon, f"{reg.host}/vm/tiny:zstd")
-            assert image_id == "sha256:" + hashlib.sha256(tiny_image.read_bytes()).hexdigest()
+            assert image_id == reg.disk_image_id(digest)
+            stored = world_dir / "images" / "data" / image_id.removeprefix("sha256:")
+            assert stored.read_bytes() == tiny_image.read_bytes()
             listed = daemon.image().ListImages(api.ListImagesRequest()).images
             assert [list(i.repo_digests) for i in listed] == [[f"{reg.host}/vm/tiny@{digest}"]]

@@ -5,7 +5,6 @@ project's tiny guest image (OCI and Docker manifests, an index), and the failure
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import grpc
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
-from tests.helpers.registry import REGISTRY_BIN, Pusher, Registry, TokenServer, basic
+from tests.helpers.registry import OCI_MANIFEST, REGISTRY_BIN, Pusher, Registry, TokenServer, basic
 from tests.integration.conftest import NetnsGuard, running_virtletd
 from virtlet.cri.gen import api_pb2 as api
 
@@ -108,7 +107,7 @@ def test_basic_auth_pull_cache_and_errors(world_dir: Path, netns_guard: NetnsGua
             t.join()
         assert len(set(results)) == 1 and results[0].startswith("sha256:")  # the image id, as containerd
         image_id = results[0]
-        assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+        assert image_id == reg.disk_image_id(digests["v1"])  # derived from the layer digest, not a 2nd hash
         assert daemon.log().count("pulling image") == 1  # three concurrent pulls, one download
         listed = daemon.image().ListImages(api.ListImagesRequest()).images
         assert [i.id for i in listed] == [image_id]
@@ -122,8 +121,12 @@ def test_basic_auth_pull_cache_and_errors(world_dir: Path, netns_guard: NetnsGua
         assert daemon.log().count("pulling image") == 1
         # an index: linux/amd64 is chosen; same manifest as v1 -> same image, nothing downloaded
         assert _pull(daemon, f"{ref}:multi", right) == image_id
-        assert _pull(daemon, f"{ref}:plain", right) == image_id  # Docker schema 2, uncompressed layer
+        plain_id = _pull(daemon, f"{ref}:plain", right)  # Docker schema 2, uncompressed layer: another layer
+        assert plain_id == reg.disk_image_id(digests["plain"]) != image_id
         assert daemon.log().count("pulling image") == 2
+        plain = daemon.image().ImageStatus(api.ImageStatusRequest(image=api.ImageSpec(image=plain_id))).image
+        assert (world_dir / "images" / "data" / plain_id.removeprefix("sha256:")).read_bytes() == reg_tiny_bytes()
+        assert plain.size == len(reg_tiny_bytes())
 
         err = _pull_error(daemon, f"{ref}@sha256:{'0' * 64}", right)
         assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
@@ -187,7 +190,7 @@ def test_node_credentials_translation_and_bearer(world_dir: Path, netns_guard: N
                      ["--image-source-allow", "127.0.0.0/8"]) as daemon:
             image_id = str(daemon.image().PullImage(api.PullImageRequest(
                 image=api.ImageSpec(image="virtlet.cloud/disks/tiny:latest")), timeout=300).image_ref)
-            assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+            assert image_id == reg.disk_image_id(digest)
             assert any("scope=repository%3Avm%2Ftiny%3Apull" in r for r in tokens.requests), tokens.requests
             listed = daemon.image().ListImages(api.ListImagesRequest()).images
             assert f"{reg.host}/vm/tiny@{digest}" in listed[0].repo_digests
@@ -288,7 +291,7 @@ def test_sigkill_mid_registry_pull(world_dir: Path, netns_guard: NetnsGuard, loo
         daemon.env = {}
         daemon.start()
         _nothing_stored(daemon, world_dir)
-        assert _pull(daemon, name, right) == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+        assert _pull(daemon, name, right) == reg.disk_image_id(_digests["v1"])
 
 
 def test_virtletctl_image_push(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path, tiny: Path) -> None:
@@ -316,7 +319,7 @@ def test_virtletctl_image_push(world_dir: Path, netns_guard: NetnsGuard, loopbac
         config = f"registries:\n  '{reg.host}': {{}}\n"
         with _daemon(world_dir, netns_guard, loopback_cni, config, ["--image-source-allow", "127.0.0.0/8"]) as d:
             image_id = _pull(d, ref, api.AuthConfig(username=USER, password=PASSWORD))
-            assert image_id == "sha256:" + hashlib.sha256(reg_tiny_bytes()).hexdigest()
+            assert image_id == reg.disk_image_id(ref.split("@")[1])
             assert _pull(d, f"{reg.host}/vm/pushed:1", api.AuthConfig(username=USER, password=PASSWORD)) == image_id
 
 
@@ -326,15 +329,19 @@ def test_container_status_names_the_image_the_pod_asked_for(
     """ContainerStatus shows the image name of the ContainerConfig, or for an image id (what the kubelet
     sends after a pull) the image's repo tag, as containerd; the id is in image_ref/image_id.  A reference
     without a tag means ``:latest`` in ImageStatus."""
+    import json
+
     from tests.integration.test_daemon_sandbox import _config
 
-    reg, _ = basic_registry
+    reg, digests = basic_registry
     ref = f"{reg.host}/vm/tiny"
-    Pusher(reg.host, basic(USER, PASSWORD)).container_disk("vm/tiny", "latest", reg_tiny_path())
+    # the same layer under tag latest (an image id is derived from the layer: a re-compressed push is another)
+    Pusher(reg.host, basic(USER, PASSWORD)).manifest("vm/tiny", "latest",
+                                                     json.loads(reg.blob_path(digests["v1"]).read_bytes()))
     right = api.AuthConfig(username=USER, password=PASSWORD)
     with _daemon(world_dir, netns_guard, bridge_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
         image_id = _pull(daemon, f"{ref}:v1", right)
-        assert _pull(daemon, ref, right) == image_id  # same disk, tag latest
+        assert _pull(daemon, ref, right) == image_id  # same layer, tag latest
         status = daemon.image().ImageStatus(api.ImageStatusRequest(image=api.ImageSpec(image=ref))).image
         assert status.id == image_id and f"{ref}:latest" in status.repo_tags
         rt = daemon.runtime()
@@ -356,7 +363,65 @@ def test_container_status_names_the_image_the_pod_asked_for(
             rt.RemovePodSandbox(api.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
 
 
-def reg_tiny_path() -> Path:
-    from tests.integration.conftest import GUEST_IMAGES
+def _push_layer(push: Pusher, repo: str, tag: str, layer: bytes, media_type: str) -> str:
+    import json
 
-    return Path(os.environ.get("VIRTLET_TINY_IMAGE", GUEST_IMAGES / "tiny.qcow2"))
+    config = push.blob(repo, json.dumps({"architecture": "amd64", "os": "linux"}).encode())
+    desc = push.blob(repo, layer)
+    return push.manifest(repo, tag, {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+        "layers": [{"mediaType": media_type, **desc}]})
+
+
+def _flip_byte(reg: Registry, manifest_digest: str, where: float) -> None:
+    """Corrupt the layer blob in the registry's storage (same size), ``where`` of the way in."""
+    import json
+
+    layer = json.loads(reg.blob_path(manifest_digest).read_bytes())["layers"][0]["digest"]
+    path = reg.blob_path(layer)
+    with open(path, "r+b") as f:
+        f.seek(int(path.stat().st_size * where))
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_layer_forms_and_corrupt_blobs(world_dir: Path, netns_guard: NetnsGuard, loopback_cni: Path,
+                                       tiny: Path) -> None:
+    """What the one-pass layer reader (issue 20: image pull speed) must keep: the disk between other members
+    and under a long (pax) name is found and stored intact; a blob corrupted in the registry (same size, in
+    the disk's bytes, in a header, inside gzip data) is refused as not matching the manifest, nothing stored."""
+    import gzip
+
+    from tests.helpers.registry import layer_tar
+
+    disk = reg_tiny_bytes()
+    long_name = "disk/" + "sub-directory-with-a-long-name/" * 4 + "tiny.qcow2"  # > 100 bytes: a pax header
+    layer = layer_tar({"etc/before": os.urandom(70000), long_name: disk, "etc/after": b"a" * 3000})
+    base = world_dir / "registry"
+    base.mkdir()
+    with Registry(base) as reg:
+        push = Pusher(reg.host)
+        forms = {"members": _push_layer(push, "vm/forms", "members", layer, "application/vnd.oci.image.layer.v1.tar"),
+                 "gz": _push_layer(push, "vm/forms", "gz", gzip.compress(layer, 1),
+                                   "application/vnd.oci.image.layer.v1.tar+gzip")}
+        bad = {}
+        for name, where, gz in (("payload", 0.6, False), ("header", 0.0, False), ("deflate", 0.5, True)):
+            data = layer_tar({f"disk/{name}.qcow2": disk, f"pad/{name}": name.encode()})  # a distinct blob
+            data = gzip.compress(data, 1) if gz else data
+            bad[name] = _push_layer(push, "vm/bad", name, data, "application/vnd.oci.image.layer.v1.tar"
+                                    + ("+gzip" if gz else ""))
+            _flip_byte(reg, bad[name], where)
+        with _daemon(world_dir, netns_guard, loopback_cni, f"registries:\n  '{reg.host}': {{}}\n") as daemon:
+            for tag, digest in forms.items():
+                image_id = _pull(daemon, f"{reg.host}/vm/forms:{tag}")
+                assert image_id == reg.disk_image_id(digest)
+                assert (world_dir / "images" / "data" / image_id.removeprefix("sha256:")).read_bytes() == disk
+            stored = sorted(p.name for p in (world_dir / "images" / "data").iterdir())
+            for name in bad:
+                err = _pull_error(daemon, f"{reg.host}/vm/bad:{name}")
+                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, (name, err.details())
+                assert "does not match the manifest" in err.details(), (name, err.details())
+                assert sorted(p.name for p in (world_dir / "images" / "data").iterdir()) == stored
+                assert list((world_dir / "images" / "tmp").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,23 @@ def test_platform_choice() -> None:
     assert containerdisk._platform(entries, "t") == "sha256:" + "2" * 64
     with pytest.raises(errors.NotFound, match="linux/arm64"):
         containerdisk._platform(entries[:1], "t")
+
+
+def test_container_disk_id_cannot_be_an_http_image(tmp_path: Path) -> None:
+    """A registry image's id is derived from its layer digest and compression; the only file whose sha256 it is
+    would be that text, which validation refuses, so no HTTP pull can store other bytes under the id."""
+    from virtlet.images import validate
+
+    digest = "sha256:" + "ab" * 32
+    ids = {containerdisk.image_id(containerdisk.Layer(digest, 1, mt)) for mt in (
+        "application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd")}
+    assert len(ids) == 3
+    assert containerdisk.image_id(containerdisk.Layer(digest, 1, "application/vnd.docker.image.rootfs.diff.tar")) \
+        in ids  # Docker's plain tar and OCI's decode alike
+    for kind in ("tar", "gzip", "zstd"):
+        text = f"virtlet containerDisk v1 {kind} {digest}".encode()
+        assert "sha256:" + hashlib.sha256(text).hexdigest() in ids
+        (tmp_path / kind).write_bytes(text)
+        with pytest.raises(errors.InvalidArgument, match="text"):
+            validate.inspect(tmp_path / kind)

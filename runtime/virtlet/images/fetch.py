@@ -51,6 +51,7 @@ class Sink(Protocol):
 class FetchInfo:
     url: str  # the URL the bytes came from, after redirects
     content_type: str  # "" when the transport has none
+    digest: str = ""  # the image id, when the fetcher vouches for it without a hash of the file (a registry)
 
 
 class Fetcher(Protocol):

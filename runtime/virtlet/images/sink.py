@@ -31,6 +31,8 @@ BUFFER_BYTES = 1 << 20
 POOL_BUFFERS = 16
 WRITEBACK_BYTES = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
+OUTER_QUEUE = 2 * POOL_BUFFERS  # at most this many chunks (each <= 1 MiB) wait for the outer hash
+_Item = tuple[bytearray | bytes | threading.Event, int, bool]  # (data, length, from the pool)
 
 
 def disk(op: Callable[[], T], what: str, written: int | None = None) -> T:
@@ -64,10 +66,12 @@ class HashingFileSink:
 
     Data lives in a pool of pre-allocated buffers (fresh 1 MiB allocations would page-fault on every chunk):
     a fetcher either fills one in place (``buffer``/``commit``: no copy) or hands bytes to ``write`` (one
-    copy).  A buffer returns to the pool when both workers are done with it.
+    copy).  A buffer returns to the pool when every worker it was queued to is done with it.
     """
 
-    def __init__(self, fd: int, progress: ProgressLog, what: str) -> None:
+    def __init__(self, fd: int, progress: ProgressLog, what: str, hash_image: bool = True) -> None:
+        """``hash_image=False``: the caller knows the image's id otherwise (a registry layer's verified digest,
+        see ``containerdisk``) and ``finish`` returns ""; one sha256 pass less."""
         self.fd = fd
         self.hash = hashlib.sha256()
         self.size = 0
@@ -82,12 +86,53 @@ class HashingFileSink:
         self._current: bytearray | None = None
         self._pending: dict[int, int] = {}
         self._pending_lock = threading.Lock()
-        self._queues: list[queue.Queue[tuple[bytearray, int] | None]] = [queue.Queue(), queue.Queue()]
-        jobs = (self._hash, self._write)
-        self._workers = [threading.Thread(target=self._run, args=(q, job), name="image-sink", daemon=True)
-                         for q, job in zip(self._queues, jobs, strict=True)]
-        for w in self._workers:
-            w.start()
+        self._queues: list[queue.Queue[_Item | None]] = []
+        self._workers: list[threading.Thread] = []
+        self.outer: hashlib._Hash | None = None  # see track_outer
+        self._outer_q: queue.Queue[_Item | None] | None = None
+        self._hash_image = hash_image
+        self._image_queues = [self._start(job) for job in ((self._hash, self._write) if hash_image
+                                                           else (self._write,))]
+
+    def _start(self, job: Callable[[memoryview], None], bound: int = 0) -> queue.Queue[_Item | None]:
+        q: queue.Queue[_Item | None] = queue.Queue(bound)
+        self._queues.append(q)
+        w = threading.Thread(target=self._run, args=(q, job), name="image-sink", daemon=True)
+        self._workers.append(w)
+        w.start()
+        return q
+
+    def track_outer(self) -> None:
+        """Also hash an *outer* stream the image bytes are a part of (a registry layer blob around the disk
+        file), in a third worker, so a containerDisk pull reads its blob once and hashes it off the network
+        thread.  The outer stream is, in order: what ``outer_only`` gets (tar headers, other members) and
+        what ``commit(n, outer=True)`` gets.  ``outer_digest`` waits for it and starts a new one."""
+        if self.outer is None:
+            self.outer = hashlib.sha256()
+            # bounded: ``outer_only`` copies (a skipped member, a compressed blob) must not pile up in memory
+            # when the network is faster than sha256; the pooled buffers are bounded by the pool already
+            self._outer_q = self._start(self._hash_outer, OUTER_QUEUE)
+
+    def outer_only(self, data: bytes) -> None:
+        """Bytes of the outer stream that are not image bytes (hashed in order, never written)."""
+        if self._outer_q is None:
+            raise ValueError("outer_only() needs track_outer()")
+        if data:
+            self._outer_q.put((data, len(data), False))
+
+    def outer_digest(self) -> str:
+        """The outer stream's sha256 hex digest so far (after every byte given before this call); resets."""
+        if self._outer_q is None or self.outer is None:
+            raise ValueError("outer_digest() needs track_outer()")
+        done = threading.Event()
+        self._outer_q.put((done, 0, False))
+        while not done.wait(1.0):
+            if self._error is not None:
+                raise self._error
+        if self._error is not None:
+            raise self._error
+        digest, self.outer = self.outer.hexdigest(), hashlib.sha256()
+        return digest
 
     def expect(self, total: int | None) -> None:
         self.progress.expect(total)
@@ -98,15 +143,17 @@ class HashingFileSink:
             self._current = self._take_buffer()
         return memoryview(self._current)
 
-    def commit(self, n: int) -> None:
-        """The first ``n`` bytes of the buffer from ``buffer()`` are the next part of the image."""
+    def commit(self, n: int, outer: bool = False) -> None:
+        """The first ``n`` bytes of the buffer from ``buffer()`` are the next part of the image (and, with
+        ``outer``, of the outer stream: see ``track_outer``)."""
         buf, self._current = self._current, None
         if buf is None or not 0 < n <= len(buf):
             raise ValueError("commit() needs a buffer() and 0 < n <= its size")
+        queues = self._image_queues + ([self._outer_q] if outer and self._outer_q is not None else [])
         with self._pending_lock:
-            self._pending[id(buf)] = len(self._queues)
-        for q in self._queues:
-            q.put((buf, n))
+            self._pending[id(buf)] = len(queues)
+        for q in queues:
+            q.put((buf, n, True))
         self.progress.add(n)
 
     def write(self, data: memoryview) -> None:
@@ -117,7 +164,8 @@ class HashingFileSink:
             self.commit(len(part))
 
     def finish(self) -> str:
-        """Wait for all bytes to be hashed, written and fsynced; the sha256 hex digest."""
+        """Wait for all bytes to be hashed, written and fsynced; the sha256 hex digest ("" without
+        ``hash_image``)."""
         for q in self._queues:
             q.put(None)
         for w in self._workers:
@@ -125,7 +173,7 @@ class HashingFileSink:
         if self._error is not None:
             raise self._error
         disk(lambda: os.fsync(self.fd), self.what, self.size)
-        return self.hash.hexdigest()
+        return self.hash.hexdigest() if self._hash_image else ""
 
     def abort(self) -> None:
         self._stop = True
@@ -146,6 +194,10 @@ class HashingFileSink:
     def _hash(self, view: memoryview) -> None:
         self.hash.update(view)
 
+    def _hash_outer(self, view: memoryview) -> None:
+        assert self.outer is not None
+        self.outer.update(view)
+
     def _write(self, view: memoryview) -> None:
         while view:
             n = disk(functools.partial(os.write, self.fd, view), self.what, self.size)
@@ -155,12 +207,15 @@ class HashingFileSink:
             _sync_file_range(self.fd, self._synced, self.size - self._synced, _SYNC_FILE_RANGE_WRITE)
             self._synced = self.size
 
-    def _run(self, q: queue.Queue[tuple[bytearray, int] | None], job: Callable[[memoryview], None]) -> None:
+    def _run(self, q: queue.Queue[_Item | None], job: Callable[[memoryview], None]) -> None:
         while True:
             item = q.get()
             if item is None:
                 return
-            buf, n = item
+            buf, n, pooled = item
+            if isinstance(buf, threading.Event):  # outer_digest's marker: everything before it is hashed
+                buf.set()
+                continue
             try:
                 if self._error is None and not self._stop:
                     with memoryview(buf) as view:
@@ -168,10 +223,16 @@ class HashingFileSink:
             except BaseException as exc:  # handed to the fetching thread
                 self._error = exc
             finally:
-                with self._pending_lock:
-                    self._pending[id(buf)] -= 1
-                    done = self._pending[id(buf)] == 0
-                    if done:
-                        del self._pending[id(buf)]
-                if done:
-                    self._free.put(buf)
+                if pooled:
+                    self._release(buf)
+
+    def _release(self, buf: bytearray | bytes) -> None:
+        """One worker is done with a pooled buffer; the last one returns it to the pool."""
+        with self._pending_lock:
+            self._pending[id(buf)] -= 1
+            done = self._pending[id(buf)] == 0
+            if done:
+                del self._pending[id(buf)]
+        if done:
+            assert isinstance(buf, bytearray)
+            self._free.put(buf)

@@ -4,7 +4,8 @@ Layout of ``image_dir``::
 
     images.db        SQLite (WAL): images(digest, size, format, virtual_size, pulled_at),
                      names(name -> digest)
-    data/<hex>       image content, named by its sha256; never modified after the rename that creates it
+    data/<hex>       image content, named by its sha256 (a registry image: by the id ``containerdisk.image_id``
+                     derives from its verified layer digest); never modified after the rename that creates it
     tmp/<rand>.part  downloads in progress (same filesystem, so the final rename is atomic)
 
 Crash safety: a download is written to ``tmp/``, fsynced, hashed, validated, renamed into ``data/`` (and
@@ -176,12 +177,12 @@ class ImageStore:
             digest = self._shared_download(
                 key, str(ref), f"{client.base}/v2/{ref.repo}",
                 lambda sink: containerdisk.fetch_disk(client, manifest, sink, self.policy.max_size),
-                None, "registry")
+                None, "registry", hash_image=False)
         tags = (f"{ref.name}:{ref.tag}",) if ref.tag else ()
         return self._named(by_digest, digest, str(ref), *tags, *also)
 
     def _shared_download(self, key: Hashable, name: str, url: str, fetch: Callable[[HashingFileSink], FetchInfo],
-                         pin: str | None, origin: str) -> str:
+                         pin: str | None, origin: str, hash_image: bool = True) -> str:
         # Only identical requests share a download: an untrusted pull of a URL must not ride on a trusted
         # (unchecked) download of the same URL, nor on another transport's or another user's credentials.
         with self._lock:
@@ -193,7 +194,7 @@ class ImageStore:
             log.info("pull of %s joins the download of %s in progress", name, url)
             return fut.result()
         try:
-            digest = self._download(name, url, fetch, pin, origin)
+            digest = self._download(name, url, fetch, pin, origin, hash_image)
             fut.set_result(digest)
             return digest
         except BaseException as exc:
@@ -204,16 +205,20 @@ class ImageStore:
                 del self._inflight[key]
 
     def _download(self, name: str, url: str, fetch: Callable[[HashingFileSink], FetchInfo], pin: str | None,
-                  origin: str) -> str:
+                  origin: str, hash_image: bool = True) -> str:
+        """``hash_image=False``: the fetcher returns the id (``FetchInfo.digest``), the file is not hashed."""
         what = f"image {name!r} from {url}"
         progress = ProgressLog(f"pull {name} from {url}", self.progress_interval)
         log.info("pulling %s (%s)", what, origin)
         fd, tmp = disk(lambda: tempfile.mkstemp(dir=self.tmp_dir, suffix=".part"), what)
         try:
-            sink = HashingFileSink(fd, progress, what)
+            sink = HashingFileSink(fd, progress, what, hash_image)
             try:
                 info = fetch(sink)
-                digest = f"sha256:{sink.finish()}"
+                content = sink.finish()
+                digest = f"sha256:{content}" if hash_image else info.digest
+                if not digest.startswith("sha256:") or len(digest) != 71:
+                    raise errors.Internal(f"{what}: the fetcher gave no image id")
             except BaseException:
                 sink.abort()
                 raise
