@@ -282,6 +282,17 @@ class ExecBackend:
         return None  # a guest without virtlet-exec-agent: the guest-agent path
 
 
+def test_exec_cmd_bounds_at_the_cri_call(tmp_path: Path) -> None:
+    """A command the exec channel cannot carry is INVALID_ARGUMENT naming cmd before any URL is issued."""
+    from virtlet.stream.backend import VirtletBackend
+
+    store = st.StateStore(tmp_path / "s.db")
+    backend = VirtletBackend(store, tmp_path)
+    for cmd in (("a\0b",), ("x" * 40000,)):
+        with pytest.raises(errors.InvalidArgument, match="cmd"):
+            backend.check_exec(ExecRequest("c", cmd))
+
+
 def test_exec_with_tty_without_exec_agent_says_what_to_do(exec_server: Any) -> None:
     """A guest without the exec agent: the TTY exec ends with a Failure naming the agent and the alternatives."""
     srv, _ = exec_server

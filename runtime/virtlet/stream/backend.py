@@ -86,6 +86,7 @@ class VirtletBackend:
         if not req.container_id:
             raise errors.InvalidArgument("Exec: container_id is required")
         preconditions.require_cmd("Exec", req.cmd)
+        ec.encode_open(req.cmd, tty=req.tty, stdin=req.stdin)  # INVALID_ARGUMENT: NUL bytes, over 32 KiB
         preconditions.container_running("Exec", req.container_id,
                                         self.store.require_container(req.container_id).state)
 
@@ -149,6 +150,9 @@ class VirtletBackend:
                 except errors.Unavailable as exc:
                     log.info("exec in %s: %s; using the guest agent", container_id, exc)
                     return None
+                # channels of stopped or removed VMs are closed (QEMU hung up): dropped here, so the map stays
+                # as large as the number of running VMs that were exec'd into
+                self._channels = {k: v for k, v in self._channels.items() if not v[0].closed.is_set()}
                 self._channels[container_id] = (channel, since)
         deadline = since + (ga.AGENT_WAIT_DEFAULT if tty else EXEC_AGENT_GRACE)
         while not channel.wait_ready(min(0.5, max(0.0, deadline - time.monotonic()))):
