@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,11 @@ def test_channel_against_fake_agent(tmp_path: Path) -> None:
                                                                    ("exit", b"", 3)]
         session.close()
         flood = channel.open(["yes"], tty=False, stdin=False)
-        assert flooded.wait(30)  # a client that reads nothing meanwhile
+        assert flooded.wait(30)  # a client that reads nothing meanwhile...
+        deadline = time.monotonic() + 30
+        while not flood.done:  # ...until the channel's reader has taken the flood in
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         while True:
             event = flood.next_event(10)
             assert event is not None
@@ -107,3 +112,75 @@ def test_channel_against_fake_agent(tmp_path: Path) -> None:
     finally:
         channel.close()
         server.close()
+
+
+class _ChannelBackend:
+    """A streaming backend whose VM has the exec agent (a fake one on a unix socket)."""
+
+    def __init__(self, channel: ec.ExecChannel) -> None:
+        self.channel = channel
+
+    def exec_channel(self, container_id: str, *, tty: bool, gone: object) -> ec.ExecChannel:
+        return self.channel
+
+
+def test_websocket_tty_exec_resize_stdin_exit_code(tmp_path: Path) -> None:
+    """kubectl exec -it over WebSocket v5: the size (channel 4) becomes RESIZE, stdin STDIN, the agent's output
+    reaches stdout, and its exit code 3 the NonZeroExitCode Status."""
+    import json
+
+    from tests.unit.test_stream_protocols import _ws_messages
+    from virtlet.stream.client import upgrade
+    from virtlet.stream.model import ExecRequest
+    from virtlet.stream.server import StreamServer
+    from virtlet.stream.websocket import FrameReader, encode_frame
+
+    path = tmp_path / "c.exec.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    seen: list[tuple[int, int, bytes]] = []
+
+    def agent() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            _read_frame(conn)  # HELLO
+            conn.sendall(_frame(ec.G_HELLO, 0, b"virtlet-exec 1"))
+            while True:
+                kind, sid, payload = _read_frame(conn)
+                seen.append((kind, sid, payload))
+                if kind == ec.STDIN:
+                    conn.sendall(_frame(ec.G_ACK, sid, struct.pack(">I", len(payload)))
+                                 + _frame(ec.G_STDOUT, sid, b"got:" + payload)
+                                 + _frame(ec.G_EXIT, sid, struct.pack(">I", 3)))
+                    return
+
+    thread = threading.Thread(target=agent, daemon=True)
+    thread.start()
+    channel = ec.ExecChannel(path)
+    channel.connect()
+    assert channel.wait_ready(10)
+    srv = StreamServer("127.0.0.1:0", _ChannelBackend(channel)).start()  # type: ignore[arg-type]
+    try:
+        url = srv.exec_url(ExecRequest("c", ("sh",), stdin=True, stdout=True, stderr=False, tty=True))
+        up = upgrade(url, ["v5.channel.k8s.io"], transport="websocket", method="GET")
+        reader = FrameReader(up.sock, up.rest, expect_masked=False)
+        assert _ws_messages(reader, 1) == [(1, b"")]
+        up.sock.sendall(encode_frame(0x2, b"\x04" + json.dumps({"Width": 120, "Height": 40}).encode(), mask=True))
+        time.sleep(0.5)  # the size first, as kubectl sends it before any typing
+        up.sock.sendall(encode_frame(0x2, b"\x00hi", mask=True))
+        out = _ws_messages(reader, 2)
+        assert out[0] == (1, b"got:hi")
+        assert out[1][0] == 3 and json.loads(out[1][1])["details"]["causes"] == [
+            {"reason": "ExitCode", "message": "3"}]
+        up.sock.close()
+        thread.join(10)
+        opened = seen[0]
+        assert opened[0] == ec.OPEN and opened[2][0] == 3  # tty + stdin
+        # the size reaches the guest in OPEN (it came before the session opened) or as a RESIZE
+        assert opened[2][1:5] == struct.pack(">HH", 40, 120) or (
+            ec.RESIZE, opened[1], struct.pack(">HH", 40, 120)) in seen, seen
+    finally:
+        srv.stop()
+        channel.close()
+        listener.close()
