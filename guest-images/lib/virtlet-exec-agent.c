@@ -207,7 +207,9 @@ static void handle_frame(void) {
         }
         break;
     case T_SIGNAL: if (s->used && !s->exited && n >= 1 && p[0] < 65) kill(-s->pid, p[0]); break;
-    case T_CLOSE: kill_session(sid); break;
+    case T_CLOSE: /* answered with an EXIT, after which the host may reuse the id */
+        if (s->used) { kill_session(sid); send_u32(G_EXIT, sid, 128 + SIGKILL); }
+        break;
     }
 }
 

@@ -97,3 +97,20 @@ def test_exec_tty_and_streamed_output(tty_vm: Pod) -> None:
     finally:
         shell.close()
     del out
+
+    # a client that leaves mid-command: the command is killed in the guest, and the next exec works
+    gone = AttachClient(_url(tty_vm, "sleep", "777", stdin=True, tty=True), stdin=True, tty=True)
+    time.sleep(3)
+    gone.close()
+    deadline = time.monotonic() + 60
+    while True:
+        client = ExecClient(_url(tty_vm, "ps"))
+        try:
+            out, _err, status = client.run(timeout=60)
+        finally:
+            client.close()
+        assert ExecClient.exit_code(status) == 0, status
+        if b"sleep 777" not in out:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(1)

@@ -67,6 +67,7 @@ def test_channel_against_fake_agent(tmp_path: Path) -> None:
     server.listen(1)
     got: dict[str, object] = {}
     flooded = threading.Event()
+    closed = threading.Event()
 
     def agent() -> None:
         conn, _ = server.accept()
@@ -83,6 +84,9 @@ def test_channel_against_fake_agent(tmp_path: Path) -> None:
                 conn.sendall(chunk)
             flooded.set()
             got["close"] = _read_frame(conn)[:2]
+            closed.wait(30)
+            conn.sendall(_frame(ec.G_STDOUT, sid, b"late") + _frame(ec.G_EXIT, sid, struct.pack(">I", 137)))
+            _read_frame(conn)  # the other session's OPEN
 
     thread = threading.Thread(target=agent, daemon=True)
     thread.start()
@@ -107,8 +111,24 @@ def test_channel_against_fake_agent(tmp_path: Path) -> None:
             if event.kind != "stdout":
                 break
         assert event.kind == "lost" and b"client read none" in event.data
-        thread.join(10)
+        flood.close()
+        deadline = time.monotonic() + 30
+        while "close" not in got:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert got["close"] == (ec.CLOSE, flood.sid)
+        # until the agent answers CLOSE with EXIT, the id is not reused: a new session gets another one
+        other = channel.open(["true"], tty=False, stdin=False)
+        assert other.sid != flood.sid
+        other.close()
+        closed.set()
+        deadline = time.monotonic() + 30
+        while flood.sid in channel._sessions:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        thread.join(10)
+        late = [other.next_event(0.2) for _ in range(3)]
+        assert all(e is None or e.kind != "stdout" for e in late), late  # the old command's output went nowhere
     finally:
         channel.close()
         server.close()

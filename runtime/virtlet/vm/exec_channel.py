@@ -5,11 +5,12 @@ unix socket QEMU listens on next to the console socket (``socket_path``).  In th
 (``guest-images/lib/virtlet-exec-agent.c``, in the tiny image) serves it.  virtletd holds one connection per
 VM (QEMU takes one client) and multiplexes up to ``MAX_SESSIONS`` commands over it.
 
-Frames both ways: type (1 byte), session id (1 byte), payload length (2 bytes big-endian, at most
-``MAX_PAYLOAD``), payload.  host -> guest: HELLO, OPEN (flags: 1 tty, 2 stdin; rows, cols; argv NUL-separated,
-an empty string, env NUL-separated), STDIN (empty = end of stdin), RESIZE (rows, cols), SIGNAL, CLOSE (kill the
-command).  guest -> host: HELLO, STDOUT, STDERR, EXIT (4-byte code, 128+N for signal N), ACK (stdin bytes the
-command took: the host never has more than ``STDIN_WINDOW`` unacknowledged, so the agent never blocks).
+Frames both ways: type (1 byte), session id (1 byte), payload length (2 bytes big-endian, at most ``MAX_PAYLOAD``),
+payload.  host -> guest: HELLO, OPEN (flags: 1 tty, 2 stdin; rows, cols; argv NUL-separated, an empty string, env
+NUL-separated), STDIN (empty = end of stdin), RESIZE (rows, cols), SIGNAL, CLOSE (kill the command; the agent
+answers with its EXIT, and only then is the session id used again).  guest -> host: HELLO, STDOUT, STDERR, EXIT
+(4-byte code, 128+N for signal N), ACK (stdin bytes the command took: the host never has more than ``STDIN_WINDOW``
+unacknowledged, so the agent never blocks).
 
 A guest without the agent never says HELLO: ``ExecChannel.ready`` stays False and exec falls back to the QEMU
 guest agent (output at exit, no TTY).  Output is queued per session up to ``MAX_QUEUED`` bytes: a client that
@@ -79,7 +80,9 @@ class ExecSession:
         self.queued = 0
         self._window = threading.Condition()
         self._unacked = 0
-        self.done = False
+        self.done = False  # this side is finished with it (exit, lost, or closed)
+        self.exited = False  # the guest said EXIT: no more frames for this id; only then is it reused
+        self.closing = False
 
     def next_event(self, timeout: float) -> Event | None:
         try:
@@ -188,8 +191,16 @@ class ExecChannel:
             self._lost(f"exec channel write failed: {exc}")
 
     def release(self, sid: int) -> None:
+        """Free ``sid`` once the guest has said EXIT for it: until then frames of the old command may still be
+        on their way, and must not reach a new session (the agent answers CLOSE with an EXIT)."""
         with self.lock:
-            self._sessions.pop(sid, None)
+            session = self._sessions.get(sid)
+            if session is None:
+                return
+            if session.exited or self.closed.is_set():
+                del self._sessions[sid]
+            else:
+                session.closing = True
 
     def close(self) -> None:
         self._lost("exec channel closed")
@@ -245,7 +256,14 @@ class ExecChannel:
             return
         with self.lock:
             session = self._sessions.get(sid)
-            if session is None or session.done:
+            if session is None:
+                return
+            if kind == G_EXIT:
+                session.exited = True
+                if session.closing:
+                    del self._sessions[sid]
+                    return
+            if session.done:
                 return
             if kind in (G_STDOUT, G_STDERR):
                 session.queued += len(payload)
