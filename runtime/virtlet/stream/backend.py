@@ -142,18 +142,29 @@ class VirtletBackend:
         preconditions.container_running("Exec", container_id, self.store.require_container(container_id).state)
         path = ec.socket_path(self.console_dir / f"{container_id}.sock")
         with self._lock:
-            channel, since = self._channels.get(container_id, (None, 0.0))
-            if channel is None or channel.closed.is_set():
-                channel, since = ec.ExecChannel(path), time.monotonic()
-                try:
-                    channel.connect()
-                except errors.Unavailable as exc:
-                    log.info("exec in %s: %s; using the guest agent", container_id, exc)
-                    return None
-                # channels of stopped or removed VMs are closed (QEMU hung up): dropped here, so the map stays
-                # as large as the number of running VMs that were exec'd into
-                self._channels = {k: v for k, v in self._channels.items() if not v[0].closed.is_set()}
-                self._channels[container_id] = (channel, since)
+            known, since = self._channels.get(container_id, (None, 0.0))
+        if known is not None and not known.closed.is_set():
+            channel = known
+        else:
+            # connected outside the lock: a VM whose socket does not accept at once holds up only this exec
+            fresh = ec.ExecChannel(path)
+            try:
+                fresh.connect()
+            except errors.Unavailable as exc:
+                log.info("exec in %s: %s; using the guest agent", container_id, exc)
+                return None
+            with self._lock:
+                known, since = self._channels.get(container_id, (None, 0.0))
+                if known is not None and not known.closed.is_set():
+                    channel = known  # another exec connected meanwhile: use its channel
+                else:
+                    # channels of stopped or removed VMs are closed (QEMU hung up): dropped here, so the map
+                    # stays as large as the number of running VMs that were exec'd into
+                    self._channels = {k: v for k, v in self._channels.items() if not v[0].closed.is_set()}
+                    channel, since = fresh, time.monotonic()
+                    self._channels[container_id] = (channel, since)
+            if channel is not fresh:
+                fresh.close()
         deadline = since + (ga.AGENT_WAIT_DEFAULT if tty else EXEC_AGENT_GRACE)
         while not channel.wait_ready(min(0.5, max(0.0, deadline - time.monotonic()))):
             if gone.is_set() or time.monotonic() >= deadline or channel.closed.is_set():
