@@ -13,8 +13,9 @@ APT_PACKAGES=(
   containerd runc
   # registry pulls in tests: a real registry (distribution v2) and htpasswd with bcrypt
   docker-registry apache2-utils
-  # guest image builds (tiny: mtools/syslinux/cpio/kmod; full: debootstrap/grub/e2fsprogs)
-  mtools syslinux syslinux-common fdisk cpio kmod debootstrap grub-pc-bin e2fsprogs busybox-static
+  # guest image builds (tiny: mtools/syslinux/cpio/kmod; full: debootstrap/grub/e2fsprogs; both: the static
+  # exec agent, gcc and libc6-dev)
+  mtools syslinux syslinux-common fdisk cpio kmod debootstrap grub-pc-bin e2fsprogs busybox-static libc6-dev
   # molecule: rootful podman nodes running systemd (iptables: podman's netavark needs it)
   podman
   # test clients and tools

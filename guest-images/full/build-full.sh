@@ -7,7 +7,7 @@
 # into the gap before the first partition with dd, so the only privileged step is debootstrap itself.
 # The debootstrap tree is cached (CACHE_DIR/full-debootstrap): it takes minutes and changes only with the
 # package list, while the customisation below takes seconds.
-# Host packages: debootstrap grub-pc-bin e2fsprogs fdisk qemu-utils.
+# Host packages: debootstrap grub-pc-bin e2fsprogs fdisk qemu-utils gcc libc6-dev.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -50,7 +50,12 @@ rm -f "$ROOT/.virtlet-tree-key"
 
 # --- customisation ----------------------------------------------------------------------------------------
 cp -a "$HERE/rootfs/." "$ROOT/"
-chown -R 0:0 "$ROOT/etc/cloud/cloud.cfg.d" "$ROOT/boot/grub" "$ROOT/etc/fstab"
+chown -R 0:0 "$ROOT/etc/cloud/cloud.cfg.d" "$ROOT/boot/grub" "$ROOT/etc/fstab" "$ROOT/etc/udev/rules.d" \
+    "$ROOT/etc/systemd/system/virtlet-exec-agent.service"
+# the interactive-exec agent (docs/vm-pods.md), static: started by udev + systemd when its port appears
+mkdir -p "$ROOT/usr/local/sbin"
+gcc -static -Os -o "$ROOT/usr/local/sbin/virtlet-exec-agent" "$HERE/../lib/virtlet-exec-agent.c"
+strip "$ROOT/usr/local/sbin/virtlet-exec-agent"
 # every VM is a new machine: systemd makes a machine-id, cloud-init makes SSH host keys per instance
 : >"$ROOT/etc/machine-id"
 rm -f "$ROOT/var/lib/dbus/machine-id" "$ROOT"/etc/ssh/ssh_host_*

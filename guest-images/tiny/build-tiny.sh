@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds tiny.qcow2: a BIOS-bootable disk (MBR + syslinux on a FAT partition) holding Debian's cloud kernel
 # and an initramfs with busybox, dropbear and the boot scripts of this folder.  No root filesystem: the whole
-# guest lives in RAM.  Needs: apt-get, dpkg-deb, mtools, syslinux, fdisk (sfdisk), cpio, kmod, qemu-utils.
+# guest lives in RAM.  Needs: apt-get, dpkg-deb, mtools, syslinux, fdisk (sfdisk), cpio, kmod, qemu-utils,
+# gcc and libc6-dev (the static exec agent).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/../lib/common.sh"
@@ -75,6 +76,10 @@ printf 'root::19000:0:99999:7:::\n' > "$R/etc/shadow"
 printf '/bin/sh\n' > "$R/etc/shells"
 install -m 0755 "$HERE/virtlet-sysinfo" "$R/usr/bin/virtlet-sysinfo"
 install -m 0755 "$HERE/virtlet-exit" "$R/usr/bin/virtlet-exit"
+# the interactive-exec agent: static, built from source here (needs gcc and libc6-dev on the build host)
+gcc -static -Os -o "$R/usr/sbin/virtlet-exec-agent" "$HERE/../lib/virtlet-exec-agent.c"
+strip "$R/usr/sbin/virtlet-exec-agent"
+install -m 0755 "$HERE/virtlet-exec-start" "$R/etc/virtlet-exec-start"
 install -m 0644 "$HERE/issue" "$R/etc/issue"
 chmod 700 "$R/root" "$R/root/.ssh"
 # the kernel opens /dev/console before /init mounts devtmpfs: without the node, early output is lost

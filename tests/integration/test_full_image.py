@@ -16,9 +16,11 @@ import pytest
 from tests.helpers.daemon import VirtletdProcess
 from tests.integration.conftest import guest_image
 from tests.integration.test_vm_exec import _exec, _wait_for_agent
+from tests.integration.test_vm_exec_tty import _read_until, _url
 from tests.integration.test_vm_lifecycle import Pod, _pull
 from tests.integration.test_vm_network import pod_ip, ssh, wait_ssh
 from tests.integration.test_vm_network import ssh_key as ssh_key
+from virtlet.stream.client import AttachClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.libvirt, pytest.mark.network]
 
@@ -56,4 +58,14 @@ def test_full_image_real_cloud_init(vm_virtletd: VirtletdProcess, world_dir: Pat
     _wait_for_agent(pod)
     res = _exec(pod, "cat", "/etc/hostname")
     assert (res.exit_code, res.stdout) == (0, b"full-vm\n"), res
+    # kubectl exec -it: virtlet-exec-agent started by udev + systemd on its port (cloud.virtlet.exec)
+    shell = AttachClient(_url(pod, "bash", stdin=True, tty=True), stdin=True, tty=True)
+    try:
+        shell.send_resize(90, 31)
+        shell.write(b"stty size; exit 3\r")
+        _read_until(shell, b"31 90", timeout=180)
+        status = shell.status(timeout=60)
+        assert isinstance(status, dict) and status["details"]["causes"][0]["message"] == "3", status
+    finally:
+        shell.close()
     pod.stop_and_remove()

@@ -16,7 +16,7 @@ from virtlet import errors
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.cri.runtime_service import RuntimeServicer
 from virtlet.state import store as st
-from virtlet.stream.client import ExecClient
+from virtlet.stream.client import AttachClient, ExecClient
 from virtlet.stream.model import ExecRequest
 from virtlet.stream.server import StreamServer
 from virtlet.vm import agent_transport as at
@@ -265,11 +265,6 @@ def test_exec_sync_errors(servicer: RuntimeServicer, request_: Any, error: type)
         servicer.ExecSync(request_, Context())
 
 
-def test_exec_with_tty_is_refused_with_the_alternatives(servicer: RuntimeServicer) -> None:
-    with pytest.raises(errors.FailedPrecondition) as exc:
-        servicer.Exec(api.ExecRequest(container_id="run", cmd=["sh"], stdin=True, stdout=True, tty=True), Context())
-    assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "kubectl attach -it" in str(exc.value) and "virtletctl ssh" in str(exc.value)
 
 
 # -- the exec session through the real streaming server ---------------------------------------------------------
@@ -282,6 +277,33 @@ class ExecBackend:
         if container_id == "broken":
             raise errors.FailedPrecondition("the guest agent does not answer")
         return ga.ExecResult(int(cmd[-1]), b"out:" + (stdin or b""), b"err\n")
+
+    def exec_channel(self, container_id: str, *, tty: bool, gone: Any) -> None:
+        return None  # a guest without virtlet-exec-agent: the guest-agent path
+
+
+def test_exec_cmd_bounds_at_the_cri_call(tmp_path: Path) -> None:
+    """A command the exec channel cannot carry is INVALID_ARGUMENT naming cmd before any URL is issued."""
+    from virtlet.stream.backend import VirtletBackend
+
+    store = st.StateStore(tmp_path / "s.db")
+    backend = VirtletBackend(store, tmp_path)
+    for cmd in (("a\0b",), ("x" * 40000,)):
+        with pytest.raises(errors.InvalidArgument, match="cmd"):
+            backend.check_exec(ExecRequest("c", cmd))
+
+
+def test_exec_with_tty_without_exec_agent_says_what_to_do(exec_server: Any) -> None:
+    """A guest without the exec agent: the TTY exec ends with a Failure naming the agent and the alternatives."""
+    srv, _ = exec_server
+    client = AttachClient(srv.exec_url(ExecRequest("run", ("sh",), stdin=True, stdout=True, stderr=False,
+                                                   tty=True)), stdin=True, tty=True)
+    try:
+        status = client.status(timeout=10)
+    finally:
+        client.close()
+    assert isinstance(status, dict) and status["status"] == "Failure", status
+    assert "virtlet-exec-agent" in status["message"] and "kubectl attach -it" in status["message"]
 
 
 @pytest.fixture

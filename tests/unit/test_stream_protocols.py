@@ -61,6 +61,9 @@ class FakeBackend:
     def dial(self, sandbox_id: str, port: int, timeout: float = 10.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
+    def exec_channel(self, container_id: str, *, tty: bool, gone: object) -> None:
+        return None
+
 
 @pytest.fixture
 def server() -> Iterator[StreamServer]:

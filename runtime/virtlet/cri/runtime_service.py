@@ -320,15 +320,13 @@ class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.Runtim
         return api.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     def Exec(self, request: api.ExecRequest, context: grpc.ServicerContext) -> api.ExecResponse:
+        # Through the exec channel (virtlet.vm.exec_channel) when the guest runs virtlet-exec-agent: streamed
+        # output, and with tty a pty in the guest; otherwise the guest agent, where a tty is refused in the stream.
         validation.require_id(request.container_id, "container_id")
-        if request.tty:
-            raise errors.FailedPrecondition(
-                "interactive exec with a terminal is not supported for VM pods; use `kubectl attach -it` for the "
-                "console or `virtletctl ssh`")
         preconditions.require_cmd("Exec", request.cmd)
         preconditions.require_stdio("Exec", request.stdin, request.stdout, request.stderr)
         url = self._streaming().exec_url(request.container_id, list(request.cmd), stdin=request.stdin,
-                                         stdout=request.stdout, stderr=request.stderr)
+                                         stdout=request.stdout, stderr=request.stderr, tty=request.tty)
         return api.ExecResponse(url=url)
 
     # -- streaming (issue 9: URLs of virtlet.stream.service.StreamingService) ----------------------------------

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ from virtlet.console.attach import ConsoleHub, ConsoleSession
 from virtlet.network.nssocket import socket_in_netns
 from virtlet.state import store as st
 from virtlet.stream.model import AttachRequest, ExecRequest, ExecResultLike, GuestAgents, PortForwardRequest
+from virtlet.vm import exec_channel as ec
 from virtlet.vm import guest_agent as ga
 
 log = logging.getLogger(__name__)
+
+EXEC_AGENT_GRACE = 10.0  # seconds after the first connection in which a non-TTY exec waits for the exec agent
 
 _NO_ROUTE = {errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH, errno.EINVAL}
 
@@ -67,6 +71,7 @@ class VirtletBackend:
         self.host_fallback = host_fallback
         self._lock = threading.Lock()
         self._hubs: dict[str, tuple[ConsoleHub, int]] = {}
+        self._channels: dict[str, tuple[ec.ExecChannel, float]] = {}  # container id -> (channel, connected at)
 
     # -- checks at CRI time ---------------------------------------------------------------------------
     def check_attach(self, req: AttachRequest) -> None:
@@ -81,6 +86,7 @@ class VirtletBackend:
         if not req.container_id:
             raise errors.InvalidArgument("Exec: container_id is required")
         preconditions.require_cmd("Exec", req.cmd)
+        ec.encode_open(req.cmd, tty=req.tty, stdin=req.stdin)  # INVALID_ARGUMENT: NUL bytes, over 32 KiB
         preconditions.container_running("Exec", req.container_id,
                                         self.store.require_container(req.container_id).state)
 
@@ -120,10 +126,51 @@ class VirtletBackend:
     def close(self) -> None:
         with self._lock:
             hubs, self._hubs = [h for h, _ in self._hubs.values()], {}
+            channels, self._channels = [c for c, _ in self._channels.values()], {}
         for hub in hubs:
             hub.close()
+        for channel in channels:
+            channel.close()
 
     # -- exec -------------------------------------------------------------------------------------------
+    def exec_channel(self, container_id: str, *, tty: bool, gone: threading.Event) -> ec.ExecChannel | None:
+        """The VM's exec channel (one connection per VM, shared by its sessions) once the guest's agent said
+        HELLO.  A VM still booting is waited for, counted from virtletd's first connection to the VM's channel:
+        with a TTY (nothing else can serve it) up to ``ga.AGENT_WAIT_DEFAULT`` s, without one
+        ``EXEC_AGENT_GRACE`` s, then None (the guest-agent path, or the TTY refusal).  So a guest without the
+        agent costs that wait once, not on every exec; the client leaving ends the wait."""
+        preconditions.container_running("Exec", container_id, self.store.require_container(container_id).state)
+        path = ec.socket_path(self.console_dir / f"{container_id}.sock")
+        with self._lock:
+            known, since = self._channels.get(container_id, (None, 0.0))
+        if known is not None and not known.closed.is_set():
+            channel = known
+        else:
+            # connected outside the lock: a VM whose socket does not accept at once holds up only this exec
+            fresh = ec.ExecChannel(path)
+            try:
+                fresh.connect()
+            except errors.Unavailable as exc:
+                log.info("exec in %s: %s; using the guest agent", container_id, exc)
+                return None
+            with self._lock:
+                known, since = self._channels.get(container_id, (None, 0.0))
+                if known is not None and not known.closed.is_set():
+                    channel = known  # another exec connected meanwhile: use its channel
+                else:
+                    # channels of stopped or removed VMs are closed (QEMU hung up): dropped here, so the map
+                    # stays as large as the number of running VMs that were exec'd into
+                    self._channels = {k: v for k, v in self._channels.items() if not v[0].closed.is_set()}
+                    channel, since = fresh, time.monotonic()
+                    self._channels[container_id] = (channel, since)
+            if channel is not fresh:
+                fresh.close()
+        deadline = since + (ga.AGENT_WAIT_DEFAULT if tty else EXEC_AGENT_GRACE)
+        while not channel.wait_ready(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if gone.is_set() or time.monotonic() >= deadline or channel.closed.is_set():
+                return None
+        return channel
+
     def run_exec(self, container_id: str, cmd: tuple[str, ...], stdin: bytes | None,
                  alive: Callable[[], bool]) -> ExecResultLike:
         """Run ``cmd`` in the VM through its guest agent, without a time limit (a client that leaves ends it)."""

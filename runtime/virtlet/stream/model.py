@@ -9,7 +9,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import threading
+
+    from virtlet.vm.exec_channel import ExecChannel
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,7 @@ class AttachRequest:
 
 @dataclass(frozen=True)
 class ExecRequest:
-    """A non-interactive command (no TTY: refused at the CRI ``Exec`` call)."""
+    """A command; with ``tty`` it runs on a pty in the guest (the exec channel only, ``virtlet.stream.execute``)."""
 
     container_id: str
     cmd: tuple[str, ...]
@@ -81,6 +86,10 @@ class Backend(Protocol):
     def run_exec(self, container_id: str, cmd: tuple[str, ...], stdin: bytes | None,
                  alive: Callable[[], bool]) -> ExecResultLike:
         """Run ``cmd`` to its end (raise a ``VirtletError`` saying why it cannot run)."""
+
+    def exec_channel(self, container_id: str, *, tty: bool, gone: threading.Event) -> ExecChannel | None:
+        """The container's exec channel once its agent answered, None when the guest has none (then
+        ``run_exec``); a ``VirtletError`` when the container cannot exec at all."""
 
     def dial(self, sandbox_id: str, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP connection to ``port`` of the pod (raise ``OSError``/``VirtletError`` saying why not)."""

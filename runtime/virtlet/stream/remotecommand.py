@@ -5,7 +5,8 @@ differs is the session: ``run_attach`` (below) or ``run_exec`` (``virtlet.stream
 ``session(read_stdin, write_stdout, write_stderr, gone) -> Outcome``.
 
 Attach copies the VM's serial console: guest output to stdout, stdin to the guest.  A TTY resize is accepted
-and ignored (a serial console has no window size).  The session ends when the console ends (the VM stopped or
+and ignored (a serial console has no window size); an exec session takes resizes (``on_resize``).  The
+session ends when the console ends (the VM stopped or
 virtletd lost the console: a Success status is sent on the error stream/channel), when the console cannot be
 opened (a Failure status), or when the client goes away (nothing more can be sent).  The client's stdin EOF
 does not end the session: ``echo cmd | kubectl attach -i`` must still see the output.
@@ -56,6 +57,30 @@ class Outcome:
 Reader = Callable[[], bytes]
 Writer = Callable[[bytes], None]
 Session = Callable[[Reader | None, Writer | None, Writer | None, threading.Event], Outcome]
+OnResize = Callable[[int, int], None]  # width, height
+MAX_RESIZE_MESSAGE = 4096
+
+
+def parse_sizes(buf: bytes, on_resize: OnResize) -> bytes:
+    """Call ``on_resize`` for each complete ``{"Width":W,"Height":H}`` in ``buf``; returns the unparsed rest
+    (dropped when longer than ``MAX_RESIZE_MESSAGE``: a client's garbage never grows without bound)."""
+    decoder = json.JSONDecoder()
+    text = buf.decode("utf-8", "replace")
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return b""
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            rest = text[pos:].encode()
+            return b"" if len(rest) > MAX_RESIZE_MESSAGE else rest
+        if isinstance(obj, dict):
+            width, height = obj.get("Width"), obj.get("Height")
+            if isinstance(width, int) and isinstance(height, int) and 0 < width < 65536 and 0 < height < 65536:
+                on_resize(width, height)
 
 
 def json_status(error: str | None, exit_code: int = 0) -> bytes:
@@ -141,7 +166,7 @@ def serve_spdy(sock: socket.socket, initial: bytes, protocol: str, req: AttachRe
 
 def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags: tuple[bool, bool, bool, bool],
                        label: str, session: Session, creation_timeout: float = STREAM_CREATION_TIMEOUT, *,
-                       limits: Limits = DEFAULT) -> None:
+                       limits: Limits = DEFAULT, on_resize: OnResize | None = None) -> None:
     """Wait for the client's streams (``flags`` = stdin, stdout, stderr, tty), run ``session``, send the Status."""
     stdin_on, stdout_on, stderr_on, tty = flags
     arrived: queue.Queue[SpdyStream] = queue.Queue(maxsize=16)  # more than the 5 a session uses are refused
@@ -163,7 +188,11 @@ def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags
                 stream.abort()
                 continue
             if kind == "resize":
-                stream.discard = True  # sizes are accepted and ignored
+                if on_resize is None:
+                    stream.discard = True  # sizes are accepted and ignored
+                else:
+                    threading.Thread(target=_read_sizes, args=(stream, on_resize), daemon=True,
+                                     name="remotecommand-resize").start()
             streams[kind] = stream
         gone = threading.Event()
 
@@ -184,6 +213,17 @@ def serve_spdy_session(sock: socket.socket, initial: bytes, protocol: str, flags
         for s in streams.values():
             s.close()
         conn.close()
+
+
+def _read_sizes(stream: SpdyStream, on_resize: OnResize) -> None:
+    buf = b""
+    while True:
+        data = stream.read(1.0)
+        if data is None:
+            continue
+        if not data:
+            return
+        buf = parse_sizes(buf + data, on_resize)
 
 
 def _offer(arrived: queue.Queue[SpdyStream], stream: SpdyStream) -> None:
@@ -220,7 +260,8 @@ def serve_websocket(ws: ChannelSocket, req: AttachRequest, backend: Backend) -> 
     serve_websocket_session(ws, _flags(req), _attach_session(backend, req))
 
 
-def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bool], session: Session) -> None:
+def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bool], session: Session,
+                            on_resize: OnResize | None = None) -> None:
     """Run ``session`` over the channels of ``ws`` (``flags`` = stdin, stdout, stderr, tty), send the Status.
 
     stdin ends (``b""``) with v5's close-channel message or when the client goes away."""
@@ -258,7 +299,9 @@ def serve_websocket_session(ws: ChannelSocket, flags: tuple[bool, bool, bool, bo
                     break
             elif channel == CLOSE_CHANNEL and ws.protocol.startswith("v5.") and data[:1] == bytes([STDIN]):
                 put(b"")
-            # RESIZE and anything else: ignored
+            elif channel == RESIZE and on_resize is not None:
+                parse_sizes(data[:MAX_RESIZE_MESSAGE], on_resize)
+            # anything else: ignored
         gone.set()
         with contextlib.suppress(queue.Full):
             stdin_q.put_nowait(b"")

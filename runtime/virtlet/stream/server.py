@@ -255,17 +255,17 @@ class StreamServer:
             remotecommand.serve_websocket(ws, request, self.backend)
 
     def _exec(self, conn: socket.socket, req: Request, transport: str, request: ExecRequest) -> None:
-        flags = (request.stdin, request.stdout, request.stderr, False)
+        flags = (request.stdin, request.stdout, request.stderr and not request.tty, request.tty)
         session = execute.exec_session(self.backend, request)
         if transport == "spdy":
             protocol = self._upgrade_spdy(conn, req, remotecommand.SPDY_PROTOCOLS)
             if protocol is not None:
                 remotecommand.serve_spdy_session(conn, req.rest, protocol, flags, f"exec {request.container_id}",
-                                                 session, limits=self.limits)
+                                                 session, limits=self.limits, on_resize=session.resize)
             return
         ws = self._upgrade_ws(conn, req, remotecommand.WS_PROTOCOLS)
         if ws is not None:
-            remotecommand.serve_websocket_session(ws, flags, session)
+            remotecommand.serve_websocket_session(ws, flags, session, on_resize=session.resize)
 
     def _port_forward(self, conn: socket.socket, req: Request, transport: str,
                       request: PortForwardRequest) -> None:

@@ -57,8 +57,9 @@ class StreamingService:
         self._require_running()
         return self.server.attach_url(req)
 
-    def exec_url(self, container_id: str, cmd: list[str], *, stdin: bool, stdout: bool, stderr: bool) -> str:
-        req = ExecRequest(container_id, tuple(cmd), stdin, stdout, stderr)
+    def exec_url(self, container_id: str, cmd: list[str], *, stdin: bool, stdout: bool, stderr: bool,
+                 tty: bool = False) -> str:
+        req = ExecRequest(container_id, tuple(cmd), stdin, stdout, stderr and not tty, tty)  # a tty has no stderr
         self.backend.check_exec(req)
         self._require_running()
         return self.server.exec_url(req)

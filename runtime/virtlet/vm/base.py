@@ -17,7 +17,7 @@ from virtlet import errors
 from virtlet.locks import KeyedLocks
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
-from virtlet.vm import designer
+from virtlet.vm import designer, exec_channel
 from virtlet.vm import guest as gu
 from virtlet.vm import libvirt_host as lh
 from virtlet.vm import stats as vmstats
@@ -161,10 +161,11 @@ class VmBase:
         self._stop_log_writer(cid)
         binds.release(self.container_dir(cid))  # read-only volume binds: unmounted before the rmtree
         shutil.rmtree(self.container_dir(cid), ignore_errors=True)
-        try:
-            self.console_socket(cid).unlink()
-        except FileNotFoundError:
-            pass
+        for sock in (self.console_socket(cid), exec_channel.socket_path(self.console_socket(cid))):
+            try:
+                sock.unlink()
+            except FileNotFoundError:
+                pass
 
 
     def _mark_exited(self, cid: str, code: int, reason: str, message: str) -> None:

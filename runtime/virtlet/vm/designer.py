@@ -30,7 +30,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from virtlet.vm import domain_xml as dx
-from virtlet.vm import guest_exit
+from virtlet.vm import exec_channel, guest_exit
 from virtlet.vm.annotations import VmOptions
 from virtlet.volumes.devices import BlockVolume
 from virtlet.volumes.scratch import ScratchFile
@@ -103,7 +103,7 @@ def design_domain(req: DomainRequest) -> dx.Domain:
         controllers=[dx.Controller(type="scsi", model="virtio-scsi", index=0)] if scsi else [],
         interfaces=[dx.EthernetInterface(target_dev=n.tap, mac=n.mac, mtu=n.mtu) for n in req.nics],
         serials=[dx.UnixSerial(path=str(req.console_socket), log_file=str(req.console_log), log_append=True)],
-        channels=[dx.GuestAgentChannel()],  # exec and exec probes (virtlet.vm.guest_agent)
+        channels=[dx.GuestAgentChannel(), exec_channel_device(req)],  # exec probes; exec (virtlet.vm.exec_channel)
         file_channels=exit_code_channels(req),
         graphics=[dx.VncGraphics()],  # unix socket in libvirt's per-domain dir: root only (virtletctl vnc)
         memballoon=dx.MemBalloon(model="virtio"),
@@ -139,11 +139,19 @@ def exit_code_channels(req: DomainRequest) -> list[dx.FileChannel]:
     return [dx.FileChannel(path=str(req.exit_file), name=guest_exit.CHANNEL_NAME)]
 
 
+def exec_channel_device(req: DomainRequest) -> dx.GuestAgentChannel:
+    """The virtio-serial port of interactive exec (``virtlet.vm.exec_channel``): QEMU listens on a unix socket
+    next to the console socket; virtletd connects to it, the guest's virtlet-exec-agent serves it."""
+    return dx.GuestAgentChannel(name=exec_channel.CHANNEL_NAME, path=str(exec_channel.socket_path(req.console_socket)))
+
+
 def _share_memory_backing(req: DomainRequest) -> dx.MemoryBacking | None:
     """virtiofs needs the guest's RAM shared with virtiofsd (a memfd mapped by both); 9p does not."""
     if any(fs.driver == "virtiofs" for fs in req.shares):
         return dx.MemoryBacking(source="memfd", access="shared")
     return None
+
+
 def _disk_name(prefix: str, index: int) -> str:
     """``vda``, ``vdb``, ... ``vdz``, ``vdaa``, ... (the kernel's and libvirt's naming) for index 0, 1, ..."""
     letters = ""

@@ -189,19 +189,25 @@ class GuestAgentChannel:
 
     The host side is a unix socket whose path libvirt picks (no ``path``): libvirt itself connects to it and
     relays ``virDomainQemuAgentCommand``, so virtletd never opens the socket and needs no name for it.
+    Other virtio-serial ports (the exec channel, ``virtlet.vm.exec_channel``) name their socket ``path``.
     """
 
     name: str = GUEST_AGENT_CHANNEL
+    path: str | None = None
 
     def to_xml(self) -> ET.Element:
         el = ET.Element("channel", type="unix")
-        sub(el, "source", mode="bind")
+        sub(el, "source", mode="bind", **({"path": self.path} if self.path else {}))
         sub(el, "target", type="virtio", name=self.name)
         return el
 
     @classmethod
     def from_xml(cls, el: ET.Element) -> GuestAgentChannel:
-        return cls(name=req(el, "target").get("name", ""))
+        name = req(el, "target").get("name", "")
+        source = el.find("source")
+        # the agent's socket path is libvirt's choice (it shows in the live XML): never pinned by a round trip
+        path = source.get("path") if source is not None and name != GUEST_AGENT_CHANNEL else None
+        return cls(name=name, path=path or None)
 
 
 @dataclass
