@@ -83,5 +83,5 @@ def test_domain_has_the_exit_port_only_when_asked() -> None:
     assert channel[0].find("source").get("path") == "/var/lib/virtlet/containers/c/guest-exit"  # type: ignore[union-attr]
     assert channel[0].find("target").attrib == {"type": "virtio", "name": "cloud.virtlet.exit"}  # type: ignore[union-attr]
     assert dx.from_string(xml).devices.file_channels == domain.devices.file_channels
-    # the guest agent's channel is still there, and still read back as such
-    assert [c.name for c in dx.from_string(xml).devices.channels] == ["org.qemu.guest_agent.0"]
+    # the guest agent's and the exec channel are still there, and still read back as such (not as file channels)
+    assert [c.name for c in dx.from_string(xml).devices.channels] == ["org.qemu.guest_agent.0", "cloud.virtlet.exec"]
