@@ -78,7 +78,8 @@ class PodNetwork:
             info = self._plumb(spec, result)
             _check_fixed_addresses(spec, info)
             self._save(info)
-            info.dhcp_pid = self._dhcp(info, spec.hostname).start()
+            # not waited for here: StartContainer waits (host_taps_for_start), so its start-up overlaps CreateContainer
+            info.dhcp_pid = self._dhcp(info, spec.hostname).start(wait=False)
             self._save(info)
             return info
         except BaseException:
@@ -90,7 +91,9 @@ class PodNetwork:
 
     def host_taps_for_start(self, info: PodNetworkInfo) -> list[str]:
         """Create the VM's taps in the host namespace (libvirt opens them there); return their names in NIC
-        order.  A tap left in the pod netns by a previous run of the VM is removed first."""
+        order.  A tap left in the pod netns by a previous run of the VM is removed first.  The DHCP server
+        RunPodSandbox spawned without waiting is waited for (or started again when it died) before any VM boots."""
+        DhcpProcess(self._dir(info.sandbox_id), info.netns_path).start()
         taps = []
         for nic in info.nics:
             plumbing.delete_link(nic.tap, info.netns_path)
