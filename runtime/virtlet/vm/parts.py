@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from virtlet import cloudinit, errors
 from virtlet.console.writer import ConsoleLogWriter
+from virtlet.network import plumbing
 from virtlet.state import store as st
 from virtlet.vm import designer, overlay
 from virtlet.vm import domain_xml as dx
@@ -140,17 +141,20 @@ class VmParts:
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
         if self.network is not None and info is not None and info.nics:
-            self.network.host_taps_for_start(info)
+            with plumbing.session():  # one netlink socket per namespace for all the steps
+                self.network.host_taps_for_start(info)
 
     def after_start(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
         if self.network is not None and info is not None and info.nics:
-            self.network.attach_after_start(info)
+            with plumbing.session():  # one netlink socket per namespace for all the steps
+                self.network.attach_after_start(info)
 
     def after_exit(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
         if self.network is not None and info is not None and info.nics:
-            self.network.release_taps(info)
+            with plumbing.session():  # one netlink socket per namespace for all the steps
+                self.network.release_taps(info)
 
     def log_writer(self, raw: Path, cri_log: Path, state: Path) -> ConsoleLogWriter:
         return ConsoleLogWriter(raw, cri_log, state)
