@@ -86,7 +86,8 @@ class VmParts:
                 plan.root.host_path, Path(image.path), image.format, image.digest, reimage,
                 what=f"persistent root device {plan.root.host_path!r}")
         else:
-            overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
+            overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size,
+                                   base_size=image.virtual_size)
         info = sandbox.network
         nics = info.nics if info is not None else []
         seed = cdir / "config.iso"
