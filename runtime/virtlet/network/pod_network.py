@@ -78,7 +78,7 @@ class PodNetwork:
             info = self._plumb(spec, result)
             _check_fixed_addresses(spec, info)
             self._save(info)
-            # not waited for here: StartContainer waits (host_taps_for_start), so its start-up overlaps CreateContainer
+            # not waited for: StartContainer waits (attach_after_start); its start-up overlaps Create and QEMU's start
             info.dhcp_pid = self._dhcp(info, spec.hostname).start(wait=False)
             self._save(info)
             return info
@@ -91,9 +91,7 @@ class PodNetwork:
 
     def host_taps_for_start(self, info: PodNetworkInfo) -> list[str]:
         """Create the VM's taps in the host namespace (libvirt opens them there); return their names in NIC
-        order.  A tap left in the pod netns by a previous run of the VM is removed first.  The DHCP server
-        RunPodSandbox spawned without waiting is waited for (or started again when it died) before any VM boots."""
-        DhcpProcess(self._dir(info.sandbox_id), info.netns_path).start()
+        order.  A tap left in the pod netns by a previous run of the VM is removed first."""
         taps = []
         for nic in info.nics:
             plumbing.delete_link(nic.tap, info.netns_path)
@@ -103,7 +101,11 @@ class PodNetwork:
         return taps
 
     def attach_after_start(self, info: PodNetworkInfo) -> None:
-        """Once QEMU holds the taps open: move them into the pod netns and enslave them to the bridges."""
+        """Once QEMU holds the taps open: move them into the pod netns and enslave them to the bridges.  First the
+        DHCP server RunPodSandbox spawned without waiting is waited for (or started again when it died): here,
+        not before QEMU's start, so its start-up overlaps QEMU's; the guest can send no request before its tap
+        is on the bridge, and StartContainer does not reply before the server answers."""
+        DhcpProcess(self._dir(info.sandbox_id), info.netns_path).start()
         for nic in info.nics:
             plumbing.move_to_netns(nic.tap, info.netns_path)
             plumbing.set_link(nic.tap, info.netns_path, mtu=nic.mtu, master=nic.bridge, up=True)
