@@ -88,3 +88,26 @@ def test_wrong_format_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(errors.Internal, match="not in qcow2 format"):
         overlay.create_overlay(tmp_path / "b.raw", "qcow2", tmp_path / "ov.qcow2", None)
     assert not (tmp_path / "ov.qcow2").exists()
+
+
+@pytest.mark.parametrize("size", [None, 8 * MiB, 16 * MiB, 64 * MiB])
+def test_known_base_size_gives_the_same_overlay_without_qemu_img_info(
+        size: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateContainer passes the image store's virtual size: no ``qemu-img info`` of the base, same result
+    (grown only when asked, never below the base)."""
+    path = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
+    runs: list[list[str]] = []
+    real = overlay._qemu_img
+
+    def counting(args: list[str], what: str) -> str:
+        runs.append(args)
+        return real(args, what)
+
+    monkeypatch.setattr(overlay, "_qemu_img", counting)
+    dest = tmp_path / "ov.qcow2"
+    overlay.create_overlay(path, "qcow2", dest, size, base_size=16 * MiB)
+    assert [a[0] for a in runs] == ["create"]
+    monkeypatch.undo()
+    assert overlay.virtual_size(dest) == max(size or 0, 16 * MiB)
+    assert overlay.backing_file(dest) == str(path.absolute())

@@ -7,6 +7,7 @@ at debug level, with cloud-init user data, environment values and credentials re
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -111,7 +112,31 @@ def _observe(observe: Observer | None, method: str, code: str, seconds: float) -
         log.exception("metrics of %s failed", method)
 
 
+PROFILE_DIR_ENV = "VIRTLET_PROFILE_DIR"
+
+
+def _profiled(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """With ``VIRTLET_PROFILE_DIR`` set (a diagnostic for performance work, docs/performance.md), each unary call
+    runs under cProfile and its stats go to ``<dir>/<Method>-<monotonic ns>.prof`` (read them with ``python -m
+    pstats``).  Off by default: profiling slows every call down several times."""
+    out = os.environ.get(PROFILE_DIR_ENV)
+    if not out:
+        return behavior
+    import cProfile
+
+    def run(request: Any, context: grpc.ServicerContext) -> Any:
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(behavior, request, context)
+        finally:
+            prof.dump_stats(os.path.join(out, f"{method.rsplit('/', 1)[-1]}-{time.monotonic_ns()}.prof"))
+
+    return run
+
+
 def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer | None = None) -> Callable[..., Any]:
+    behavior = _profiled(method, behavior)
+
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         start = time.monotonic()
         code = grpc.StatusCode.OK
@@ -138,7 +163,8 @@ def _wrap_unary(method: str, behavior: Callable[..., Any], observe: Observer | N
                     and code == grpc.StatusCode.OK:
                 level = logging.DEBUG  # the kubelet polls these every second
             elapsed = time.monotonic() - start
-            log.log(level, "%s %s %.1fms %s", method, call_ids(request), elapsed * 1000, code.name)
+            if log.isEnabledFor(level):  # the ids are formatted only for a line that is written
+                log.log(level, "%s %s %.1fms %s", method, call_ids(request), elapsed * 1000, code.name)
             _observe(observe, method, code.name, elapsed)
         return None  # pragma: no cover - abort raised
 

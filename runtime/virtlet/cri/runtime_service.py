@@ -141,7 +141,7 @@ class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.Runtim
                     "hostname": rec.hostname, "log_directory": rec.log_directory,
                     "network_torn_down": rec.network_torn_down, "runtime_handler": rec.runtime_handler}
             resp.info["info"] = json.dumps(info, sort_keys=True)
-        resp.containers_statuses.extend(self.statuses_for_sandbox(rec.id))
+        resp.containers_statuses.extend(self.statuses_for_sandbox(rec.id, rec.log_directory))
         return resp
 
     def ListPodSandbox(self, request: api.ListPodSandboxRequest,
@@ -351,8 +351,9 @@ class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.Runtim
         rec = self.store.get_sandbox(sandbox_id)
         return rec.log_directory if rec is not None else ""
 
-    def statuses_for_sandbox(self, sandbox_id: str) -> list[api.ContainerStatus]:
-        log_dir = self._log_dir(sandbox_id)
+    def statuses_for_sandbox(self, sandbox_id: str, log_dir: str | None = None) -> list[api.ContainerStatus]:
+        """``log_dir``: the sandbox's, when the caller has its record already (one state query less)."""
+        log_dir = self._log_dir(sandbox_id) if log_dir is None else log_dir
         return [container_status(r, log_dir) for r in self.store.list_containers(sandbox_id)]
 
 

@@ -8,6 +8,7 @@ module *and* this pod's config file, so a recycled pid is never signalled.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -47,11 +48,40 @@ class DhcpProcess:
             return False
         return state != "Z" and MODULE.encode() in cmdline and str(self.config).encode() in cmdline
 
-    def start(self, timeout: float = 20.0) -> int:
-        """Start the server unless it runs; return its pid once it has its socket open."""
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> int:
+        """Start the server unless it runs; return its pid once it has its socket open.
+
+        ``wait=False`` (RunPodSandbox) returns as soon as the process is spawned: the interpreter's start-up
+        (about 0.1 s) then overlaps CreateContainer instead of adding to RunPodSandbox, and StartContainer calls
+        ``start()`` again before QEMU starts (``PodNetwork.host_taps_for_start``), which waits for the server
+        spawned here or starts a new one when it died: no guest ever boots without its DHCP server."""
         running = self.pid()
         if running is not None:
             return running
+        proc = self._children.get(str(self.config))
+        reused = proc is not None and proc.poll() is None
+        if proc is None or not reused:
+            proc = self._spawn()
+        if not wait:
+            return proc.pid
+        deadline = time.monotonic() + timeout
+        delay = 0.002  # the server needs ~0.1 s; polling starts fine-grained so its readiness is seen at once
+        while time.monotonic() < deadline:
+            if self.pid() == proc.pid:
+                return proc.pid
+            if proc.poll() is not None:
+                if not reused:
+                    break
+                # the unwaited server died (killed just now: its SIGKILL may land after the check above): one new
+                reused, proc = False, self._spawn()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self._kill(proc.pid)
+        tail = self.log_file.read_text(errors="replace")[-800:] if self.log_file.exists() else ""
+        raise errors.Internal(
+            f"the DHCP server for {self.netns_path} did not start: {tail.strip() or 'no output'}")
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.pid_file.unlink(missing_ok=True)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
@@ -59,47 +89,51 @@ class DhcpProcess:
                  "--pid-file", str(self.pid_file)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
         self._children[str(self.config)] = proc
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.pid() == proc.pid:
-                return proc.pid
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self._kill(proc.pid)
-        tail = self.log_file.read_text(errors="replace")[-800:] if self.log_file.exists() else ""
-        raise errors.Internal(
-            f"the DHCP server for {self.netns_path} did not start: {tail.strip() or 'no output'}")
+        return proc
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server if it runs (idempotent) and remove its pid file."""
+        """Stop the server if it runs (idempotent) and remove its pid file.  A server this virtletd spawned
+        without waiting (``start(wait=False)``) may not have written its pid file yet: it is stopped too."""
         pid = self.pid()
+        if pid is None:
+            child = self._children.get(str(self.config))
+            if child is not None and child.poll() is None:
+                pid = child.pid
+            elif self.config.exists():  # spawned by a virtletd killed before the server wrote its pid file
+                pid = self._find_by_cmdline()
         if pid is not None:
             self._kill(pid, timeout)
+        self._children.pop(str(self.config), None)
         self.pid_file.unlink(missing_ok=True)
 
-    def _kill(self, pid: int, timeout: float = 10.0) -> None:
-        child = self._children.pop(str(self.config), None)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if child is not None and child.pid == pid:
-                    if child.poll() is not None:
-                        return
-                elif not self._alive(pid):
-                    return
-                time.sleep(0.05)
-        if child is not None:
-            child.poll()
+    def _find_by_cmdline(self) -> int | None:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._is_ours(int(entry.name)):
+                return int(entry.name)
+        return None
 
-    @staticmethod
-    def _alive(pid: int) -> bool:
+    def _kill(self, pid: int, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit is awaited on a pidfd (seen at once, no polling
+        interval: the server exits within milliseconds of SIGTERM)."""
+        child = self._children.pop(str(self.config), None)
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state != "Z"
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            if child is not None:
+                child.poll()
+            return
+        try:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    signal.pidfd_send_signal(pidfd, sig)
+                except ProcessLookupError:
+                    break
+                if select.select([pidfd], [], [], timeout)[0]:  # readable: the process has exited
+                    break
+        finally:
+            os.close(pidfd)
+            if child is not None and child.pid == pid:
+                try:
+                    child.wait(timeout)  # reap it (it has exited)
+                except subprocess.TimeoutExpired:
+                    pass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -61,19 +62,54 @@ def _map(exc: NetlinkError, what: str) -> errors.VirtletError:
     return PlumbingError(text)
 
 
+_sessions = threading.local()  # .cache: {ns or "": socket} of the innermost session() of this thread
+
+
+@contextmanager
+def session() -> Iterator[None]:
+    """Reuse one netlink socket per namespace for every ``ipr`` call of this thread until the block ends.
+
+    Opening a pyroute2 socket costs several ms (more for one in a pod namespace), and a pod's set-up or VM start
+    makes a dozen calls: RunPodSandbox, StartContainer and StopPodSandbox run their steps in one session.
+    Nested sessions share the outer one's sockets."""
+    if getattr(_sessions, "cache", None) is not None:
+        yield
+        return
+    _sessions.cache = {}
+    try:
+        yield
+    finally:
+        cache, _sessions.cache = _sessions.cache, None
+        for sock in cache.values():
+            sock.close()
+
+
+def _open(ns: str | None) -> Any:
+    if ns is None:
+        return IPRoute()
+    if not os.path.exists(ns):
+        raise NetnsNotFound(f"network namespace {ns} does not exist")
+    return NetNS(ns, flags=0)
+
+
 @contextmanager
 def ipr(ns: str | None = None) -> Iterator[Any]:
-    """A netlink socket in the host namespace or in the namespace at path ``ns``."""
-    if ns is None:
-        sock: Any = IPRoute()
-    else:
-        if not os.path.exists(ns):
-            raise NetnsNotFound(f"network namespace {ns} does not exist")
-        sock = NetNS(ns, flags=0)
-    try:
-        yield sock
-    finally:
-        sock.close()
+    """A netlink socket in the host namespace or in the namespace at path ``ns`` (the session's, when one is
+    open: see ``session``)."""
+    cache: dict[str, Any] | None = getattr(_sessions, "cache", None)
+    if cache is None:
+        sock = _open(ns)
+        try:
+            yield sock
+        finally:
+            sock.close()
+        return
+    key = ns or ""
+    if key not in cache:
+        cache[key] = _open(ns)
+    elif ns is not None and not os.path.exists(ns):  # deleted during the session: as without one
+        raise NetnsNotFound(f"network namespace {ns} does not exist")
+    yield cache[key]
 
 
 def _index(sock: Any, name: str) -> int | None:

@@ -86,7 +86,8 @@ class PodNetwork:
             extra_networks.plumb(spec, info, added)
             _check_fixed_addresses(spec, info)
             self._save(info)
-            info.dhcp_pid = self._dhcp(info, spec.hostname).start()
+            # not waited for: StartContainer waits (attach_after_start); its start-up overlaps Create and QEMU's start
+            info.dhcp_pid = self._dhcp(info, spec.hostname).start(wait=False)
             self._save(info)
             return info
         except BaseException:
@@ -108,7 +109,11 @@ class PodNetwork:
         return taps
 
     def attach_after_start(self, info: PodNetworkInfo) -> None:
-        """Once QEMU holds the taps open: move them into the pod netns and enslave them to the bridges."""
+        """Once QEMU holds the taps open: move them into the pod netns and enslave them to the bridges.  First the
+        DHCP server RunPodSandbox spawned without waiting is waited for (or started again when it died): here,
+        not before QEMU's start, so its start-up overlaps QEMU's; the guest can send no request before its tap
+        is on the bridge, and StartContainer does not reply before the server answers."""
+        DhcpProcess(self._dir(info.sandbox_id), info.netns_path).start()
         for nic in info.nics:
             plumbing.move_to_netns(nic.tap, info.netns_path)
             plumbing.set_link(nic.tap, info.netns_path, mtu=nic.mtu, master=nic.bridge, up=True)

@@ -5,7 +5,7 @@ network it ran, so the teardown (also after a crash) passes the same ones again.
 
 from __future__ import annotations
 
-from virtlet.network import attachments, capabilities
+from virtlet.network import attachments, capabilities, plumbing
 from virtlet.network.model import PodNetworkInfo, SandboxNetSpec
 from virtlet.network.pod_network import PodNetwork
 from virtlet.sandbox.manager import SandboxSpec
@@ -26,10 +26,12 @@ class PodNetworkHook:
         self.network = network
 
     def setup(self, rec: st.SandboxRecord, spec: SandboxSpec) -> PodNetworkInfo:
-        return self.network.setup(_net_spec(rec, spec))
+        with plumbing.session():  # one netlink socket per namespace for the whole set-up
+            return self.network.setup(_net_spec(rec, spec))
 
     def teardown(self, rec: st.SandboxRecord) -> None:
-        self.network.teardown(_net_spec(rec), rec.network)
+        with plumbing.session():
+            self.network.teardown(_net_spec(rec), rec.network)
 
     def reattach(self, rec: st.SandboxRecord) -> None:
         if rec.network is not None:

@@ -176,10 +176,21 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        # Reads go through a second connection: in WAL mode they see every committed write and never wait for a
+        # writer's commit (an fsync, with synchronous=FULL), so status and list calls do not queue behind the
+        # writes of pod starts running in parallel.
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._reader.row_factory = sqlite3.Row
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._db.close()
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     # -- schema ---------------------------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -238,9 +249,8 @@ class StateStore:
                 [_encode(c, getattr(rec, c)) for c in cols])
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
-        return _decode_row(SandboxRecord, row) if row else None
+        rows = self._read("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,))
+        return _decode_row(SandboxRecord, rows[0]) if rows else None
 
     def require_sandbox(self, sandbox_id: str) -> SandboxRecord:
         rec = self.get_sandbox(sandbox_id)
@@ -249,9 +259,7 @@ class StateStore:
         return rec
 
     def list_sandboxes(self) -> list[SandboxRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
-        return [_decode_row(SandboxRecord, r) for r in rows]
+        return [_decode_row(SandboxRecord, r) for r in self._read("SELECT * FROM sandboxes ORDER BY created_at")]
 
     def update_sandbox(self, sandbox_id: str, **changes: Any) -> SandboxRecord:
         with self._tx() as db:
@@ -310,9 +318,8 @@ class StateStore:
                 [_encode(c, getattr(rec, c)) for c in cols])
 
     def get_container(self, container_id: str) -> ContainerRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM containers WHERE id=?", (container_id,)).fetchone()
-        return _decode_row(ContainerRecord, row) if row else None
+        rows = self._read("SELECT * FROM containers WHERE id=?", (container_id,))
+        return _decode_row(ContainerRecord, rows[0]) if rows else None
 
     def require_container(self, container_id: str) -> ContainerRecord:
         rec = self.get_container(container_id)
@@ -321,12 +328,10 @@ class StateStore:
         return rec
 
     def list_containers(self, sandbox_id: str | None = None) -> list[ContainerRecord]:
-        with self._lock:
-            if sandbox_id is None:
-                rows = self._db.execute("SELECT * FROM containers ORDER BY created_at").fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM containers WHERE sandbox_id=? ORDER BY created_at", (sandbox_id,)).fetchall()
+        if sandbox_id is None:
+            rows = self._read("SELECT * FROM containers ORDER BY created_at")
+        else:
+            rows = self._read("SELECT * FROM containers WHERE sandbox_id=? ORDER BY created_at", (sandbox_id,))
         return [_decode_row(ContainerRecord, r) for r in rows]
 
     def update_container(self, container_id: str, **changes: Any) -> ContainerRecord:

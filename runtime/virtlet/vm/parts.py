@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from virtlet import cloudinit, errors
 from virtlet.console.writer import ConsoleLogWriter
+from virtlet.network import plumbing
 from virtlet.state import store as st
 from virtlet.vm import designer, guest_exit, overlay
 from virtlet.vm import domain_xml as dx
@@ -85,7 +86,8 @@ class VmParts:
                 plan.root.host_path, Path(image.path), image.format, image.digest, reimage,
                 what=f"persistent root device {plan.root.host_path!r}")
         else:
-            overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size)
+            overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size,
+                                   base_size=image.virtual_size)
         info = sandbox.network
         nics = info.nics if info is not None else []
         seed = cdir / "config.iso"
@@ -142,17 +144,20 @@ class VmParts:
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
         if self.network is not None and info is not None and info.nics:
-            self.network.host_taps_for_start(info)
+            with plumbing.session():  # one netlink socket per namespace for all the steps
+                self.network.host_taps_for_start(info)
 
     def after_start(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
         if self.network is not None and info is not None and info.nics:
-            self.network.attach_after_start(info)
+            with plumbing.session():  # one netlink socket per namespace for all the steps
+                self.network.attach_after_start(info)
 
     def after_exit(self, sandbox: st.SandboxRecord) -> None:
         info = sandbox.network
         if self.network is not None and info is not None and info.nics:
-            self.network.release_taps(info)
+            with plumbing.session():  # one netlink socket per namespace for all the steps
+                self.network.release_taps(info)
 
     def log_writer(self, raw: Path, cri_log: Path, state: Path) -> ConsoleLogWriter:
         return ConsoleLogWriter(raw, cri_log, state)
