@@ -160,7 +160,9 @@ class PodNetwork:
         proc = DhcpProcess(self._dir(info.sandbox_id), info.netns_path)
         leases = [NicLease(mac=n.mac, tap=n.tap, ip=n.ip, prefix=n.prefix, gateway=n.gateway,
                            routes=[(r.dst, r.gw) for r in n.routes if ":" not in r.dst], mtu=n.mtu,
-                           server_mac=self._server_mac(info, n)) for n in info.nics if n.ip]
+                           server_mac=self._server_mac(info, n), ipv6=list(n.ipv6), ipv6_gateway=n.ipv6_gateway,
+                           ipv6_routes=[(r.dst, r.gw) for r in n.routes if ":" in r.dst], uplink=n.veth)
+                  for n in info.nics if n.ip or n.ipv6]
         cfg = DhcpConfig(nics=leases, dns_servers=info.dns_servers, dns_searches=info.dns_searches,
                          hostname=hostname, lease_time=self.lease_time)
         proc.config.write_text(json.dumps(cfg.to_dict()))
