@@ -105,3 +105,40 @@ def test_two_tiny_vm_pods_ping_over_v4_and_v6(vm_virtletd: VirtletdProcess, worl
     finally:
         for pod in pods:
             pod.stop_and_remove()
+
+
+@pytest.mark.slow
+def test_full_image_applies_network_config_v2(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,
+                                              ssh_key: tuple[Path, str]) -> None:
+    """Real cloud-init (the `full` guest) with VirtletCloudInitNetworkConfigVersion "2": the static v6 default
+    route via the network's global v6 gateway can only come from network-config (the RA's is via fe80::)."""
+    from tests.integration.conftest import guest_image
+    from tests.integration.test_full_image import FULL_BOOT_TIMEOUT
+
+    shutil.copy(guest_image("full"), image_server.root / "full.qcow2")
+    name = image_server.name("files/full.qcow2")
+    _pull(vm_virtletd, name)
+    key, pub = ssh_key
+    user_data = {"users": [{"name": "root", "ssh-authorized-keys": [pub]}], "runcmd": ["echo NETCONFIG-V2-UP"]}
+    pod = Pod(vm_virtletd, world_dir, "v2-vm", image=name, memory=1 << 30, annotations={
+        "VirtletVCPUCount": "2", "VirtletCloudInitUserData": json.dumps(user_data),
+        "VirtletCloudInitNetworkConfigVersion": "2"})
+    try:
+        pod.run_sandbox()
+        status = pod.rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id)).status
+        (ip6,) = [a.ip for a in status.network.additional_ips]
+        info = json.loads(pod.rt.PodSandboxStatus(api.PodSandboxStatusRequest(
+            pod_sandbox_id=pod.sandbox_id, verbose=True)).info["info"])
+        gw6 = info["network"]["nics"][0]["ipv6_gateway"]
+        pod.create()
+        pod.start()
+        pod.wait_log("NETCONFIG-V2-UP", timeout=FULL_BOOT_TIMEOUT)
+        ip4 = pod_ip(pod)
+        wait_ssh(key, ip4, timeout=180)
+        got = wait_v6(key, ip4, ip6)
+        assert "dadfailed" not in got, got
+        route = ssh(key, ip4, "ip -6 route show default")
+        assert f"via {gw6}" in route, f"network-config v2's v6 default route (via {gw6}) is missing: {route!r}"
+        subprocess.run(["busybox", "ping", "-6", "-c", "2", "-W", "10", ip6], check=True, capture_output=True)
+    finally:
+        pod.stop_and_remove()

@@ -313,7 +313,7 @@ def serve(config: DhcpConfig, sock: socket.socket, stop_fd: int | None = None) -
     try:
         while not stopping:
             for frame, ifname in v6.tick(time.monotonic()) if v6.active else []:
-                _send(sock, frame, ifname)
+                _send(sock, frame, ifname, logging.DEBUG)  # timed RAs reach a tap not attached yet: no news
             wait = min(5.0, max(0.0, v6.next_due() - time.monotonic()))
             try:
                 ready, _, _ = select.select(watch, [], [], wait)
@@ -345,11 +345,11 @@ def serve(config: DhcpConfig, sock: socket.socket, stop_fd: int | None = None) -
             os.close(wake_w)
 
 
-def _send(sock: socket.socket, frame: bytes, ifname: str) -> None:
+def _send(sock: socket.socket, frame: bytes, ifname: str, level: int = logging.WARNING) -> None:
     try:
         sock.sendto(frame, (ifname, int.from_bytes(frame[12:14], "big")))
-    except OSError as exc:  # e.g. the tap is not attached yet: the guest's solicitation comes later
-        log.debug("cannot send on %s: %s", ifname, exc)
+    except OSError as exc:
+        log.log(level, "cannot send on %s: %s", ifname, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
