@@ -69,9 +69,11 @@ def from_v2(doc: dict[str, Any]) -> dict[str, Any]:
         if "nameservers" in e:
             assert dns == ([], []), "name servers on more than one NIC"
             dns = (e["nameservers"]["addresses"], e["nameservers"].get("search", []))
+        routes = [(_cidr(r["to"]), r.get("via")) for r in e.get("routes", [])]
+        routes += [(default, e[key]) for key, default in (("gateway4", "0.0.0.0/0"), ("gateway6", "::/0")) if key in e]
         nics[e["match"]["macaddress"]] = {
             "name": name, "mtu": e.get("mtu"), "dhcp": bool(e.get("dhcp4")), "addresses": e.get("addresses", []),
-            "routes": sorted(((_cidr(r["to"]), r.get("via")) for r in e.get("routes", [])), key=str)}
+            "routes": sorted(routes, key=str)}
     return {"nics": nics, "dns": dns}
 
 
@@ -89,9 +91,8 @@ def test_v2_rendering_of_a_dual_stack_nic() -> None:
     doc = yaml.safe_load(network.nocloud_network_config_v2(plan, DNS, SEARCH))
     assert doc == {"version": 2, "ethernets": {"eth0": {
         "match": {"macaddress": "02:42:0a:f4:01:05"}, "set-name": "eth0", "mtu": 1450,
-        "addresses": ["10.244.1.5/24", "fd00:244:1::5/64"],
-        "routes": [{"to": "0.0.0.0/0", "via": "10.244.1.1"}, {"to": "10.96.0.0/12", "via": "10.244.1.1"},
-                   {"to": "::/0", "via": "fd00:244:1::1"}, {"to": "fd00:96::/108", "via": "fd00:244:1::1"}],
+        "addresses": ["10.244.1.5/24", "fd00:244:1::5/64"], "gateway4": "10.244.1.1", "gateway6": "fd00:244:1::1",
+        "routes": [{"to": "10.96.0.0/12", "via": "10.244.1.1"}, {"to": "fd00:96::/108", "via": "fd00:244:1::1"}],
         "nameservers": {"addresses": DNS, "search": SEARCH}}}}
 
 

@@ -177,8 +177,9 @@ def nocloud_network_config_v2(
     plan: Sequence[PlannedNic], dns_servers: Sequence[str], dns_search: Sequence[str]
 ) -> bytes:
     """The same content as version 1: each NIC matched by MAC and renamed, its MTU, DHCP or its addresses, the
-    first NIC's default gateways and every NIC's routes as ``routes``.  Version 2 has no global name servers:
-    they go on the first static NIC (cloud-init merges them into the guest's resolver configuration)."""
+    first NIC's default gateways as ``gateway4``/``gateway6`` and every NIC's other routes as ``routes``.
+    Version 2 has no global name servers: they go on the first static NIC (cloud-init merges them into the
+    guest's resolver configuration)."""
     ethernets: dict[str, Any] = {}
     servers = _dns_servers(dns_servers)
     dns_done = False
@@ -193,8 +194,10 @@ def nocloud_network_config_v2(
             routes = []
             for s in nic.subnets:
                 if s.gateway is not None:
-                    default = "0.0.0.0/0" if s.gateway.version == 4 else "::/0"
-                    routes.append({"to": default, "via": str(s.gateway)})
+                    # gateway4/6 (not a "to: ::/0" route): cloud-init maps them to the subnet's gateway exactly as
+                    # v1's, which every renderer writes as the interface's gateway; its ENI renderer writes routes as
+                    # net-tools "route add" lines, which fail on images without net-tools (seen on Debian 12)
+                    entry[f"gateway{s.gateway.version}"] = str(s.gateway)
                 routes += [_v2_route(r) for r in s.routes]
             if routes:
                 entry["routes"] = routes
