@@ -20,6 +20,8 @@ APT_PACKAGES=(
   podman
   # test clients and tools
   curl openssh-client sqlite3 procps psmisc openssl python3-venv
+  # a DHCPv6/router-advertisement client for the IPv6 pod network tests
+  dhcpcd-base
   # the stand-in for cluster DNS in the nested-Kubernetes example test
   dnsmasq-base
 )

@@ -34,9 +34,13 @@ done
 cp "$X/usr/sbin/dropbear" "$R/usr/sbin/"
 cp "$X/usr/bin/dropbearkey" "$R/usr/bin/"
 cp "$X/usr/sbin/qemu-ga" "$R/usr/sbin/"
+# dhcpcd for IPv6 (router advertisements + DHCPv6 from the per-pod server); its privilege-separation user
+# chroots into an empty /usr/lib/dhcpcd
+cp "$X/usr/sbin/dhcpcd" "$R/usr/sbin/"
+mkdir -p "$R/usr/lib/dhcpcd" "$R/var/lib/dhcpcd"
 mkdir -p "$R/lib64" "$R/lib/x86_64-linux-gnu"
 cp -L "$X/lib64/ld-linux-x86-64.so.2" "$R/lib64/" 2>/dev/null || cp -L "$X/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$R/lib64/"
-for bin in "$R/usr/sbin/dropbear" "$R/usr/bin/dropbearkey" "$R/usr/sbin/qemu-ga"; do
+for bin in "$R/usr/sbin/dropbear" "$R/usr/bin/dropbearkey" "$R/usr/sbin/qemu-ga" "$R/usr/sbin/dhcpcd"; do
   for lib in $(LD_LIBRARY_PATH="$X/lib/x86_64-linux-gnu:$X/usr/lib/x86_64-linux-gnu" ldd "$bin" | awk '/=>/ {print $1}'); do
     src=$(find "$X/lib/x86_64-linux-gnu" "$X/usr/lib/x86_64-linux-gnu" -name "$lib" 2>/dev/null | head -1)
     [ -n "$src" ] || die "tiny: $lib (needed by ${bin##*/}) is in none of the packages of packages.txt"
@@ -66,12 +70,13 @@ install -m 0755 "$HERE/cloud-init.sh" "$R/etc/cloud-init.sh"
 install -m 0755 "$HERE/virtlet-mounts" "$R/etc/virtlet-mounts"
 install -m 0644 "$HERE/yaml2tree.awk" "$R/etc/yaml2tree.awk"
 install -m 0644 "$HERE/inittab" "$R/etc/inittab"
+install -m 0644 "$HERE/dhcpcd.conf" "$R/etc/dhcpcd.conf"
 install -m 0755 "$HERE/power-button" "$R/etc/acpi/PWRF/00000080" 2>/dev/null || {
   mkdir -p "$R/etc/acpi/PWRF"; install -m 0755 "$HERE/power-button" "$R/etc/acpi/PWRF/00000080"; }
 printf 'PWRF PWRF/00000080\n' > "$R/etc/acpid.conf"
 install -m 0755 "$HERE/virtlet-ignore-acpi" "$R/usr/bin/virtlet-ignore-acpi"
-printf 'root:x:0:0:root:/root:/bin/sh\n' > "$R/etc/passwd"
-printf 'root:x:0:\n' > "$R/etc/group"
+printf 'root:x:0:0:root:/root:/bin/sh\ndhcpcd:x:101:65534:dhcpcd:/usr/lib/dhcpcd:/bin/false\n' > "$R/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' > "$R/etc/group"
 printf 'root::19000:0:99999:7:::\n' > "$R/etc/shadow"
 printf '/bin/sh\n' > "$R/etc/shells"
 install -m 0755 "$HERE/virtlet-sysinfo" "$R/usr/bin/virtlet-sysinfo"

@@ -1,4 +1,5 @@
-"""Guest network configuration from the CNI result: NoCloud network-config v1, ConfigDrive network_data.json.
+"""Guest network configuration from the CNI result: NoCloud network-config v1 or v2, ConfigDrive
+network_data.json.
 
 Both renderers share one plan built by ``plan_network``, so the two formats cannot disagree:
 
@@ -166,6 +167,54 @@ def _v1_route(r: PlannedRoute) -> dict[str, Any]:
         out = {"network": r.network.with_prefixlen}
     if r.gateway is not None:
         out["gateway"] = str(r.gateway)
+    return out
+
+
+# ---- NoCloud: network-config version 2 (netplan style; annotation VirtletCloudInitNetworkConfigVersion: "2") --
+
+
+def nocloud_network_config_v2(
+    plan: Sequence[PlannedNic], dns_servers: Sequence[str], dns_search: Sequence[str]
+) -> bytes:
+    """The same content as version 1: each NIC matched by MAC and renamed, its MTU, DHCP or its addresses, the
+    first NIC's default gateways as ``gateway4``/``gateway6`` and every NIC's other routes as ``routes``.
+    Version 2 has no global name servers: they go on the first static NIC (cloud-init merges them into the
+    guest's resolver configuration)."""
+    ethernets: dict[str, Any] = {}
+    servers = _dns_servers(dns_servers)
+    dns_done = False
+    for nic in plan:
+        entry: dict[str, Any] = {"match": {"macaddress": nic.mac}, "set-name": nic.name}
+        if nic.mtu is not None:
+            entry["mtu"] = nic.mtu
+        if nic.dhcp:
+            entry["dhcp4"] = True
+        else:
+            entry["addresses"] = [s.address.with_prefixlen for s in nic.subnets]
+            routes = []
+            for s in nic.subnets:
+                if s.gateway is not None:
+                    # gateway4/6 (not a "to: ::/0" route): cloud-init maps them to the subnet's gateway exactly as
+                    # v1's, which every renderer writes as the interface's gateway; its ENI renderer writes routes as
+                    # net-tools "route add" lines, which fail on images without net-tools (seen on Debian 12)
+                    entry[f"gateway{s.gateway.version}"] = str(s.gateway)
+                routes += [_v2_route(r) for r in s.routes]
+            if routes:
+                entry["routes"] = routes
+            if not dns_done and (servers or dns_search):
+                ns: dict[str, Any] = {"addresses": servers}
+                if dns_search:
+                    ns["search"] = list(dns_search)
+                entry["nameservers"] = ns
+                dns_done = True
+        ethernets[nic.name] = entry
+    return yamlio.dump({"version": 2, "ethernets": ethernets}).encode()
+
+
+def _v2_route(r: PlannedRoute) -> dict[str, Any]:
+    out: dict[str, Any] = {"to": r.network.with_prefixlen}
+    if r.gateway is not None:
+        out["via"] = str(r.gateway)
     return out
 
 

@@ -27,8 +27,10 @@ META_DATA = "VirtletCloudInitMetaData"
 SSH_KEYS = "VirtletSSHKeys"
 IMAGE_TYPE = "VirtletCloudInitImageType"
 FORCE_DHCP = "VirtletForceDHCPNetworkConfig"
+NETWORK_CONFIG_VERSION = "VirtletCloudInitNetworkConfigVersion"
 
-ANNOTATIONS = (USER_DATA, USER_DATA_OVERWRITE, USER_DATA_SCRIPT, META_DATA, SSH_KEYS, IMAGE_TYPE, FORCE_DHCP)
+ANNOTATIONS = (USER_DATA, USER_DATA_OVERWRITE, USER_DATA_SCRIPT, META_DATA, SSH_KEYS, IMAGE_TYPE, FORCE_DHCP,
+               NETWORK_CONFIG_VERSION)
 
 IMAGE_TYPES: tuple[SeedKind, ...] = ("nocloud", "configdrive")
 
@@ -38,7 +40,7 @@ MAX_TEXT_ANNOTATION = 128 * 1024
 #: Largest value of a one-word annotation (image type, true/false switches), in characters.
 MAX_WORD_ANNOTATION = 256
 _TEXT_ANNOTATIONS = (USER_DATA, USER_DATA_SCRIPT, META_DATA, SSH_KEYS)
-_WORD_ANNOTATIONS = (IMAGE_TYPE, USER_DATA_OVERWRITE, FORCE_DHCP)
+_WORD_ANNOTATIONS = (IMAGE_TYPE, USER_DATA_OVERWRITE, FORCE_DHCP, NETWORK_CONFIG_VERSION)
 
 #: Key types OpenSSH accepts in authorized_keys (plain keys, security-key keys and certificates).
 SSH_KEY_TYPES = (
@@ -75,6 +77,7 @@ class CloudInitOptions:
     meta_data: dict[str, Any] | None = field(default=None, repr=False)
     ssh_keys: list[str] = field(default_factory=list)
     force_dhcp: bool = False
+    network_config_version: int = 1  # NoCloud network-config format (ConfigDrive has its own)
 
 
 def parse_cloudinit_options(annotations: Mapping[str, str]) -> CloudInitOptions:
@@ -86,6 +89,11 @@ def parse_cloudinit_options(annotations: Mapping[str, str]) -> CloudInitOptions:
     image_type = _image_type(annotations.get(IMAGE_TYPE))
     overwrite = _bool(USER_DATA_OVERWRITE, annotations.get(USER_DATA_OVERWRITE))
     force_dhcp = _bool(FORCE_DHCP, annotations.get(FORCE_DHCP))
+    version = (annotations.get(NETWORK_CONFIG_VERSION) or "1").strip()
+    if version not in ("1", "2"):
+        raise errors.InvalidArgument(
+            f"annotation {NETWORK_CONFIG_VERSION}: {version[:20]!r} is not a network-config version this runtime "
+            'writes; use "1" (default) or "2"')
     user_data = _yaml_map(USER_DATA, annotations.get(USER_DATA))
     meta_data = _yaml_map(META_DATA, annotations.get(META_DATA))
     script = annotations.get(USER_DATA_SCRIPT)
@@ -112,6 +120,7 @@ def parse_cloudinit_options(annotations: Mapping[str, str]) -> CloudInitOptions:
         meta_data=meta_data,
         ssh_keys=parse_ssh_keys(annotations.get(SSH_KEYS)),
         force_dhcp=force_dhcp,
+        network_config_version=int(version),
     )
 
 

@@ -41,7 +41,9 @@ def render(req: CloudInitRequest) -> SeedFiles:
         files["meta-data"] = metadata.nocloud_meta_data(meta)
         files["user-data"] = user
         if plan:
-            files["network-config"] = network.nocloud_network_config(plan, req.dns_servers, req.dns_search)
+            write = network.nocloud_network_config_v2 if opts.network_config_version == 2 else \
+                network.nocloud_network_config
+            files["network-config"] = write(plan, req.dns_servers, req.dns_search)
     files.update(req.extra_files)
     total = sum(len(data) for data in files.values())
     if total > MAX_SEED_BYTES:

@@ -3,7 +3,8 @@
 One process per pod runs inside the pod's network namespace (``python -m virtlet.network.dhcp_server --netns
 NAME --config FILE``), in its own session so it keeps serving renewals while virtletd restarts.  It reads and
 writes raw Ethernet frames on the VM's tap (the namespace has no address of its own to answer from), answers
-only the MACs listed in its config, and never probes or allocates: the lease for each MAC is fixed.
+only the MACs listed in its config, and never probes or allocates: the lease for each MAC is fixed.  IPv6
+(router advertisements, DHCPv6) is served by ``ipv6_ra`` from the same socket.
 
 Server identifier: the NIC's gateway (else the first host address of its subnet).  A client renewing by
 unicast sends to that address through the tap, where this server sees and answers it.
@@ -22,12 +23,14 @@ import signal
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from virtlet.network import dhcp_packet as dp
 from virtlet.network import udp_frame
+from virtlet.network.ipv6_ra import V6Server
 
 log = logging.getLogger("virtlet.dhcp")
 
@@ -48,6 +51,11 @@ class NicLease:
     routes: list[tuple[str, str]] = field(default_factory=list)  # (dst CIDR, router or "")
     mtu: int = 0
     server_mac: str = "02:00:00:00:00:01"
+    # IPv6 (served by ``ipv6_ra``): the pod's v6 CIDRs, the gateway, v6 routes, the veth towards the gateway
+    ipv6: list[str] = field(default_factory=list)
+    ipv6_gateway: str = ""
+    ipv6_routes: list[tuple[str, str]] = field(default_factory=list)
+    uplink: str = ""
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -70,11 +78,13 @@ class DhcpConfig:
     dns_searches: list[str] = field(default_factory=list)
     hostname: str = ""
     lease_time: int = DEFAULT_LEASE
+    dns6_servers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"nics": [{**n.__dict__, "routes": [list(r) for r in n.routes]} for n in self.nics],
+        return {"nics": [{**n.__dict__, "routes": [list(r) for r in n.routes],
+                          "ipv6_routes": [list(r) for r in n.ipv6_routes]} for n in self.nics],
                 "dns_servers": self.dns_servers, "dns_searches": self.dns_searches, "hostname": self.hostname,
-                "lease_time": self.lease_time}
+                "lease_time": self.lease_time, "dns6_servers": self.dns6_servers}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DhcpConfig:
@@ -83,10 +93,12 @@ class DhcpConfig:
             n = dict(n)
             n["mac"] = n["mac"].lower()
             n["routes"] = [(r[0], r[1]) for r in n.get("routes", [])]
+            n["ipv6_routes"] = [(r[0], r[1]) for r in n.get("ipv6_routes", [])]
             nics.append(NicLease(**n))
         return cls(nics=nics, dns_servers=list(d.get("dns_servers", [])),
                    dns_searches=list(d.get("dns_searches", [])), hostname=d.get("hostname", ""),
-                   lease_time=int(d.get("lease_time", DEFAULT_LEASE)))
+                   lease_time=int(d.get("lease_time", DEFAULT_LEASE)),
+                   dns6_servers=list(d.get("dns6_servers", [])))
 
     def nic_for(self, mac: str) -> NicLease | None:
         mac = mac.lower()
@@ -103,7 +115,7 @@ class Responder:
         if req.op != dp.BOOTREQUEST:
             return None
         nic = self.config.nic_for(req.chaddr)
-        if nic is None:
+        if nic is None or not nic.ip:  # an IPv6-only NIC gets no DHCPv4 answer
             log.debug("ignoring %s from unknown MAC %s", dp.MESSAGE_NAMES.get(req.message_type or 0),
                       req.chaddr)
             return None
@@ -236,20 +248,31 @@ def enter_netns(netns: str) -> None:
 
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
-# classic BPF: accept unfragmented IPv4/UDP to port 67, drop everything else in the kernel, so the VM's normal
-# traffic never wakes this process.  (code, jt, jf, k) per instruction.
+# classic BPF: accept unfragmented IPv4/UDP to port 67, IPv6/UDP to port 547 and the ICMPv6 RS/NS/NA that
+# ``ipv6_ra`` answers; drop everything else in the kernel, so the VM's normal traffic never wakes this process.
+# (code, jt, jf, k) per instruction; jumps are relative to the next instruction.
 _DHCP_FILTER = (
-    (0x28, 0, 0, 12),        # ldh [12]            ethertype
-    (0x15, 0, 8, 0x0800),    # jeq IPv4 ? next : drop
-    (0x30, 0, 0, 23),        # ldb [23]            IP protocol
-    (0x15, 0, 6, 17),        # jeq UDP ? next : drop
-    (0x28, 0, 0, 20),        # ldh [20]            flags + fragment offset
-    (0x45, 4, 0, 0x1FFF),    # jset fragment ? drop : next
-    (0xB1, 0, 0, 14),        # ldxb 4*([14]&0xf)   IP header length
-    (0x48, 0, 0, 16),        # ldh [x+16]          UDP destination port
-    (0x15, 0, 1, 67),        # jeq 67 ? accept : drop
-    (0x06, 0, 0, 0x40000),   # ret accept
-    (0x06, 0, 0, 0),         # ret drop
+    (0x28, 0, 0, 12),        # 0  ldh [12]            ethertype
+    (0x15, 0, 7, 0x0800),    # 1  jeq IPv4 ? next : 9
+    (0x30, 0, 0, 23),        # 2  ldb [23]            IP protocol
+    (0x15, 0, 16, 17),       # 3  jeq UDP ? next : drop
+    (0x28, 0, 0, 20),        # 4  ldh [20]            flags + fragment offset
+    (0x45, 14, 0, 0x1FFF),   # 5  jset fragment ? drop : next
+    (0xB1, 0, 0, 14),        # 6  ldxb 4*([14]&0xf)   IP header length
+    (0x48, 0, 0, 16),        # 7  ldh [x+16]          UDP destination port
+    (0x15, 10, 11, 67),      # 8  jeq 67 ? accept : drop
+    (0x15, 0, 10, 0x86DD),   # 9  jeq IPv6 ? next : drop
+    (0x30, 0, 0, 20),        # 10 ldb [20]            next header
+    (0x15, 0, 2, 17),        # 11 jeq UDP ? next : 14
+    (0x28, 0, 0, 56),        # 12 ldh [56]            UDP destination port
+    (0x15, 5, 6, 547),       # 13 jeq 547 ? accept : drop
+    (0x15, 0, 5, 58),        # 14 jeq ICMPv6 ? next : drop
+    (0x30, 0, 0, 54),        # 15 ldb [54]            ICMPv6 type
+    (0x15, 2, 0, 133),       # 16 jeq RS ? accept : next
+    (0x15, 1, 0, 135),       # 17 jeq NS ? accept : next
+    (0x15, 0, 1, 136),       # 18 jeq NA ? accept : drop
+    (0x06, 0, 0, 0x40000),   # 19 ret accept
+    (0x06, 0, 0, 0),         # 20 ret drop
 )
 
 
@@ -269,6 +292,7 @@ def open_socket() -> socket.socket:
 def serve(config: DhcpConfig, sock: socket.socket, stop_fd: int | None = None) -> None:
     """Answer DHCP until SIGTERM/SIGINT (or until ``stop_fd`` becomes readable); closes ``sock``."""
     responder = Responder(config)
+    v6 = V6Server(config, time.monotonic())
     stopping = False
 
     def _stop(_sig: int, _frm: Any) -> None:
@@ -288,8 +312,11 @@ def serve(config: DhcpConfig, sock: socket.socket, stop_fd: int | None = None) -
     watch: list[socket.socket | int] = [sock, stop_fd]
     try:
         while not stopping:
+            for frame, ifname in v6.tick(time.monotonic()) if v6.active else []:
+                _send(sock, frame, ifname, logging.DEBUG)  # timed RAs reach a tap not attached yet: no news
+            wait = min(5.0, max(0.0, v6.next_due() - time.monotonic()))
             try:
-                ready, _, _ = select.select(watch, [], [], 5.0)
+                ready, _, _ = select.select(watch, [], [], wait)
             except InterruptedError:
                 continue
             if stop_fd in ready and wake_r < 0:
@@ -303,18 +330,26 @@ def serve(config: DhcpConfig, sock: socket.socket, stop_fd: int | None = None) -
             ifname, pkttype = addr[0], addr[2]
             if pkttype == PACKET_OUTGOING:
                 continue
+            if data[12:14] == b"\x86\xdd":
+                for frame, out_if in v6.handle(data, ifname, time.monotonic()) if v6.active else []:
+                    _send(sock, frame, out_if)
+                continue
             out = handle_frame(responder, data, ifname)
             if out is not None:
-                try:
-                    sock.sendto(out[0], (out[1], udp_frame.ETH_P_IP))
-                except OSError as exc:
-                    log.warning("cannot send reply on %s: %s", out[1], exc)
+                _send(sock, out[0], out[1])
     finally:
         sock.close()
         if wake_r >= 0:
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
+
+
+def _send(sock: socket.socket, frame: bytes, ifname: str, level: int = logging.WARNING) -> None:
+    try:
+        sock.sendto(frame, (ifname, int.from_bytes(frame[12:14], "big")))
+    except OSError as exc:
+        log.log(level, "cannot send on %s: %s", ifname, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     os.replace(tmp, pid_file)
-    log.info("serving %s in %s", ", ".join(f"{n.mac}->{n.ip}" for n in config.nics), args.netns)
+    log.info("serving %s in %s", ", ".join(f"{n.mac}->{' '.join(filter(None, [n.ip, *n.ipv6]))}"
+                                           for n in config.nics), args.netns)
     try:
         serve(config, sock)
     finally:

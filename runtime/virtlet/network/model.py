@@ -60,7 +60,8 @@ class NicInfo:
     veth: str  # name of the CNI interface inside the pod netns (eth0, ...)
     bridge: str  # bridge inside the pod netns joining veth + tap
     tap: str  # tap name (host netns until the VM starts, then moved into the pod netns)
-    # CIDRs: pod IPs, given to the guest by cloud-init network-config (no DHCPv6/RA yet); removed from the veth
+    # CIDRs: pod IPs, given to the guest by RA + DHCPv6 (``ipv6_ra``) and cloud-init network-config; removed from
+    # the veth
     ipv6: list[str] = field(default_factory=list)
     ipv6_gateway: str = ""  # the CNI result's gateway of the first IPv6 address ("" when it has none)
     # "" for an interface of the pod network; the CNI network name of an extra network (its addresses are

@@ -173,11 +173,15 @@ class PodNetwork:
         """The DHCP process handle with its config file (re)written from ``info`` and the pod's host name."""
         proc = DhcpProcess(self._dir(info.sandbox_id), info.netns_path)
         # the default route on the first NIC only, as in cloud-init's network-config: a guest taking the router
-        # of whichever lease came first would otherwise pick its default route at random
+        # of whichever lease came first would otherwise pick its default route at random (v4 and v6 alike)
         leases = [NicLease(mac=n.mac, tap=n.tap, ip=n.ip, prefix=n.prefix, gateway=n.gateway if i == 0 else "",
                            routes=[(r.dst, r.gw) for r in n.routes
                                    if ":" not in r.dst and (i == 0 or not r.dst.endswith("/0"))], mtu=n.mtu,
-                           server_mac=self._server_mac(info, n)) for i, n in enumerate(info.nics) if n.ip]
+                           server_mac=self._server_mac(info, n), ipv6=list(n.ipv6),
+                           ipv6_gateway=n.ipv6_gateway if i == 0 else "",
+                           ipv6_routes=[(r.dst, r.gw) for r in n.routes
+                                        if ":" in r.dst and (i == 0 or not r.dst.endswith("/0"))], uplink=n.veth)
+                  for i, n in enumerate(info.nics) if n.ip or n.ipv6]
         cfg = DhcpConfig(nics=leases, dns_servers=info.dns_servers, dns_searches=info.dns_searches,
                          hostname=hostname, lease_time=self.lease_time)
         proc.config.write_text(json.dumps(cfg.to_dict()))
