@@ -77,6 +77,13 @@ def test_validate_a_node_then_break_it(world_dir: Path, bridge_cni: Path, libvir
     assert lines["libvirt"].startswith("ok "), out
     assert "4 check(s) failed: virtletd, criproxy, kubelet, disk" in out, out
 
+    # the proxy up but its primary runtime (containerd) down: the fix names the primary, not the proxy
+    containerd.stop()
+    rc, lines, out = _validate(*args)
+    assert rc == 1, out
+    assert lines["criproxy"].startswith("FAIL ") and "its primary runtime" in lines["criproxy"], out
+    assert "containerd" in lines["criproxy:fix"], out
+
 
 def test_validate_refuses_unknown_checks_and_sizes(tmp_path: Path) -> None:
     rc, _, out = _validate("--skip", "nonsense")

@@ -176,6 +176,18 @@ def _cri_status(address: str, what: str) -> tuple[api.VersionResponse, api.Statu
         channel.close()
 
 
+def _answers(address: str) -> bool:
+    """True when a gRPC server accepts a connection at the unix socket (whatever it then answers)."""
+    channel = grpc.insecure_channel(f"unix://{address}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=RPC_TIMEOUT)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
 def check_virtletd(cfg: vconfig.Config, _opts: Options) -> Result:
     try:
         version, status = _cri_status(cfg.listen, "virtletd")
@@ -205,6 +217,11 @@ def check_criproxy(_cfg: vconfig.Config, opts: Options) -> Result:
     try:
         version, status = _cri_status(str(pcfg.listen), "virtlet-criproxy")
     except errors.VirtletError as exc:
+        if Path(pcfg.listen).is_socket() and _answers(str(pcfg.listen)):
+            # the proxy is up; its Version goes to the primary runtime, which is not
+            return Result("criproxy", FAIL, f"{pcfg.listen} answers, but its primary runtime {pcfg.primary} does "
+                                            f"not ({exc})", "start the primary runtime (systemctl start containerd), "
+                                                            "or correct `primary` in the proxy's config")
         return Result("criproxy", FAIL, str(exc), "start it (systemctl start virtlet-criproxy)")
     conds = {c.type: c for c in status.status.conditions}
     problems = []
