@@ -8,8 +8,13 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
+# the MAC codec and the ones'-complement checksum are the same as the IPv4 frames'
+from virtlet.network.udp_frame import ETH_HEADER as ETH_HEADER
+from virtlet.network.udp_frame import checksum
+from virtlet.network.udp_frame import mac_bytes as mac_bytes
+from virtlet.network.udp_frame import mac_str as mac_str
+
 ETH_P_IPV6 = 0x86DD
-ETH_HEADER = struct.Struct("!6s6sH")
 IP6_HEADER = struct.Struct("!IHBB16s16s")
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
@@ -37,17 +42,6 @@ class Ip6Packet:
     payload: bytes
 
 
-def mac_bytes(mac: str) -> bytes:
-    raw = bytes.fromhex(mac.replace(":", ""))
-    if len(raw) != 6:
-        raise ValueError(f"bad MAC {mac!r}")
-    return raw
-
-
-def mac_str(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
-
-
 def link_local(mac: str) -> str:
     """The modified EUI-64 link-local address of a MAC (RFC 4291 appendix A)."""
     m = bytearray(mac_bytes(mac))
@@ -63,18 +57,9 @@ def solicited_node(addr: str) -> str:
     return str(ipaddress.IPv6Address(b"\xff\x02" + b"\0" * 9 + b"\x01\xff" + ipaddress.IPv6Address(addr).packed[13:]))
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    words: tuple[int, ...] = struct.unpack(f"!{len(data) // 2}H", data)
-    total = sum(words)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
 
 def _l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes) -> int:
-    return _checksum(src + dst + struct.pack("!IxxxB", len(segment), proto) + segment)
+    return checksum(src + dst + struct.pack("!IxxxB", len(segment), proto) + segment)
 
 
 def build(src_mac: str, dst_mac: str, src: str, dst: str, proto: int, payload: bytes, hop_limit: int = 255) -> bytes:

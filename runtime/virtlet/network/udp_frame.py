@@ -31,14 +31,14 @@ class UdpFrame:
     payload: bytes
 
 
-def _mac_bytes(mac: str) -> bytes:
+def mac_bytes(mac: str) -> bytes:
     raw = bytes.fromhex(mac.replace(":", ""))
     if len(raw) != 6:
         raise ValueError(f"bad MAC {mac!r}")
     return raw
 
 
-def _mac_str(raw: bytes) -> str:
+def mac_str(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
@@ -62,7 +62,7 @@ def build(frame: UdpFrame) -> bytes:
     udp = UDP_HEADER.pack(frame.src_port, frame.dst_port, udp_len, udp_sum) + frame.payload
     ip_wo_sum = IP_HEADER.pack(0x45, 0x10, 20 + udp_len, 0, 0, 64, 17, 0, src, dst)
     ip = IP_HEADER.pack(0x45, 0x10, 20 + udp_len, 0, 0, 64, 17, checksum(ip_wo_sum), src, dst)
-    eth = ETH_HEADER.pack(_mac_bytes(frame.dst_mac), _mac_bytes(frame.src_mac), ETH_P_IP)
+    eth = ETH_HEADER.pack(mac_bytes(frame.dst_mac), mac_bytes(frame.src_mac), ETH_P_IP)
     return eth + ip + udp
 
 
@@ -90,7 +90,7 @@ def parse(data: bytes) -> UdpFrame | None:
     sport, dport, ulen, _usum = UDP_HEADER.unpack_from(udp)
     if ulen < UDP_HEADER.size or ulen > len(udp):
         raise BadFrame("bad UDP length")
-    return UdpFrame(src_mac=_mac_str(src_mac), dst_mac=_mac_str(dst_mac),
+    return UdpFrame(src_mac=mac_str(src_mac), dst_mac=mac_str(dst_mac),
                     src_ip=str(ipaddress.IPv4Address(src)), dst_ip=str(ipaddress.IPv4Address(dst)),
                     src_port=sport, dst_port=dport,
                     payload=bytes(udp[UDP_HEADER.size:ulen]))
