@@ -168,29 +168,42 @@ def small_translated_image(world_dir: Path, image_server: Any, name: str) -> str
     return f"virtlet.cloud/{name}"
 
 
-@pytest.fixture
-def bridge_cni(world_dir: Path) -> Iterator[Path]:
-    """A CNI conf dir with a bridge + host-local network on a test-only bridge and subnet."""
+@contextlib.contextmanager
+def bridge_network(world_dir: Path, tag: str, v4_subnet: str, v6_subnet: str | None = None,
+                   file: str | None = None) -> Iterator[Path]:
+    """A CNI conf dir ``cni-<tag>`` with a bridge + host-local network (IPv4, or dual-stack with ``v6_subnet``,
+    default routes for each family) named ``<tag>-<world dir>`` on a bridge named after the test's world dir;
+    the bridge and the leases go at the end."""
     import json
-    import random
     import subprocess
 
-    n = random.randint(1, 250)
-    name = f"vtest-{world_dir.name[-8:]}"
-    bridge = f"vtb{world_dir.name[-8:]}"[:15]
-    conf = world_dir / "cni-bridge"
+    name = f"{tag}-{world_dir.name[-8:]}"
+    bridge = f"{tag[:2]}b{world_dir.name[-8:]}"[:15]
+    conf = world_dir / f"cni-{tag}"
     conf.mkdir()
-    (conf / "10-bridge.conflist").write_text(json.dumps({
+    ranges = [[{"subnet": v4_subnet}]] + ([[{"subnet": v6_subnet}]] if v6_subnet else [])
+    routes = [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if v6_subnet else [])
+    (conf / (file or f"10-{tag}.conflist")).write_text(json.dumps({
         "cniVersion": "1.0.0", "name": name, "plugins": [
             {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": f"10.99.{n}.0/24"}]],
-                      "routes": [{"dst": "0.0.0.0/0"}]}},
+             "ipam": {"type": "host-local", "ranges": ranges, "routes": routes}},
             {"type": "loopback"}]}))
     try:
         yield conf
     finally:
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         shutil.rmtree(f"/var/lib/cni/networks/{name}", ignore_errors=True)
+
+
+@pytest.fixture
+def bridge_cni(world_dir: Path) -> Iterator[Path]:
+    """A CNI conf dir with a bridge + host-local network on a test-only bridge and subnet."""
+    import random
+
+    # (its conf dir, file, network and bridge names are what older tests read: cni-bridge/10-bridge.conflist,
+    # vtest-*, vtb*)
+    with bridge_network(world_dir, "vtest", f"10.99.{random.randint(1, 250)}.0/24", file="10-bridge.conflist") as conf:
+        yield conf
 
 
 class DomainGuard:
@@ -236,19 +249,20 @@ class DomainGuard:
         return mine
 
 
-@pytest.fixture
-def vm_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard, libvirt_daemons: None,
-                ) -> Iterator[VirtletdProcess]:
-    """virtletd on the real libvirtd (TCG), a real CNI bridge network and an HTTP image source; loopback is
-    allowed as an image source, so tests pull ``image_server.name(...)`` without a translation."""
+VM_FLAGS = ["--kvm", "off", "--image-default-scheme", "http", "--log-level", "debug",
+            "--image-source-allow", "127.0.0.0/8"]  # loopback: untranslated names of image_server
+
+
+@contextlib.contextmanager
+def qemu_virtletd(world_dir: Path, netns_guard: NetnsGuard, cni_conf: Path,
+                  extra_flags: list[str] | None = None) -> Iterator[VirtletdProcess]:
+    """``running_virtletd`` on the real libvirtd (TCG) with ``VM_FLAGS`` (+ ``extra_flags``); fails the test when
+    it leaves a libvirt domain behind, and removes it anyway."""
     import subprocess
 
     guard = DomainGuard()
     try:
-        with running_virtletd(world_dir, netns_guard, bridge_cni,
-                              ["--kvm", "off", "--image-default-scheme", "http", "--log-level", "debug",
-                               "--image-source-allow", "127.0.0.0/8"],  # untranslated names of image_server
-                              guard) as daemon:
+        with running_virtletd(world_dir, netns_guard, cni_conf, [*VM_FLAGS, *(extra_flags or [])], guard) as daemon:
             yield daemon
     finally:
         leaked = guard.leaked()
@@ -256,3 +270,12 @@ def vm_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard, libv
             subprocess.run(["virsh", "destroy", name], capture_output=True)
             subprocess.run(["virsh", "undefine", name], capture_output=True)
         assert not leaked, f"libvirt domains leaked: {leaked}"
+
+
+@pytest.fixture
+def vm_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: NetnsGuard, libvirt_daemons: None,
+                ) -> Iterator[VirtletdProcess]:
+    """virtletd on the real libvirtd (TCG), a real CNI bridge network and an HTTP image source; loopback is
+    allowed as an image source, so tests pull ``image_server.name(...)`` without a translation."""
+    with qemu_virtletd(world_dir, netns_guard, bridge_cni) as daemon:
+        yield daemon

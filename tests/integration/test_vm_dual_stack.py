@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
-from tests.integration.conftest import guest_image
+from tests.integration.conftest import bridge_network, guest_image
 from tests.integration.test_full_image import FULL_BOOT_TIMEOUT
 from tests.integration.test_vm_lifecycle import Pod, _pull
 from tests.integration.test_vm_network import pod_ip, ssh, wait_ssh
@@ -29,23 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.libvirt, pytest.mark.network]
 def bridge_cni(world_dir: Path) -> Iterator[Path]:
     """Overrides conftest's: the same test-unique bridge network, dual-stack, with a v6 default route."""
     n = random.randint(1, 250)
-    name = f"vds-{world_dir.name[-8:]}"
-    bridge = f"vdb{world_dir.name[-8:]}"[:15]
-    conf = world_dir / "cni-ds"
-    conf.mkdir()
-    (conf / "10-ds.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": name, "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local",
-                      "ranges": [[{"subnet": f"10.97.{n}.0/24"}],
-                                 [{"subnet": f"fd97:{random.randint(1, 0xffff):x}:{n:x}::/64"}]],
-                      "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
-            {"type": "loopback"}]}))
-    try:
+    with bridge_network(world_dir, "vds", f"10.97.{n}.0/24", f"fd97:{random.randint(1, 0xffff):x}:{n:x}::/64") as conf:
         yield conf
-    finally:
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-        shutil.rmtree(f"/var/lib/cni/networks/{name}", ignore_errors=True)
 
 
 def test_dual_stack_vm_pod(vm_virtletd: VirtletdProcess, world_dir: Path, image_server: Any,

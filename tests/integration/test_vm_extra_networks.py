@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
-from tests.integration.conftest import DomainGuard, NetnsGuard, running_virtletd
+from tests.integration.conftest import NetnsGuard, qemu_virtletd
 from tests.integration.test_extra_networks import ANNOTATION, ExtraNets, _sh, extra_nets  # noqa: F401 (fixture)
 from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
 from tests.integration.test_vm_network import ssh, ssh_key, wait_ssh  # noqa: F401 (fixture)
@@ -29,19 +28,8 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.network]
 @pytest.fixture
 def extra_vm_virtletd(world_dir: Path, bridge_cni: Path, extra_nets: ExtraNets, netns_guard: NetnsGuard,  # noqa: F811
                       libvirt_daemons: None) -> Iterator[VirtletdProcess]:
-    guard = DomainGuard()
-    try:
-        with running_virtletd(world_dir, netns_guard, bridge_cni,
-                              ["--kvm", "off", "--image-default-scheme", "http", "--log-level", "debug",
-                               "--image-source-allow", "127.0.0.0/8", "--cni-extra-conf-dir", str(extra_nets.conf)],
-                              guard) as daemon:
-            yield daemon
-    finally:
-        leaked = guard.leaked()
-        for name in leaked:
-            subprocess.run(["virsh", "destroy", name], capture_output=True)
-            subprocess.run(["virsh", "undefine", name], capture_output=True)
-        assert not leaked, f"libvirt domains leaked: {leaked}"
+    with qemu_virtletd(world_dir, netns_guard, bridge_cni, ["--cni-extra-conf-dir", str(extra_nets.conf)]) as daemon:
+        yield daemon
 
 
 @pytest.fixture

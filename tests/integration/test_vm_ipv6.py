@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
+from tests.integration.conftest import bridge_network
 from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
 from tests.integration.test_vm_network import pod_ip, ssh, wait_ssh
 from tests.integration.test_vm_network import ssh_key as ssh_key
@@ -29,23 +30,9 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.network]
 def bridge_cni(world_dir: Path) -> Iterator[Path]:
     """Overrides conftest's: a test-unique dual-stack bridge network with default routes for both families."""
     n = random.randint(1, 250)
-    name = f"v6t-{world_dir.name[-8:]}"
-    bridge = f"v6b{world_dir.name[-8:]}"[:15]
-    conf = world_dir / "cni-v6"
-    conf.mkdir()
-    (conf / "10-v6.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": name, "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local",
-                      "ranges": [[{"subnet": f"10.66.{n}.0/24"}],
-                                 [{"subnet": f"fd6a:61:{random.randint(1, 0xffff):x}:{n:x}::/64"}]],
-                      "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
-            {"type": "loopback"}]}))
-    try:
+    v6 = f"fd6a:61:{random.randint(1, 0xffff):x}:{n:x}::/64"
+    with bridge_network(world_dir, "v6t", f"10.66.{n}.0/24", v6) as conf:
         yield conf
-    finally:
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-        shutil.rmtree(f"/var/lib/cni/networks/{name}", ignore_errors=True)
 
 
 def wait_v6(key: Path, ip4: str, ip6: str, timeout: float = 120) -> str:

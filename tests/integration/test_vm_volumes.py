@@ -201,20 +201,10 @@ def test_bad_mounts_are_refused(virtletd: VirtletdProcess, world_dir: Path, imag
 
 @pytest.fixture
 def vm9p_virtletd(world_dir: Path, bridge_cni: Path, netns_guard: Any, libvirt_daemons: None) -> Any:
-    from tests.integration.conftest import DomainGuard, running_virtletd
+    from tests.integration.conftest import qemu_virtletd
 
-    guard = DomainGuard()
-    try:
-        with running_virtletd(world_dir, netns_guard, bridge_cni,
-                              ["--kvm", "off", "--image-default-scheme", "http", "--log-level", "debug",
-                               "--image-source-allow", "127.0.0.0/8", "--share-driver", "9p"], guard) as daemon:
-            yield daemon
-    finally:
-        leaked = guard.leaked()
-        for name in leaked:
-            subprocess.run(["virsh", "destroy", name], capture_output=True)
-            subprocess.run(["virsh", "undefine", name], capture_output=True)
-        assert not leaked, f"libvirt domains leaked: {leaked}"
+    with qemu_virtletd(world_dir, netns_guard, bridge_cni, ["--share-driver", "9p"]) as daemon:
+        yield daemon
 
 
 def test_9p_shares(vm9p_virtletd: VirtletdProcess, world_dir: Path, image_server: Any, tiny_image: Path) -> None:

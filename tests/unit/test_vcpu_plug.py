@@ -198,3 +198,22 @@ def test_online_in_guest_without_an_agent_gives_up_quietly() -> None:
     assert vcpu_plug.online_in_guest(ScriptedAgent(ga.AgentUnavailable("not connected")), 2, "pod") == 0
     # CPU 1 never shows up in the guest: bounded by the budget, what is online is answered
     assert vcpu_plug.online_in_guest(lambda cmd, t: [{"logical-id": 0, "online": True}], 2, "pod", budget=0.6) == 1
+
+
+def test_cpus_the_guest_sees_late_are_onlined_in_the_background() -> None:
+    class LateAgent(ScriptedAgent):
+        """CPU 1 shows up only at the fifth guest-get-vcpus: after the call's own budget."""
+
+        def __call__(self, cmd: dict[str, object], timeout: float) -> object:
+            if cmd["execute"] == "guest-get-vcpus" and len(
+                    [c for c in self.calls if c["execute"] == "guest-get-vcpus"]) < 4:
+                self.calls.append(cmd)
+                return [{"logical-id": 0, "online": True}]
+            return super().__call__(cmd, timeout)
+
+    agent = LateAgent()
+    assert vcpu_plug.online_in_guest(agent, 2, "pod", budget=0.3) == 1  # the call's budget ends first
+    thread = vcpu_plug.online_in_background(agent, 2, "pod", budget=30.0)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert agent.online == {0: True, 1: True}

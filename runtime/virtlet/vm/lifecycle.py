@@ -271,8 +271,8 @@ class VmLifecycle(VmExits):
                     guest.set_vcpus(plug)
                     extra["vcpus"] = plug
                     done.append(f"{plug} vCPUs")
-                    if guest.is_active():
-                        vcpu_plug.online_in_guest(guest.agent_transport(), plug, rec.name)
+                    if guest.is_active() and vcpu_plug.online_in_guest(guest.agent_transport(), plug, rec.name) < plug:
+                        vcpu_plug.online_in_background(guest.agent_transport(), plug, rec.name)
                 if cpu:
                     guest.set_cpu_tune(cpu)
                     in_force.update({"cpu_shares": upd.cpu_shares or in_force.get("cpu_shares", 0),

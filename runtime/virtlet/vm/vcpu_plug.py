@@ -16,6 +16,7 @@ the maximum is ``FailedPrecondition`` before anything is changed, saying what to
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -55,6 +56,9 @@ def plan(cid: str, extra: Mapping[str, Any], quota: int, period: int) -> int | N
 
 #: At most this long (inside UpdateContainerResources, under the container's lock) for the guest to online CPUs.
 ONLINE_BUDGET = 3.0
+#: Then, when the guest has not seen them yet (a busy TCG guest can take longer), at most this long more in a
+#: background thread, outside every lock, so the call answers within ONLINE_BUDGET and the vCPUs still come up.
+LATER_BUDGET = 60.0
 _ONLINE_POLL = 0.25
 
 
@@ -87,3 +91,12 @@ def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ON
                      pod, online, count, budget)
             return online
         time.sleep(_ONLINE_POLL)
+
+
+def online_in_background(call: ga.Transport, count: int, pod: str, budget: float = LATER_BUDGET) -> threading.Thread:
+    """``online_in_guest`` in a daemon thread (bounded by ``budget``; it ends at the first agent error, e.g. when
+    the VM stops), for vCPUs the guest had not seen within ``ONLINE_BUDGET``."""
+    thread = threading.Thread(target=online_in_guest, args=(call, count, pod, budget), daemon=True,
+                              name=f"vcpu-online-{pod}"[:60])
+    thread.start()
+    return thread
