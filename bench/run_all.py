@@ -72,6 +72,20 @@ def markdown(rows: list[report.Row], when: str, where: str, failed: list[str]) -
     return "\n".join(lines) + "\n"
 
 
+def merge_earlier(path: Path, ran: list[str], rows: list[report.Row]) -> tuple[list[report.Row], str]:
+    """The rows of ``rows`` for the benches that ran, the rows of the other benches from the earlier JSON at
+    ``path`` (if any), in BENCHES order; and a note for the table's date line naming the earlier run."""
+    try:
+        old = json.loads(path.read_text())
+        kept = [report.Row(**{k: v for k, v in r.items() if k != "status"}) for r in old.get("rows", [])
+                if r.get("bench") not in ran]
+    except (OSError, ValueError, TypeError):
+        return rows, ""
+    order = {name: i for i, name in enumerate(BENCHES)}
+    merged = sorted(kept + rows, key=lambda r: order.get(r.bench, len(order)))  # stable: each bench's own order
+    return merged, (f" ({', '.join(ran)}; the other rows from the run of {old.get('when', '?')})" if kept else "")
+
+
 def update_docs(doc: Path, table_md: str) -> None:
     text = doc.read_text()
     head, _, rest = text.partition(BEGIN)
@@ -99,6 +113,9 @@ def main() -> int:
             if rc != 0:
                 failed.append(name)
         rows = report.load(str(sink))
+    earlier = ""
+    if args.only:  # a partial run refreshes its benches' rows and keeps the others' from the last run
+        rows, earlier = merge_earlier(args.json, names, rows)
     print()
     print(report.table(rows))
     missed = [r for r in rows if r.status == "MISSED"]
@@ -108,7 +125,7 @@ def main() -> int:
                                      "rows": [asdict(r) | {"status": r.status} for r in rows]}, indent=1))
     print(f"rows written to {args.json}")
     if args.update_docs:
-        update_docs(DOC, markdown(rows, when, machine(), failed))
+        update_docs(DOC, markdown(rows, when + earlier, machine(), failed))
         print(f"table written to {DOC}")
     return 1 if failed else 0
 

@@ -48,6 +48,7 @@ from tests.helpers.daemon import VirtletdProcess
 from tests.helpers.http_server import ImageHttpServer
 
 from virtlet.cri.gen import api_pb2 as api
+from virtlet.network.extra_networks import ExtraNetworks
 from virtlet.network.model import PodNetworkInfo
 from virtlet.network.pod_network import PodNetwork
 from virtlet.vm import domain_xml as dx
@@ -290,15 +291,17 @@ class VirtletdPath:
 class VirshPath:
     """The same domain started with ``virsh create`` (transient) on a fresh overlay, per round."""
 
-    def __init__(self, base: Path, captured: dict[str, Any], net: PodNetworkInfo) -> None:
+    def __init__(self, base: Path, captured: dict[str, Any], net: PodNetworkInfo, net_run_dir: Path) -> None:
         self.base = base
         self.template = dx.from_string(captured["domain_xml"])  # drops virtlet's <metadata>: not virtlet's VM
         self.store_path = Path(captured["image_path"])
         self.store_format = str(overlay.image_info(self.store_path)["format"])
         self.config_drive = Path(captured["config_drive"])
         self.net = net
-        # only the tap calls are used; they touch neither CNI nor run_dir
-        self.pod_network = PodNetwork(None, base / "podnet")  # type: ignore[arg-type]
+        # only the tap calls are used; they touch no CNI; run_dir is virtletd's (``<run_dir>/net``), where the
+        # sandbox's DHCP server runs (attach_after_start checks it is up)
+        self.pod_network = PodNetwork(None, net_run_dir,  # type: ignore[arg-type]
+                                      extra=ExtraNetworks(None, [], base / "extra"))
         self.prefix = f"vmboot-{base.name[-8:]}"
         self.round = 0
 
@@ -319,6 +322,12 @@ class VirshPath:
         for serial in dom.devices.serials:
             serial.path = str(rdir / "console.sock")
             serial.log_file = str(rdir / "console.raw")
+        # the exec channel's socket and the exit-code file live in virtletd's dirs for its own (removed) container
+        for channel in dom.devices.channels:
+            if channel.path:
+                channel.path = str(rdir / f"{channel.name}.sock")
+        for file_channel in dom.devices.file_channels:
+            file_channel.path = str(rdir / f"{file_channel.name}.out")
         return dom
 
     def boot(self, timeout: float) -> float:
@@ -441,7 +450,7 @@ def run(args: argparse.Namespace, image: Path, rows: list[Row]) -> None:
                     if path == "virtletd":
                         split, captured = pod.boot(args.timeout, template_dir if virsh is None else None)
                         if virsh is None:
-                            virsh = VirshPath(base, captured, pod.network())
+                            virsh = VirshPath(base, captured, pod.network(), daemon.run_dir / "net")
                             stack.callback(virsh.leftovers)  # runs before the sandbox goes
                         log(f"round {r + 1}: virtletd {split.total:.2f} s (create {split.create:.2f}, start "
                             f"{split.start:.2f}, raw log {split.raw:.2f})")

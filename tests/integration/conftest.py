@@ -169,11 +169,11 @@ def small_translated_image(world_dir: Path, image_server: Any, name: str) -> str
 
 
 @contextlib.contextmanager
-def bridge_network(world_dir: Path, tag: str, v4_subnet: str, v6_subnet: str | None = None,
+def bridge_network(world_dir: Path, tag: str, v4_subnet: str | None, v6_subnet: str | None = None,
                    file: str | None = None) -> Iterator[Path]:
-    """A CNI conf dir ``cni-<tag>`` with a bridge + host-local network (IPv4, or dual-stack with ``v6_subnet``,
-    default routes for each family) named ``<tag>-<world dir>`` on a bridge named after the test's world dir;
-    the bridge and the leases go at the end."""
+    """A CNI conf dir ``cni-<tag>`` with a bridge + host-local network (IPv4, dual-stack with ``v6_subnet``, or
+    IPv6-only without ``v4_subnet``; default routes for each family) named ``<tag>-<world dir>`` on a bridge named
+    after the test's world dir; the bridge and the leases go at the end."""
     import json
     import subprocess
 
@@ -181,8 +181,8 @@ def bridge_network(world_dir: Path, tag: str, v4_subnet: str, v6_subnet: str | N
     bridge = f"{tag[:2]}b{world_dir.name[-8:]}"[:15]
     conf = world_dir / f"cni-{tag}"
     conf.mkdir()
-    ranges = [[{"subnet": v4_subnet}]] + ([[{"subnet": v6_subnet}]] if v6_subnet else [])
-    routes = [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if v6_subnet else [])
+    ranges = ([[{"subnet": v4_subnet}]] if v4_subnet else []) + ([[{"subnet": v6_subnet}]] if v6_subnet else [])
+    routes = ([{"dst": "0.0.0.0/0"}] if v4_subnet else []) + ([{"dst": "::/0"}] if v6_subnet else [])
     (conf / (file or f"10-{tag}.conflist")).write_text(json.dumps({
         "cniVersion": "1.0.0", "name": name, "plugins": [
             {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,

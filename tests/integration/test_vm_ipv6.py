@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.daemon import VirtletdProcess
-from tests.integration.conftest import bridge_network
+from tests.integration.conftest import NetnsGuard, bridge_network, qemu_virtletd
 from tests.integration.test_vm_lifecycle import MARKER, Pod, _pull
 from tests.integration.test_vm_network import pod_ip, ssh, wait_ssh
 from tests.integration.test_vm_network import ssh_key as ssh_key
@@ -92,6 +92,47 @@ def test_two_tiny_vm_pods_ping_over_v4_and_v6(vm_virtletd: VirtletdProcess, worl
     finally:
         for pod in pods:
             pod.stop_and_remove()
+
+
+def test_ipv6_only_tiny_vm_pod(world_dir: Path, netns_guard: NetnsGuard, libvirt_daemons: None, image_server: Any,
+                              tiny_image: Path) -> None:
+    """A pod network with only IPv6 (issue 18): the guest gets its pod address and a default route from the
+    per-pod server's RA + DHCPv6 alone (no DHCPv4 on the network, no cloud-init network-config in the tiny
+    image), and the host reaches it over v6.  Checked inside the guest through the guest agent (no v4 to SSH)."""
+    v6 = f"fd6a:62:{random.randint(1, 0xffff):x}:{random.randint(1, 0xfff):x}::/64"
+    with bridge_network(world_dir, "v6o", None, v6) as conf, qemu_virtletd(world_dir, netns_guard, conf) as daemon:
+        shutil.copy(tiny_image, image_server.root / "tiny.qcow2")
+        name = image_server.name("files/tiny.qcow2")
+        _pull(daemon, name)
+        pod = Pod(daemon, world_dir, "v6-only", image=name)
+        try:
+            pod.run_sandbox()
+            status = pod.rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id)).status
+            ip6 = status.network.ip
+            assert ":" in ip6 and not status.network.additional_ips, status.network
+            pod.create()
+            pod.start()
+            pod.wait_log(MARKER)
+            deadline = time.monotonic() + 120
+            addr = route = ""
+            while time.monotonic() < deadline:
+                addr = _exec(pod, ["ip", "-6", "addr", "show", "scope", "global"])
+                route = _exec(pod, ["ip", "-6", "route", "show", "default"])
+                if f"{ip6}/" in addr and "tentative" not in addr and route.startswith("default via fe80:"):
+                    break
+                time.sleep(2)
+            assert f"{ip6}/" in addr and "tentative" not in addr, addr
+            assert "dadfailed" not in addr and addr.count("inet6 ") == 1, addr
+            assert route.startswith("default via fe80:"), route
+            assert "inet " not in _exec(pod, ["ip", "-4", "addr", "show", "scope", "global"])  # no v4 at all
+            subprocess.run(["busybox", "ping", "-6", "-c", "2", "-W", "5", ip6], check=True, capture_output=True)
+        finally:
+            pod.stop_and_remove()
+
+
+def _exec(pod: Pod, cmd: list[str]) -> str:
+    out = pod.rt.ExecSync(api.ExecSyncRequest(container_id=pod.container_id, cmd=cmd, timeout=30), timeout=60)
+    return out.stdout.decode()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,18 @@ def test_table_has_one_line_per_row_with_status() -> None:
     assert lines[0].split() == ["bench", "measure", "measured", "goal", "ratio", "status"]
     assert lines[2].endswith("MISSED") and "<= 1 ratio" in lines[2]
     assert lines[3].endswith("OK") and ">= 0.9 ratio" in lines[3]
+
+
+def test_a_partial_run_keeps_the_other_benches_rows(tmp_path: Path) -> None:
+    from bench import run_all
+
+    earlier = [report.Row("pod_start", "p", 2.0, "ratio", 1.0), report.Row("vm_boot", "v", 1.2, "ratio", 1.1),
+               report.Row("image_pull", "i", 0.8, "ratio", 0.9, better="higher")]
+    path = tmp_path / "latest.json"
+    path.write_text(json.dumps({"when": "yesterday", "rows": [asdict(r) | {"status": r.status} for r in earlier]}))
+    fresh = [report.Row("vm_boot", "v", 0.99, "ratio", 1.1)]
+    rows, note = run_all.merge_earlier(path, ["vm_boot"], fresh)
+    assert [(r.bench, r.measured) for r in rows] == [("pod_start", 2.0), ("vm_boot", 0.99), ("image_pull", 0.8)]
+    assert "yesterday" in note and "vm_boot" in note
+    # no earlier run (or an unreadable one): only what ran
+    assert run_all.merge_earlier(tmp_path / "none.json", ["vm_boot"], fresh) == (fresh, "")
