@@ -101,7 +101,7 @@ selection=$(( $# > 0 ))
 
 phase_end
 phase "fast tier: unit and integration tests on real libvirt/QEMU, netns, CNI" \
-  "usually 15-20 min; a dot per test, tests running over 30 s report their progress"
+  "usually 20-25 min; a dot per test, tests running over 30 s report their progress"
 tier -m "not slow" --durations=10 "$@"
 phase_end
 echo "== leftovers after the fast tier (no podman has run: /run/netns must still be a plain directory)"
@@ -109,7 +109,7 @@ python3 tools/leftovers.py after "$state_before"
 if [ "$QUICK" != 1 ]; then
   final_check=after-podman  # podman makes /run/netns a shared mount point for its own containers
   phase "slow tier: full Debian guest with real cloud-init; molecule test (site.yml on two systemd nodes); the main job" \
-    "usually 30-35 min: molecule about 18, the reset test 6, the local node 4"
+    "usually 35-45 min: molecule about 17, the reset test 6, the local node 4, the full-image tests"
   tier -m slow -v --durations=10 "$@"
   phase_end
 fi
