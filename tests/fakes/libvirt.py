@@ -151,6 +151,16 @@ class FakeDomain:
         self.sched_set = getattr(self, "sched_set", []) + [(dict(params), flags)]
         return 0
 
+    def pinVcpuFlags(self, vcpu: int, cpumap: tuple[bool, ...], flags: int = 0) -> int:
+        self._call("pinVcpuFlags")
+        self.vcpus_pinned = {**getattr(self, "vcpus_pinned", {}), vcpu: (tuple(cpumap), flags)}
+        return 0
+
+    def pinEmulator(self, cpumap: tuple[bool, ...], flags: int = 0) -> int:
+        self._call("pinEmulator")
+        self.emulator_pinned = (tuple(cpumap), flags)
+        return 0
+
     def undefine(self) -> int:
         self._call("undefine")
         self.conn.forget(self)

@@ -146,6 +146,7 @@ class FakeVmParts:
         self.network = network
         self.images = images if images is not None else {}
         self.writers: list[FakeLogWriter] = []
+        self.host_cpus = 2
 
     def image_status(self, name: str) -> FakeImage | None:
         return self.images.get(name)

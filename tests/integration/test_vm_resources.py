@@ -1,9 +1,10 @@
 """UpdateContainerResources on a real QEMU VM (issue 17): memory through the balloon up to the VM's size at
-create, the whole VM's CPU shares/quota/period through libvirt's scheduler parameters, clear errors for what
-cannot be applied, and ContainerStatus reporting the resources in force."""
+create, the whole VM's CPU shares/quota/period through libvirt's scheduler parameters, pinning to host CPUs, clear
+errors for what cannot be applied, and ContainerStatus reporting the resources in force."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -72,9 +73,19 @@ def test_update_container_resources_applies_or_refuses(vm_virtletd: VirtletdProc
         assert re.search(r"cpu_shares\s*:\s*512\b", sched) and re.search(r"global_quota\s*:\s*50000\b", sched), sched
         res = pod.status().status.resources.linux
         assert (res.cpu_shares, res.cpu_quota, res.cpu_period) == (512, 50_000, 100_000)
-        # pinning cannot change live
-        code, details = _refused(pod, cpuset_cpus="0")
-        assert code == grpc.StatusCode.UNIMPLEMENTED and "cpuset_cpus" in details, details
+        # pinning (the kubelet's static CPU manager): every vCPU and QEMU's emulator threads, live
+        last = (os.cpu_count() or 1) - 1
+        _update(pod, cpuset_cpus=str(last))
+        assert re.search(rf"^\s*0\s+{last}\s*$", _virsh("vcpupin", domain, "--live"), re.M), \
+            _virsh("vcpupin", domain, "--live")
+        assert re.search(rf"\*:\s+{last}\s*$", _virsh("emulatorpin", domain, "--live"), re.M), \
+            _virsh("emulatorpin", domain, "--live")
+        assert pod.status().status.resources.linux.cpuset_cpus == str(last)
+        code, details = _refused(pod, cpuset_cpus=f"0-{last + 1}")  # a CPU the node does not have
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "cpuset_cpus" in details, details
+        # NUMA memory nodes cannot change live
+        code, details = _refused(pod, cpuset_mems="0")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "cpuset_mems" in details, details
         # an exited VM has nothing to update
         pod.rt.StopContainer(api.StopContainerRequest(container_id=pod.container_id, timeout=60), timeout=120)
         code, details = _refused(pod, memory_limit_in_bytes=128 * MiB)

@@ -248,6 +248,32 @@ def test_update_resources_applies_live_or_refuses(n: Node) -> None:
     _clean_up(n, sid)
 
 
+def test_update_resources_pins_every_vcpu_and_the_emulator(n: Node) -> None:
+    """cpuset_cpus (the kubelet's static CPU manager): every vCPU up to the maximum and QEMU's emulator threads,
+    live and in the definition; a list the node cannot have is refused before anything changes."""
+    from virtlet.vm.manager import ResourceUpdate
+
+    sid, cid = n.running_container()
+    n.d.store.update_container(cid, extra={**n.d.store.get_container(cid).extra, "vcpus": 1, "max_vcpus": 2})
+    n.d.vms.parts.host_cpus = 4
+    with pytest.raises(errors.InvalidArgument, match=r"cpuset_cpus.*from 0 to 3"):
+        n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=64 << 20, cpuset_cpus="2-4"))
+    assert "setMemoryFlags" not in n.domain(cid).calls and "pinVcpuFlags" not in n.domain(cid).calls
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    in_force = n.d.vms.update_resources(cid, ResourceUpdate(cpuset_cpus="1, 3"))
+    expected = ((False, True, False, True), live)
+    assert n.domain(cid).vcpus_pinned == {0: expected, 1: expected} and n.domain(cid).emulator_pinned == expected
+    assert in_force["cpuset_cpus"] == "1,3"
+    calls = len(n.domain(cid).calls)
+    n.d.vms.update_resources(cid, ResourceUpdate(cpuset_cpus="1,3"))  # the same list again: nothing to do
+    assert "pinVcpuFlags" not in n.domain(cid).calls[calls:]
+    n.domain(cid).fail["pinEmulator"] = FakeLibvirtError("cgroup cpuset controller is not mounted")
+    with pytest.raises(errors.FailedPrecondition, match="cpuset controller.*applied before it: memory"):
+        n.d.vms.update_resources(cid, ResourceUpdate(memory_limit_bytes=64 << 20, cpuset_cpus="0"))
+    assert n.d.store.get_container(cid).extra["resources"]["cpuset_cpus"] == "1,3"
+    _clean_up(n, sid)
+
+
 # -- start-up recovery without a crash in a call ---------------------------------------------------------------
 def test_recovery_finds_a_running_vm_again(n: Node) -> None:
     sid, cid = n.running_container()

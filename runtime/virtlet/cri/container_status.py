@@ -53,7 +53,7 @@ def _resources_in_force(rec: st.ContainerRecord, cfg: api.ContainerConfig) -> ap
     linux = api.LinuxContainerResources()
     linux.CopyFrom(cfg.linux.resources)
     for name, value in (rec.extra.get("resources") or {}).items():
-        setattr(linux, name, int(value))
+        setattr(linux, name, str(value) if name == "cpuset_cpus" else int(value))
     if not linux.memory_limit_in_bytes and rec.extra.get("memory_bytes"):
         linux.memory_limit_in_bytes = int(rec.extra["memory_bytes"])
     return api.ContainerResources(linux=linux)

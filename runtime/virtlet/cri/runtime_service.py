@@ -282,25 +282,24 @@ class RuntimeServicer(MetricsCalls, EventCalls, StreamListCalls, api_grpc.Runtim
                                  context: grpc.ServicerContext) -> api.UpdateContainerResourcesResponse:
         # What QEMU applies live is applied (virtlet.vm.lifecycle.update_resources): memory by balloon up to the VM's
         # size at create, vCPU hot-plug for a CPU limit above the VM's vCPUs up to VirtletMaxVCPUs (beyond it
-        # FAILED_PRECONDITION), CPU shares/quota/period; a CPU pinning change is UNIMPLEMENTED (the kubelet's in-place
-        # resize never sends one); fields with no meaning for a VM (OOM score, hugepages, swap, unified cgroup keys)
-        # are ignored as at CreateContainer.  Never OK for a change that was not applied.
+        # FAILED_PRECONDITION), pinning to host CPUs (cpuset_cpus: the kubelet's static CPU manager sends it),
+        # CPU shares/quota/period; a NUMA memory node change (cpuset_mems) is FAILED_PRECONDITION (QEMU's guest
+        # memory stays where it was allocated); fields with no meaning for a VM (OOM score, hugepages, swap,
+        # unified cgroup keys) are ignored as at CreateContainer.  Never OK for a change that was not applied.
         from virtlet.vm.manager import ResourceUpdate
 
         validation.require_id(request.container_id, "container_id")
         rec = self.store.require_container(request.container_id)
         res = request.linux
         if request.HasField("linux"):
-            created = stored_config(rec).linux.resources
-            for name in ("cpuset_cpus", "cpuset_mems"):
-                asked = getattr(res, name)
-                if asked and asked != getattr(created, name):
-                    raise errors.Unimplemented(
-                        f"UpdateContainerResources: linux.{name} {asked[:64]!r}: changing a VM's CPU pinning live is "
-                        f"not implemented (it is {getattr(created, name) or 'unset'!r}); recreate the pod")
+            created = stored_config(rec).linux.resources.cpuset_mems
+            if res.cpuset_mems and res.cpuset_mems != created:
+                raise errors.FailedPrecondition(
+                    f"UpdateContainerResources: linux.cpuset_mems {res.cpuset_mems[:64]!r}: a VM's memory cannot move "
+                    f"to other NUMA nodes live (it is {created or 'unset'!r}); recreate the pod")
         self._vms().update_resources(request.container_id, ResourceUpdate(
             memory_limit_bytes=res.memory_limit_in_bytes, cpu_shares=res.cpu_shares, cpu_quota=res.cpu_quota,
-            cpu_period=res.cpu_period))
+            cpu_period=res.cpu_period, cpuset_cpus=res.cpuset_cpus))
         return api.UpdateContainerResourcesResponse()
 
     def ExecSync(self, request: api.ExecSyncRequest, context: grpc.ServicerContext) -> api.ExecSyncResponse:

@@ -273,3 +273,12 @@ def parse_cpu_list(text: str, host_cpus: int) -> str:
                 f"linux.resources.cpuset_cpus: {text!r} is not allowed; expected a list of CPU numbers or "
                 f"ranges from 0 to {host_cpus - 1} such as 0-1,3")
     return ",".join(items)
+
+
+def cpu_set(normalised: str) -> frozenset[int]:
+    """The CPU numbers of a list ``parse_cpu_list`` accepted."""
+    cpus: set[int] = set()
+    for part in normalised.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return frozenset(cpus)

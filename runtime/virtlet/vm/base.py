@@ -68,6 +68,7 @@ class ResourceUpdate:
     cpu_shares: int = 0
     cpu_quota: int = 0
     cpu_period: int = 0
+    cpuset_cpus: str = ""  # host CPUs to pin the VM to ("" = leave as it is)
 
 
 class LogWriter(Protocol):
@@ -82,6 +83,8 @@ class LogWriter(Protocol):
 
 class VmParts(Protocol):
     """The pieces the manager composes (designed/validated elsewhere); see ``virtlet.vm.parts``."""
+
+    host_cpus: int  # the node's CPUs: what cpuset lists and vCPU counts are checked against
 
     def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]: ...

@@ -132,6 +132,18 @@ class Guest:
         except libvirt.libvirtError as exc:
             raise errors.Internal(f"libvirt could not set the VM's CPU parameters: {exc}") from exc
 
+    def set_cpu_pinning(self, host_cpus: frozenset[int], node_cpus: int, max_vcpus: int) -> None:
+        """Pin every vCPU (up to ``max_vcpus``, the hot-pluggable ones too) and QEMU's emulator threads to
+        ``host_cpus``, in the running VM and its definition (what ``<vcpu cpuset=...>`` does at create)."""
+        cpumap = tuple(cpu in host_cpus for cpu in range(node_cpus))
+        try:
+            flags = self._affect()
+            for vcpu in range(max_vcpus):
+                self._dom.pinVcpuFlags(vcpu, cpumap, flags)
+            self._dom.pinEmulator(cpumap, flags)
+        except libvirt.libvirtError as exc:
+            raise errors.Internal(f"libvirt could not pin the VM to host CPUs: {exc}") from exc
+
     def xml(self) -> str:
         try:
             return str(self._dom.XMLDesc(0))

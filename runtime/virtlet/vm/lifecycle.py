@@ -14,7 +14,7 @@ from virtlet.images.records import repo_tags
 from virtlet.state import store as st
 from virtlet.vm import guest as gu
 from virtlet.vm import guest_exit, termination, vcpu_plug
-from virtlet.vm.annotations import MIN_MEMORY_BYTES
+from virtlet.vm.annotations import MIN_MEMORY_BYTES, cpu_set, parse_cpu_list
 from virtlet.vm.base import EXIT_ERROR, EXIT_OK, ContainerSpec, ResourceUpdate
 from virtlet.vm.exits import VmExits
 
@@ -224,15 +224,16 @@ class VmLifecycle(VmExits):
                 return
 
     # -- UpdateContainerResources ---------------------------------------------------------------------
-    def update_resources(self, cid: str, upd: ResourceUpdate) -> dict[str, int]:
+    def update_resources(self, cid: str, upd: ResourceUpdate) -> dict[str, int | str]:
         """Apply what QEMU can change live: the memory through the balloon (at most the memory the VM was created
         with: its ``<memory>``, no hot-plug), vCPUs hot-plugged for a CPU limit above the VM's vCPUs (up to
-        ``VirtletMaxVCPUs``: ``virtlet.vm.vcpu_plug``) and the whole VM's CPU shares/quota/period (libvirt's
-        scheduler parameters, the same the designer sets at create).  A VM that is off (CREATED) gets the change in its
-        definition.  Returns the resources now in force as CRI names them (also kept in ``extra["resources"]``
-        for ContainerStatus).  Nothing is answered OK that was not applied: a value out of range is
-        ``InvalidArgument`` before anything changes; libvirt refusing is ``FailedPrecondition`` saying what
-        was applied before (memory first, then vCPUs, then the CPU parameters)."""
+        ``VirtletMaxVCPUs``: ``virtlet.vm.vcpu_plug``), the host CPUs its vCPUs and emulator threads are pinned to
+        (``cpuset_cpus``: the kubelet's static CPU manager sends it) and the whole VM's CPU shares/quota/period
+        (libvirt's scheduler parameters, the same the designer sets at create).  A VM that is off (CREATED) gets
+        the change in its definition.  Returns the resources now in force as CRI names them (also kept in
+        ``extra["resources"]`` for ContainerStatus).  Nothing is answered OK that was not applied: a value out of
+        range is ``InvalidArgument`` before anything changes; libvirt refusing is ``FailedPrecondition`` saying what
+        was applied before (memory first, then vCPUs, pinning, then the CPU parameters)."""
         with self._lock(cid):
             rec = self.store.require_container(cid)
             if rec.state == st.CONTAINER_EXITED:
@@ -248,6 +249,11 @@ class VmLifecycle(VmExits):
                     f"UpdateContainerResources: linux.memory_limit_in_bytes {upd.memory_limit_bytes} is too little "
                     f"for a VM (at least {MIN_MEMORY_BYTES} bytes, 32Mi)")
             in_force = dict(rec.extra.get("resources") or {})
+            pin = ""
+            if upd.cpuset_cpus:  # validated before anything changes; the same list again changes nothing
+                pin = parse_cpu_list(upd.cpuset_cpus, self.parts.host_cpus)
+                if pin == str(in_force.get("cpuset_cpus") or rec.extra.get("cpuset") or ""):
+                    pin = ""
             period = upd.cpu_period or int(in_force.get("cpu_period") or 0)
             plug = vcpu_plug.plan(cid, rec.extra, upd.cpu_quota, period)  # more vCPUs for a higher CPU limit
             guest = self._guest(cid)
@@ -273,6 +279,11 @@ class VmLifecycle(VmExits):
                     done.append(f"{plug} vCPUs")
                     if guest.is_active() and vcpu_plug.online_in_guest(guest.agent_transport(), plug, rec.name) < plug:
                         vcpu_plug.online_in_background(guest.agent_transport(), plug, rec.name)
+                if pin:
+                    guest.set_cpu_pinning(cpu_set(pin), self.parts.host_cpus,
+                                          int(extra.get("max_vcpus") or extra.get("vcpus") or 1))
+                    in_force["cpuset_cpus"] = pin
+                    done.append(f"pinning to CPUs {pin}")
                 if cpu:
                     guest.set_cpu_tune(cpu)
                     in_force.update({"cpu_shares": upd.cpu_shares or in_force.get("cpu_shares", 0),

@@ -116,7 +116,8 @@ class VmParts:
             exit_file=guest_exit.exit_file(cdir)))
         extra: dict[str, Any] = {"config_drive": str(seed), "vcpus": options.vcpus,
                                  "max_vcpus": max(options.max_vcpus, options.vcpus),
-                                 "memory_bytes": options.memory_bytes, "domain_type": self.domain_type}
+                                 "memory_bytes": options.memory_bytes, "domain_type": self.domain_type,
+                                 "cpuset": options.cpuset}
         if plan.root is not None:
             extra["root_device"] = plan.root.host_path
         else:
