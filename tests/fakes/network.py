@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from virtlet import errors
 from virtlet.network.model import NicInfo, PodNetworkInfo
 from virtlet.state import store as st
 from virtlet.vm import designer
@@ -151,8 +152,14 @@ class FakeVmParts:
     def image_status(self, name: str) -> FakeImage | None:
         return self.images.get(name)
 
+    def validate(self, spec: Any, sandbox: st.SandboxRecord) -> None:
+        """A container annotation ``fake/invalid`` is refused, as the real parts refuse a bad annotation."""
+        if "fake/invalid" in spec.annotations:
+            raise errors.InvalidArgument(f"annotation fake/invalid: {spec.annotations['fake/invalid']!r}")
+
     def prepare(self, cid: str, spec: Any, sandbox: st.SandboxRecord, image: Any, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]:
+        self.validate(spec, sandbox)
         self.network._step("prepare", sandbox.id)
         root, seed = cdir / "root.qcow2", cdir / "config.iso"
         root.write_bytes(b"overlay")

@@ -5,6 +5,7 @@ libvirt and fake pod network.  Runs in milliseconds; the real-process crash matr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def test_create_replaces_a_container_never_started(n: Node) -> None:
     second = n.d.vms.create(n.container_spec(sid)).id
     assert [c.id for c in n.d.store.list_containers()] == [second]
     assert n.domain(first) is None
+    _clean_up(n, sid)
+
+
+def test_a_refused_create_keeps_the_container_never_started(n: Node) -> None:
+    """The replacement happens only for a request that can be made: a bad annotation (found by the CRI fuzzer)
+    must not cost the pod its container."""
+    sid = n.run_sandbox()
+    first = n.d.vms.create(n.container_spec(sid)).id
+    bad = dataclasses.replace(n.container_spec(sid), annotations={"fake/invalid": "x"})
+    with pytest.raises(errors.InvalidArgument, match="fake/invalid"):
+        n.d.vms.create(bad)
+    assert [c.id for c in n.d.store.list_containers()] == [first] and n.domain(first) is not None
     _clean_up(n, sid)
 
 

@@ -86,6 +86,8 @@ class VmParts(Protocol):
 
     host_cpus: int  # the node's CPUs: what cpuset lists and vCPU counts are checked against
 
+    def validate(self, spec: ContainerSpec, sandbox: st.SandboxRecord) -> None: ...
+
     def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
                 console_sock: Path) -> tuple[str, dict[str, Any]]: ...
 

@@ -44,8 +44,10 @@ class VmLifecycle(VmExits):
             labels=dict(spec.labels), annotations=dict(spec.annotations), config=spec.config,
             extra={"domain": self.domain_name(cid), "dir": str(cdir), "image_path": str(image.path),
                    "creating": True})
-        self._replace_unstarted(spec.sandbox_id)
+        # a refused request must not cost the pod its unstarted container: every check before the replacement
+        self.parts.validate(spec, sandbox)
         self._check_root_device_free(spec)
+        self._replace_unstarted(spec.sandbox_id)
         with self._lock(cid):
             self.store.add_container(rec)  # checks: sandbox READY, no other live container
             try:

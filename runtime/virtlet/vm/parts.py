@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from virtlet import cloudinit, errors
 from virtlet.console.writer import ConsoleLogWriter
@@ -18,6 +18,7 @@ from virtlet.vm import domain_xml as dx
 from virtlet.vm.annotations import (
     DEFAULT_MAX_ROOT_VOLUME_SIZE,
     CpuResources,
+    VmOptions,
     check_annotation_sizes,
     parse_vm_options,
 )
@@ -39,6 +40,16 @@ class _Volumes:
     seed_files: dict[str, bytes]
 
 
+class _Validated(NamedTuple):
+    """What a CreateContainer asks for, checked (``VmParts._validated``)."""
+
+    pod_annotations: dict[str, str]
+    options: VmOptions
+    devices: vdev.DevicePlan
+    reimage: bool
+    volumes: _Volumes
+
+
 class VmParts:
     """Default parts of virtletd.  ``images`` is the image store, ``network`` the PodNetwork (or None);
     ``max_root_volume_size`` is the largest ``VirtletRootVolumeSize`` a pod may ask for (config key)."""
@@ -58,17 +69,20 @@ class VmParts:
     def image_status(self, name: str) -> ImageRecord | None:
         return self.images.status(name)
 
-    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
-                console_sock: Path) -> tuple[str, dict[str, Any]]:
-        """``image`` is the store's record of ``spec.image`` (the manager looked it up already)."""
-        # validate everything first: a bad annotation must leave nothing behind
+    def validate(self, spec: ContainerSpec, sandbox: st.SandboxRecord) -> None:
+        """Refuse (``InvalidArgument``) what ``prepare`` would refuse about the request itself, making nothing: the
+        manager asks before it replaces a never-started container of the pod, so a refused CreateContainer
+        leaves the pod as it was."""
+        self._validated(spec, sandbox)
+
+    def _validated(self, spec: ContainerSpec, sandbox: st.SandboxRecord) -> _Validated:
         check_annotation_sizes(sandbox.annotations, "pod")
         check_annotation_sizes(spec.annotations, "container")
         pod_annotations = {**spec.annotations, **sandbox.annotations}
         options = parse_vm_options(pod_annotations, spec.memory_limit_bytes, spec.cpu or CpuResources(),
                                    sandbox.uid, self.host_cpus, self.max_root_volume_size)
         cloudinit.parse_cloudinit_options(pod_annotations)
-        plan = vdev.plan_devices(spec.devices)  # INVALID_ARGUMENT before anything is made
+        plan = vdev.plan_devices(spec.devices)
         reimage = _reimage_requested(pod_annotations)
         vols = self._plan_volumes(spec, pod_annotations)
         if len(plan.volumes) + len(vols.plan.scratch) > vdev.MAX_BLOCK_VOLUMES:
@@ -77,6 +91,13 @@ class VmParts:
                 f"a VM takes at most {vdev.MAX_BLOCK_VOLUMES} disks besides its root disk")
         for disk in vols.plan.scratch:
             scratch.check_existing(disk)
+        return _Validated(pod_annotations, options, plan, reimage, vols)
+
+    def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
+                console_sock: Path) -> tuple[str, dict[str, Any]]:
+        """``image`` is the store's record of ``spec.image`` (the manager looked it up already)."""
+        # validate everything first, whoever called validate before: a bad annotation must leave nothing behind
+        pod_annotations, options, plan, reimage, vols = self._validated(spec, sandbox)
         sources = {s.tag: binds.bind_readonly(s.host_path, cdir, i) for i, s in enumerate(vols.plan.shares)
                    if shares.needs_ro_bind(s, vols.driver)}  # undone by VmManager._destroy_everything
         root = cdir / "root.qcow2"
