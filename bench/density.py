@@ -90,13 +90,24 @@ class Pods:
         self.made.clear()
 
 
-def wait_port(ip: str, port: int, deadline: float) -> float:
+def wait_port(ip: str, port: int, deadline: float) -> float | None:
+    """Seconds until ``ip:port`` accepts a connection, or None when it did not before ``deadline``."""
     t0 = time.perf_counter()
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=1.0):
             return time.perf_counter() - t0
         time.sleep(0.5)
-    raise RuntimeError(f"{ip}:{port} did not answer in time")
+    return None
+
+
+def console_tail(base: Path, name: str, lines: int = 12) -> str:
+    """The last lines of pod ``name``'s console log (CRI format), to say where a guest that never answered is."""
+    log_file = base / "logs" / name / "vm.log"
+    try:
+        text = log_file.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"  (no console log: {exc})"
+    return "\n".join(f"  {line[:200]}" for line in text)
 
 
 def rss_kib(pid: int) -> int:
@@ -175,8 +186,14 @@ def main() -> int:
         deadline = time.monotonic() + args.timeout
         ips = [pods.ip(sid) for sid, _cid, _t in started]
         with ThreadPoolExecutor(min(args.pods, 16)) as pool:
-            list(pool.map(lambda ip: wait_port(ip, 22, deadline), ips))
+            answered = list(pool.map(lambda ip: wait_port(ip, 22, deadline), ips))
         all_ssh = time.perf_counter() - t0
+        silent = [i for i, took in enumerate(answered) if took is None]
+        if silent:  # say which guests and where their boot stopped, then fail the bench
+            for i in silent[:5]:
+                log(f"pod-{i} ({ips[i]}) never answered on port 22; its console ends:\n"
+                    f"{console_tail(base, f'pod-{i}')}")
+            raise RuntimeError(f"{len(silent)} of {args.pods} pods did not answer on port 22 in {args.timeout:.0f} s")
         log(f"{args.pods} pods answer on port 22 after {all_ssh:.1f} s")
         overheads = [qemu_overhead_mib(cid, args.memory_mib * 2**20) for _sid, cid, _t in started]
         daemon_rss = rss_kib(daemon.proc.pid) / 1024 if daemon.proc else 0.0
