@@ -117,3 +117,38 @@ def test_stop_by_a_new_virtletd_finds_the_server(tmp_path: Path, pod_netns: str)
             child.kill()
             child.wait()
     assert not _running(pid)
+
+
+def test_stopping_signals_first_and_awaits_the_exit_at_the_end(tmp_path: Path, pod_netns: str) -> None:
+    """StopPodSandbox overlaps the server's exit with its CNI DEL: SIGTERM when the block begins, the exit
+    awaited (and the pid file gone) when it ends, also when the block fails."""
+    _config(tmp_path)
+    server = DhcpProcess(tmp_path, str(netns.path(pod_netns)))
+    pid = server.start()
+    try:
+        with pytest.raises(RuntimeError), server.stopping(timeout=5):
+            deadline = time.monotonic() + 5
+            while _running(pid) and time.monotonic() < deadline:  # it exits while the block still runs
+                time.sleep(0.01)
+            assert not _running(pid), "the server got no SIGTERM when the block began"
+            raise RuntimeError("CNI DEL failed")
+        assert server.pid() is None and not (tmp_path / "dhcp.pid").exists()
+        assert str(server.config) not in DhcpProcess._children  # reaped
+    finally:
+        server.stop(timeout=1)
+
+
+def test_a_server_ignoring_sigterm_is_killed_after_the_timeout(tmp_path: Path, pod_netns: str) -> None:
+    _config(tmp_path)
+    server = DhcpProcess(tmp_path, str(netns.path(pod_netns)))
+    pid = server.start()
+    try:
+        # what a server stuck before its handler runs looks like: SIGTERM ignored
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        server.stop(timeout=0.5)
+        assert time.monotonic() - start < 3
+        assert not _running(pid)
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -108,7 +108,7 @@ def net(tmp_path: Path) -> Iterator[Net]:
     finally:
         for pn, spec in n.pods:
             try:
-                pn.teardown(spec, None)
+                pn.teardown(spec)
             except Exception as exc:  # pragma: no cover - cleanup must go on
                 print(f"teardown of {spec.sandbox_id} failed: {exc}")
         for name in n.made_ns:
@@ -199,8 +199,8 @@ def assert_pod_gone(n: Net, spec: SandboxNetSpec, info: PodNetworkInfo, dhcp_pid
 def stop_pod(n: Net, pn: PodNetwork, spec: SandboxNetSpec, info: PodNetworkInfo) -> None:
     """What the lead's StopPodSandbox does: VM gone, taps released, teardown, netns deleted."""
     pn.release_taps(info)
-    pn.teardown(spec, info)
-    pn.teardown(spec, info)  # idempotent
+    pn.teardown(spec)
+    pn.teardown(spec)  # idempotent
     netns.delete(spec.sandbox_id)
     n.pods[:] = [(p, s) for p, s in n.pods if s.sandbox_id != spec.sandbox_id]
 
@@ -304,7 +304,7 @@ def test_host_taps_for_start_and_release(net: Net) -> None:
 
 
 def test_teardown_without_info_after_interrupted_setup(net: Net) -> None:
-    """A virtletd killed after setup never stored the info: teardown(spec, None) still cleans everything."""
+    """A virtletd killed after setup never stored the info: teardown(spec) still cleans everything."""
     net.write_conflist()
     pn = net.pod_network()
     spec = net.spec()
@@ -312,7 +312,7 @@ def test_teardown_without_info_after_interrupted_setup(net: Net) -> None:
     info = pn.setup(spec)
     pn.host_taps_for_start(info)
     pid, ports = info.dhcp_pid, bridge_ports(net)
-    net.pod_network().teardown(spec, None)
+    net.pod_network().teardown(spec)
     netns.delete(spec.sandbox_id)
     net.pods.clear()
     assert_pod_gone(net, spec, info, pid, ports)

@@ -92,7 +92,7 @@ class PodNetwork:
             return info
         except BaseException:
             try:
-                self.teardown(spec, None)
+                self.teardown(spec)
             except Exception:
                 log.exception("undoing the network of sandbox %s failed", spec.sandbox_id)
             raise
@@ -124,21 +124,21 @@ class PodNetwork:
             plumbing.delete_link(nic.tap)
             plumbing.delete_link(nic.tap, info.netns_path)
 
-    def teardown(self, spec: SandboxNetSpec, info: PodNetworkInfo | None) -> None:
-        """Stop the DHCP server, delete taps and bridges, CNI DEL, forget the sandbox (idempotent).
+    def teardown(self, spec: SandboxNetSpec) -> None:
+        """Stop the DHCP server, delete the host's taps, CNI DEL, forget the sandbox (idempotent).
 
-        ``info`` may be ``None`` (setup interrupted): what was made is found through the files in run_dir and
-        the tap name prefix.  The caller deletes the netns afterwards."""
-        info = info or self._load(spec.sandbox_id)
-        DhcpProcess(self._dir(spec.sandbox_id), spec.netns_path).stop()
-        for tap in plumbing.list_links(tap_prefix(spec.sandbox_id)):
-            plumbing.delete_link(tap)
-        if info is not None:
-            self.release_taps(info)
-            for nic in info.nics:
-                plumbing.delete_link(nic.bridge, spec.netns_path)
-        self.extra.delete(spec)  # the extra networks were added last: deleted first, in reverse
-        self.cni.delete(spec)
+        Also after an interrupted set-up: what was made is found through the files in run_dir, the CNI caches
+        and the tap name prefix.  The caller deletes the netns afterwards, and with it the pod's bridges and the
+        taps inside it."""
+        # the DHCP server gets SIGTERM now and is awaited last: its exit overlaps the work below
+        with DhcpProcess(self._dir(spec.sandbox_id), spec.netns_path).stopping():
+            for tap in plumbing.list_links(tap_prefix(spec.sandbox_id)):
+                plumbing.delete_link(tap)
+            # Only the host side is deleted here.  The taps and bridges inside the pod netns go with the
+            # namespace, which both callers delete right after: the kernel then destroys them in the background,
+            # where deleting each one here waited about 20 ms for the kernel's RCU grace period.
+            self.extra.delete(spec)  # the extra networks were added last: deleted first, in reverse
+            self.cni.delete(spec)
         shutil.rmtree(self._dir(spec.sandbox_id), ignore_errors=True)
 
     def reattach(self, info: PodNetworkInfo, hostname: str) -> None:
@@ -162,12 +162,6 @@ class PodNetwork:
     def _save(self, info: PodNetworkInfo) -> None:
         path = self._dir(info.sandbox_id) / "network.json"
         path.write_text(json.dumps(info.to_dict()))
-
-    def _load(self, sandbox_id: str) -> PodNetworkInfo | None:
-        try:
-            return PodNetworkInfo.from_dict(json.loads((self._dir(sandbox_id) / "network.json").read_text()))
-        except (OSError, ValueError, KeyError):
-            return None
 
     def _dhcp(self, info: PodNetworkInfo, hostname: str) -> DhcpProcess:
         """The DHCP process handle with its config file (re)written from ``info`` and the pod's host name."""

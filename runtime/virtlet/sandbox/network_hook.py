@@ -31,7 +31,7 @@ class PodNetworkHook:
 
     def teardown(self, rec: st.SandboxRecord) -> None:
         with plumbing.session():
-            self.network.teardown(_net_spec(rec), rec.network)
+            self.network.teardown(_net_spec(rec))
 
     def reattach(self, rec: st.SandboxRecord) -> None:
         if rec.network is not None:
