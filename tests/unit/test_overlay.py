@@ -98,16 +98,45 @@ def test_known_base_size_gives_the_same_overlay_without_qemu_img_info(
     path = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
     runs: list[list[str]] = []
-    real = overlay._qemu_img
+    real = overlay._spawn
 
-    def counting(args: list[str], what: str) -> str:
+    def counting(args: list[str]) -> subprocess.Popen[str]:  # every qemu-img run starts here
         runs.append(args)
-        return real(args, what)
+        return real(args)
 
-    monkeypatch.setattr(overlay, "_qemu_img", counting)
+    monkeypatch.setattr(overlay, "_spawn", counting)
     dest = tmp_path / "ov.qcow2"
     overlay.create_overlay(path, "qcow2", dest, size, base_size=16 * MiB)
     assert [a[0] for a in runs] == ["create"]
     monkeypatch.undo()
     assert overlay.virtual_size(dest) == max(size or 0, 16 * MiB)
     assert overlay.backing_file(dest) == str(path.absolute())
+
+
+def test_a_started_overlay_is_complete_after_wait(tmp_path: Path) -> None:
+    """CreateContainer starts qemu-img, builds the config drive meanwhile, then waits: the overlay is whole."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "b.qcow2"), "16M"], check=True)
+    dest = tmp_path / "ov.qcow2"
+    pending = overlay.start_overlay(tmp_path / "b.qcow2", "qcow2", dest, 32 * MiB, base_size=16 * MiB)
+    pending.wait()
+    assert overlay.virtual_size(dest) == 32 * MiB
+    subprocess.run(["qemu-img", "check", "-q", str(dest)], check=True)
+
+
+def test_a_failed_started_overlay_raises_at_wait_and_leaves_no_file(tmp_path: Path) -> None:
+    # the store's record says the base exists; the file is gone (a bad record): qemu-img fails after the start
+    dest = tmp_path / "ov.qcow2"
+    pending = overlay.start_overlay(tmp_path / "gone.qcow2", "qcow2", dest, None, base_size=16 * MiB)
+    with pytest.raises(errors.Internal, match="qemu-img create failed"):
+        pending.wait()
+    assert not dest.exists()
+
+
+def test_an_abandoned_overlay_is_waited_for_without_raising(tmp_path: Path) -> None:
+    """The config drive failed while qemu-img ran: the caller's error counts, qemu-img has finished when the
+    caller's clean-up removes the container dir."""
+    dest = tmp_path / "ov.qcow2"
+    pending = overlay.start_overlay(tmp_path / "gone.qcow2", "qcow2", dest, None, base_size=16 * MiB)
+    pending.abandon()
+    assert pending._proc.returncode not in (None, 0)
+    assert not dest.exists()

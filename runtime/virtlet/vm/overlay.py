@@ -20,17 +20,32 @@ QEMU_IMG_TIMEOUT_S = 60
 
 
 def _qemu_img(args: list[str], what: str) -> str:
+    return _finish(_spawn(args), args, what)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[str]:
     try:
-        out = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
-                             check=False, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(["qemu-img", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise errors.FailedPrecondition(
             "qemu-img is not installed on this node (package qemu-utils)") from exc
+
+
+def _finish(proc: subprocess.Popen[str], args: list[str], what: str) -> str:
+    try:
+        out, err = proc.communicate(timeout=QEMU_IMG_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.communicate()
         raise errors.Internal(f"{what}: qemu-img did not finish in {QEMU_IMG_TIMEOUT_S} s") from exc
-    if out.returncode != 0:
-        raise errors.Internal(f"{what}: qemu-img {args[0]} failed: {out.stderr.strip()}")
-    return out.stdout
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise errors.Internal(f"{what}: qemu-img {args[0]} failed: {err.strip()}")
+    return out
 
 
 def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
@@ -65,6 +80,36 @@ def create_overlay(base: Path, base_format: str, dest: Path, size_bytes: int | N
 
     ``dest`` must not exist (an overlay in use must never be replaced); a half-made ``dest`` is removed.
     """
+    start_overlay(base, base_format, dest, size_bytes, base_size).wait()
+
+
+class PendingOverlay:
+    """A ``qemu-img create`` still running: CreateContainer builds the config drive and the domain meanwhile
+    (the qemu-img run, about 8 ms, is most of what CreateContainer waits for)."""
+
+    def __init__(self, proc: subprocess.Popen[str], args: list[str], dest: Path, what: str) -> None:
+        self._proc, self._args, self.dest, self._what = proc, args, dest, what
+
+    def wait(self) -> None:
+        """Until the overlay is made; its error is raised and a half-made ``dest`` removed."""
+        try:
+            _finish(self._proc, self._args, self._what)
+        except BaseException:
+            self.dest.unlink(missing_ok=True)
+            raise
+
+    def abandon(self) -> None:
+        """The caller failed meanwhile: wait for qemu-img without raising (the caller's clean-up removes
+        ``dest``, which must not be written after that)."""
+        try:
+            self.wait()
+        except Exception:
+            pass
+
+
+def start_overlay(base: Path, base_format: str, dest: Path, size_bytes: int | None = None,
+                  base_size: int = 0) -> PendingOverlay:
+    """:func:`create_overlay` started; :meth:`PendingOverlay.wait` finishes it.  Bad arguments raise here."""
     if base_format not in BASE_FORMATS:
         raise errors.InvalidArgument(f"image format {base_format!r} is not supported; expected one of "
                                      f"{', '.join(BASE_FORMATS)}")
@@ -80,7 +125,8 @@ def create_overlay(base: Path, base_format: str, dest: Path, size_bytes: int | N
     # truncates, and libvirt hands it to QEMU's user while the VM runs.
     os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     try:
-        _qemu_img(args, f"creating overlay {dest} on {base}")
+        proc = _spawn(args)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+    return PendingOverlay(proc, args, dest, f"creating overlay {dest} on {base}")

@@ -102,54 +102,62 @@ class VmParts:
                    if shares.needs_ro_bind(s, vols.driver)}  # undone by VmManager._destroy_everything
         root = cdir / "root.qcow2"
         root_header = None
+        pending: overlay.PendingOverlay | None = None
         if plan.root is not None:  # the device is the root disk: no overlay, VirtletRootVolumeSize ignored
             root_header = persistent_root.prepare_root(
                 plan.root.host_path, Path(image.path), image.format, image.digest, reimage,
                 what=f"persistent root device {plan.root.host_path!r}")
-        else:
-            overlay.create_overlay(Path(image.path), image.format, root, options.root_volume_size,
-                                   base_size=image.virtual_size)
-        info = sandbox.network
-        nics = info.nics if info is not None else []
-        seed = cdir / "config.iso"
-        cloudinit.build_seed_iso(cloudinit.CloudInitRequest(
-            pod_name=sandbox.name, pod_namespace=sandbox.namespace, pod_uid=sandbox.uid, hostname=sandbox.hostname,
-            annotations=pod_annotations, env=list(spec.envs),
-            nics=[cloudinit.NicConfig(
-                mac=n.mac, mtu=n.mtu or None, addresses=([f"{n.ip}/{n.prefix}"] if n.ip else []) + list(n.ipv6),
-                gateway=n.gateway or None, routes=[(r.dst, r.gw) for r in n.routes]) for n in nics],
-            dns_servers=list(info.dns_servers) if info else [],
-            dns_search=list(info.dns_searches) if info else [],
-            extra_user_data=_with_block_links(vols.user_data, plan.volumes),
-            extra_files={**vols.seed_files, **({vdev.GUEST_MAP_FILE: vdev.guest_map(plan.volumes)}
-                                               if plan.volumes else {})},
-            instance_id=root_header.instance_id if root_header is not None else None), seed)
-        scratch_files = [scratch.prepare(d) for d in vols.plan.scratch]  # in the emptyDir: the kubelet removes it
-        domain = designer.design_domain(designer.DomainRequest(
-            container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
-            pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
-            console_socket=console_sock, console_log=cdir / "console.raw", emulator=self.emulator,
-            nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
-            extra_metadata={"image": spec.image, "image-ref": image.digest},
-            shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources),
-            block_volumes=plan.volumes, scratch_disks=scratch_files,
-            root_device=plan.root.host_path if plan.root is not None else None,
-            exit_file=guest_exit.exit_file(cdir)))
-        extra: dict[str, Any] = {"config_drive": str(seed), "vcpus": options.vcpus,
-                                 "max_vcpus": max(options.max_vcpus, options.vcpus),
-                                 "memory_bytes": options.memory_bytes, "domain_type": self.domain_type,
-                                 "cpuset": options.cpuset}
-        if plan.root is not None:
-            extra["root_device"] = plan.root.host_path
-        else:
-            extra["root"] = str(root)
-        if plan.volumes:
-            extra["block_devices"] = [v.host_path for v in plan.volumes]
-        if scratch_files:
-            extra["scratch_disks"] = [f.path for f in scratch_files]
-        term = next((f for f in vols.plan.files if f.kind == "termination-log"), None)
-        if term is not None:  # copied back from the guest at StopContainer (virtlet.vm.termination)
-            extra["termination_log"] = {"guest": term.guest_path, "host": term.host_path}
+        else:  # qemu-img runs while the config drive and the domain are built below
+            pending = overlay.start_overlay(Path(image.path), image.format, root, options.root_volume_size,
+                                            base_size=image.virtual_size)
+        try:
+            info = sandbox.network
+            nics = info.nics if info is not None else []
+            seed = cdir / "config.iso"
+            cloudinit.build_seed_iso(cloudinit.CloudInitRequest(
+                pod_name=sandbox.name, pod_namespace=sandbox.namespace, pod_uid=sandbox.uid, hostname=sandbox.hostname,
+                annotations=pod_annotations, env=list(spec.envs),
+                nics=[cloudinit.NicConfig(
+                    mac=n.mac, mtu=n.mtu or None, addresses=([f"{n.ip}/{n.prefix}"] if n.ip else []) + list(n.ipv6),
+                    gateway=n.gateway or None, routes=[(r.dst, r.gw) for r in n.routes]) for n in nics],
+                dns_servers=list(info.dns_servers) if info else [],
+                dns_search=list(info.dns_searches) if info else [],
+                extra_user_data=_with_block_links(vols.user_data, plan.volumes),
+                extra_files={**vols.seed_files, **({vdev.GUEST_MAP_FILE: vdev.guest_map(plan.volumes)}
+                                                   if plan.volumes else {})},
+                instance_id=root_header.instance_id if root_header is not None else None), seed)
+            scratch_files = [scratch.prepare(d) for d in vols.plan.scratch]  # in the emptyDir: the kubelet removes it
+            domain = designer.design_domain(designer.DomainRequest(
+                container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
+                pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
+                console_socket=console_sock, console_log=cdir / "console.raw", emulator=self.emulator,
+                nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
+                extra_metadata={"image": spec.image, "image-ref": image.digest},
+                shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources),
+                block_volumes=plan.volumes, scratch_disks=scratch_files,
+                root_device=plan.root.host_path if plan.root is not None else None,
+                exit_file=guest_exit.exit_file(cdir)))
+            extra: dict[str, Any] = {"config_drive": str(seed), "vcpus": options.vcpus,
+                                     "max_vcpus": max(options.max_vcpus, options.vcpus),
+                                     "memory_bytes": options.memory_bytes, "domain_type": self.domain_type,
+                                     "cpuset": options.cpuset}
+            if plan.root is not None:
+                extra["root_device"] = plan.root.host_path
+            else:
+                extra["root"] = str(root)
+            if plan.volumes:
+                extra["block_devices"] = [v.host_path for v in plan.volumes]
+            if scratch_files:
+                extra["scratch_disks"] = [f.path for f in scratch_files]
+            term = next((f for f in vols.plan.files if f.kind == "termination-log"), None)
+            if term is not None:  # copied back from the guest at StopContainer (virtlet.vm.termination)
+                extra["termination_log"] = {"guest": term.guest_path, "host": term.host_path}
+        except BaseException:
+            if pending is not None:
+                pending.abandon()
+            raise
+        if pending is not None:
+            pending.wait()
         return dx.to_string(domain), extra
 
     def _plan_volumes(self, spec: ContainerSpec, annotations: dict[str, str]) -> _Volumes:
