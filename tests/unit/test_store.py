@@ -1,6 +1,7 @@
 """The state store: transitions, one live container per sandbox, persistence and schema version."""
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,41 @@ def test_network_json_holds_no_copy_of_the_hostname_or_pod_ips(tmp_path: Path) -
     raw = json.loads(db._db.execute("SELECT network FROM sandboxes WHERE id='s1'").fetchone()[0])
     assert "hostname" not in raw and "pod_ips" not in raw and raw["nics"][0]["tap"] == "vts10"
     assert "config" not in [r[1] for r in db._db.execute("PRAGMA table_info(sandboxes)")]
+
+
+def test_lists_are_served_again_until_a_commit_and_follow_every_commit(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet lists every second; a list with no commit since the last one is not read and decoded again,
+    and every commit (by virtletd's writer or by another process) is seen by the next list."""
+    db = st.StateStore(tmp_path / "v.db")
+    db.add_sandbox(_sandbox("s1"))
+    db.update_sandbox("s1", state=st.SANDBOX_READY, network=_network("s1"))
+    decoded: list[str] = []
+    real = st._decode_row
+
+    def counting(cls: type, row: object) -> object:
+        decoded.append(cls.__name__)
+        return real(cls, row)  # type: ignore[type-var]
+
+    monkeypatch.setattr(st, "_decode_row", counting)
+    first = db.list_sandboxes()
+    assert [r.id for r in first] == ["s1"] and decoded == ["SandboxRecord"]
+    first.clear()  # each caller gets its own list
+    assert [r.id for r in db.list_sandboxes()] == ["s1"] and decoded == ["SandboxRecord"]  # not read again
+    db.add_sandbox(_sandbox("s2", uid="u2"))
+    assert [r.id for r in db.list_sandboxes()] == ["s1", "s2"]
+    db.add_container(_container("c1", "s1"))
+    assert [c.id for c in db.list_containers()] == ["c1"]
+    db.update_container("c1", state=st.CONTAINER_RUNNING)
+    assert db.list_containers()[0].state == st.CONTAINER_RUNNING
+    assert db.list_containers("s1")[0].state == st.CONTAINER_RUNNING
+    other = sqlite3.connect(str(tmp_path / "v.db"), isolation_level=None)  # another process's commit
+    try:
+        other.execute("UPDATE sandboxes SET hostname='changed' WHERE id='s2'")
+    finally:
+        other.close()
+    assert [r.hostname for r in db.list_sandboxes()] == ["pod-host", "changed"]
+    db.update_container("c1", state=st.CONTAINER_EXITED)
+    db.delete_container("c1")
+    db.delete_sandbox("s2")
+    assert db.list_containers() == [] and [r.id for r in db.list_sandboxes()] == ["s1"]

@@ -182,6 +182,8 @@ class StateStore:
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._reader.row_factory = sqlite3.Row
+        # whole-table lists, decoded, with the reader's PRAGMA data_version they were read at (see _read_all)
+        self._lists: dict[str, tuple[int, list[Any]]] = {}
 
     def close(self) -> None:
         with self._lock, self._read_lock:
@@ -191,6 +193,21 @@ class StateStore:
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._read_lock:
             return self._reader.execute(sql, args).fetchall()
+
+    def _read_all(self, cls: type[_Record], table: str) -> list[_Record]:
+        """Every record of ``table``, oldest first.  The kubelet lists sandboxes and containers every second
+        and most lists find nothing changed: the decoded list is kept and served again while SQLite's
+        ``data_version`` (it changes with every commit by another connection: the writer's, or any other
+        process's) stays the same.  The version is read before the rows, so a commit in between only makes the
+        next call read again.  Records are frozen; each caller gets its own list."""
+        with self._read_lock:
+            version = int(self._reader.execute("PRAGMA data_version").fetchone()[0])
+            kept = self._lists.get(table)
+            if kept is None or kept[0] != version:
+                rows = self._reader.execute(f"SELECT * FROM {table} ORDER BY created_at").fetchall()
+                kept = (version, [_decode_row(cls, r) for r in rows])
+                self._lists[table] = kept
+            return list(kept[1])
 
     # -- schema ---------------------------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -259,7 +276,7 @@ class StateStore:
         return rec
 
     def list_sandboxes(self) -> list[SandboxRecord]:
-        return [_decode_row(SandboxRecord, r) for r in self._read("SELECT * FROM sandboxes ORDER BY created_at")]
+        return self._read_all(SandboxRecord, "sandboxes")
 
     def update_sandbox(self, sandbox_id: str, **changes: Any) -> SandboxRecord:
         with self._tx() as db:
@@ -329,9 +346,8 @@ class StateStore:
 
     def list_containers(self, sandbox_id: str | None = None) -> list[ContainerRecord]:
         if sandbox_id is None:
-            rows = self._read("SELECT * FROM containers ORDER BY created_at")
-        else:
-            rows = self._read("SELECT * FROM containers WHERE sandbox_id=? ORDER BY created_at", (sandbox_id,))
+            return self._read_all(ContainerRecord, "containers")
+        rows = self._read("SELECT * FROM containers WHERE sandbox_id=? ORDER BY created_at", (sandbox_id,))
         return [_decode_row(ContainerRecord, r) for r in rows]
 
     def update_container(self, container_id: str, **changes: Any) -> ContainerRecord:
