@@ -95,7 +95,7 @@ def test_migrated_database_keeps_working(tmp_path: Path) -> None:
 
 def test_unreadable_network_json_does_not_stop_the_migration(tmp_path: Path) -> None:
     """Decision: one damaged row must not keep virtletd (and every other pod) from starting; it loses its
-    network copy (the pod network's own network.json still lets the teardown find what was made)."""
+    network copy (the teardown finds what was made without it)."""
     path = _v1_database(tmp_path / "virtlet.db")
     con = sqlite3.connect(path)
     con.execute("UPDATE sandboxes SET network=?, config=? WHERE id=?", ('{"nics": [{"bad": 1}]}', b"\x0a\xff", A))

@@ -81,7 +81,7 @@ class NicInfo:
 @dataclass
 class PodNetworkInfo:
     """The network of one sandbox as virtletd needs to remember it: the typed ``network`` of the sandbox record
-    (``virtlet.state.store.SandboxRecord``) and ``network.json`` in the sandbox's run dir.
+    (``virtlet.state.store.SandboxRecord``).
 
     It holds only what the network set-up found (NICs with their MACs, taps, bridges, addresses and routes; the
     DNS the VM is given; the DHCP server's pid).  The pod's host name is a fact of the sandbox record

@@ -10,8 +10,9 @@ How the VM gets onto the pod network (see docs/networking.md):
    labels stay untouched (no emulator wrapper).
 4. A DHCP server inside the pod netns answers only the VM MACs with the pod IP, routes, DNS and hostname.
 
-Files per sandbox live in ``run_dir/<sandbox_id>/``: the DHCP config/pid/log and ``network.json`` (the last
-``PodNetworkInfo``), so teardown works even when the caller lost the info (SIGKILL during setup).
+Files per sandbox live in ``run_dir/<sandbox_id>/``: the DHCP config/pid/log.  Teardown needs no record of what
+set-up made (a SIGKILL during set-up stores none): the DHCP server is found by its pid file or command line, the
+host's taps by their name prefix, the CNI results in the CNI caches, and the bridges go with the netns.
 """
 
 from __future__ import annotations
@@ -85,10 +86,8 @@ class PodNetwork:
             info = self._plumb(spec, result)
             extra_networks.plumb(spec, info, added)
             _check_fixed_addresses(spec, info)
-            self._save(info)
             # not waited for: StartContainer waits (attach_after_start); its start-up overlaps Create and QEMU's start
             info.dhcp_pid = self._dhcp(info, spec.hostname).start(wait=False)
-            self._save(info)
             return info
         except BaseException:
             try:
@@ -149,7 +148,6 @@ class PodNetwork:
             if plumbing.link_exists(nic.tap, info.netns_path):
                 plumbing.set_link(nic.tap, info.netns_path, master=nic.bridge, up=True)
         info.dhcp_pid = self._dhcp(info, hostname).start()
-        self._save(info)
 
     def dhcp_pid(self, sandbox_id: str, netns_path: str) -> int | None:
         """The running DHCP server's pid for a sandbox (``None`` when it is not running)."""
@@ -158,10 +156,6 @@ class PodNetwork:
     # -- internals ------------------------------------------------------------------------------------
     def _dir(self, sandbox_id: str) -> Path:
         return self.run_dir / sandbox_id
-
-    def _save(self, info: PodNetworkInfo) -> None:
-        path = self._dir(info.sandbox_id) / "network.json"
-        path.write_text(json.dumps(info.to_dict()))
 
     def _dhcp(self, info: PodNetworkInfo, hostname: str) -> DhcpProcess:
         """The DHCP process handle with its config file (re)written from ``info`` and the pod's host name."""

@@ -101,9 +101,9 @@ def _v2_sandbox_facts(db: sqlite3.Connection) -> None:
                 network = json.dumps(PodNetworkInfo.from_dict(raw).to_dict(), sort_keys=True)
         except (ValueError, KeyError, TypeError) as exc:
             # Decision: one bad row must not keep virtletd from starting (every other pod would be orphaned).
-            # The pod network's own copy (run_dir/<id>/network.json) still lets the teardown find what was made.
+            # The teardown finds what was made without it (pid file, tap name prefix, CNI caches, the netns).
             log.warning("state migration: the stored network of sandbox %s is unreadable (%s); dropped, the "
-                        "teardown uses the network's own record", row["id"], exc)
+                        "teardown finds what was made without it", row["id"], exc)
         hostname = strings.get(_POD_CONFIG_HOSTNAME) or old_hostname or row["name"]
         db.execute("UPDATE sandboxes SET hostname=?, log_directory=?, network=? WHERE id=?",
                    (hostname, strings.get(_POD_CONFIG_LOG_DIRECTORY, ""), network, row["id"]))
