@@ -156,6 +156,11 @@ def test_vm_pod_lifecycle(vm_virtletd: VirtletdProcess, world_dir: Path, served_
     assert vsize["backing-filename"] == str(stored)
     pod.start()
     assert pod.status().status.state == api.CONTAINER_RUNNING
+    live = pod.status(verbose=True)
+    live_xml = json.loads(live.info["info"])["domain_xml"]
+    assert "<controller type='usb' index='0' model='none'" in live_xml  # no USB (virtlet.vm.designer.NO_USB)
+    qemu_args = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [a for a in qemu_args.splitlines() if pod.container_id in a and "usb" in a.replace("usb=off", "")]
     marker = pod.wait_log(MARKER)
     assert "hostname=vm-life" in marker
     shape = pod.wait_log("GUEST-SHAPE")

@@ -41,10 +41,11 @@ CASES = [
      lambda d: (d.vcpus, d.memory_bytes, d.type, d.cpu, d.cpuset) == (1, 1024**3, "qemu", None, None)),
     ("virtio root then ide cdrom last", request(),
      lambda d: disks(d) == [("disk", "virtio", "vda", "qcow2", False), ("cdrom", "ide", "hdc", "raw", True)]
-     and d.devices.controllers == []),
+     and d.devices.controllers == [dx.Controller(type="usb", model="none", index=0)]),
     ("scsi root and scsi cdrom with one virtio-scsi controller", request({"VirtletDiskDriver": "scsi"}),
      lambda d: disks(d) == [("disk", "scsi", "sda", "qcow2", False), ("cdrom", "scsi", "sdb", "raw", True)]
-     and d.devices.controllers == [dx.Controller(type="scsi", model="virtio-scsi", index=0)]),
+     and d.devices.controllers == [dx.Controller(type="usb", model="none", index=0),
+                                   dx.Controller(type="scsi", model="virtio-scsi", index=0)]),
     ("no config drive", request(config_drive=None),
      lambda d: disks(d) == [("disk", "virtio", "vda", "qcow2", False)]),
     ("overlay is the root disk", request(),

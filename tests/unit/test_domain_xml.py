@@ -220,3 +220,16 @@ def test_vnc_socket_from_live_xml() -> None:
     el = ET.fromstring("<graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'>"
                        "<listen type='socket' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'/></graphics>")
     assert dx.VncGraphics.from_xml(el) == dx.VncGraphics(socket="/var/lib/libvirt/qemu/domain-3-x/vnc.sock")
+
+
+def test_usb_switched_off_survives_a_read() -> None:
+    """A domain read back (vm_boot's hand-made copy of virtletd's) keeps USB off; libvirt's default controller
+    of other domains is not carried over."""
+    xml = """<domain type='qemu'><name>virtlet-x</name><uuid>u</uuid><memory unit='KiB'>1024</memory>
+      <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>
+      <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+        <controller type='usb' index='0' model='none'><alias name='usb'/></controller>
+        <controller type='pci' index='0' model='pci-root'/></devices></domain>"""
+    domain = dx.from_string(xml)
+    assert domain.devices.controllers == [dx.Controller(type="usb", model="none", index=0)]
+    assert "<controller type=\"usb\" index=\"0\" model=\"none\" />" in dx.to_string(domain)

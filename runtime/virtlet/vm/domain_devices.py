@@ -99,7 +99,8 @@ class Filesystem:
 
 @dataclass
 class Controller:
-    """``<controller>``; virtlet only needs the virtio-scsi one for ``VirtletDiskDriver: scsi``."""
+    """``<controller>``: the virtio-scsi one for ``VirtletDiskDriver: scsi``, and USB switched off (``model='none'``,
+    see ``designer.NO_USB``)."""
 
     type: str = "scsi"
     model: str | None = "virtio-scsi"
@@ -330,7 +331,8 @@ class Devices:
             emulator=text_of(el, "emulator") or "",
             filesystems=[Filesystem.from_xml(f) for f in el.findall("filesystem") if f.get("type") == "mount"],
             disks=[Disk.from_xml(d) for d in el.findall("disk") if d.get("type") in ("file", "block")],
-            controllers=[Controller.from_xml(c) for c in el.findall("controller") if c.get("type") == "scsi"],
+            controllers=[Controller.from_xml(c) for c in el.findall("controller")
+                         if c.get("type") == "scsi" or (c.get("type"), c.get("model")) == ("usb", "none")],
             interfaces=[EthernetInterface.from_xml(i) for i in el.findall("interface")
                         if i.get("type") == "ethernet"],
             serials=[UnixSerial.from_xml(s) for s in el.findall("serial") if s.get("type") == "unix"],
