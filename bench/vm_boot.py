@@ -367,7 +367,7 @@ class VirshPath:
     @staticmethod
     def _shutdown(name: str) -> float:
         """ACPI power button through libvirt, then seconds until the (transient) domain is gone, seen by polling
-        every ``POLL_S`` (so this reference errs by at most that much in its own favour)."""
+        every ``STOP_POLL_S`` (so this reference errs by at most that much in its own favour)."""
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # "domain not found" is the expected end
         conn = libvirt.open(LIBVIRT_URI)
         try:

@@ -35,13 +35,11 @@ def _spawn(args: list[str]) -> subprocess.Popen[str]:
 def _finish(proc: subprocess.Popen[str], args: list[str], what: str) -> str:
     try:
         out, err = proc.communicate(timeout=QEMU_IMG_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
+    except BaseException as exc:  # timed out, or the caller interrupted: never leave qemu-img running
         proc.kill()
         proc.communicate()
-        raise errors.Internal(f"{what}: qemu-img did not finish in {QEMU_IMG_TIMEOUT_S} s") from exc
-    except BaseException:
-        proc.kill()
-        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise errors.Internal(f"{what}: qemu-img did not finish in {QEMU_IMG_TIMEOUT_S} s") from exc
         raise
     if proc.returncode != 0:
         raise errors.Internal(f"{what}: qemu-img {args[0]} failed: {err.strip()}")
