@@ -12,7 +12,9 @@ What is measured (issue 20 items 4 and 5):
   time until every guest answers on TCP port 22 (dropbear in the tiny image) at its pod IP; then, with all
   running: virtletd's RSS (goal <= 100 MB), per-VM host overhead = QEMU's RSS minus the resident part of its
   guest-RAM mapping (median, goal <= 64 MiB), and p99 of PodSandboxStatus and ListPodSandbox/ListContainers
-  (goal <= 5 ms).
+  (goal <= 5 ms).  For sizing a node (no goal): the host CPU the booted, idle guests keep busy and virtletd's
+  share of it over ``IDLE_S`` seconds, and the disk one VM pod takes on the node after the boot (its dir in
+  virtletd's state: overlay, config drive, raw console; and its CRI log).
 
 Guests get ``--memory-mib`` of RAM (the container's memory limit).  Everything is removed at the end.
 """
@@ -35,13 +37,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report
-from bench.stats import MachineCpu, percentile
+from bench.stats import MachineCpu, allocated_bytes, percentile, process_cpu_s
 from bench.vm_boot import RPC_TIMEOUT, Cleanup, _raise_interrupt, log, tiny_image, tiny_world
 
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.vm.designer import domain_name
 
 ANN = {"kubernetes.io/target-runtime": "virtlet.cloud"}
+IDLE_S = 10.0  # how long the idle CPU of the booted pods is sampled
 
 
 class Pods:
@@ -208,6 +211,15 @@ def main() -> int:
         log(f"{args.pods} pods answer on port 22 after {all_ssh:.1f} s")
         overheads = [qemu_overhead_mib(cid, args.memory_mib * 2**20) for _sid, cid, _t in started]
         daemon_rss = rss_kib(daemon.proc.pid) / 1024 if daemon.proc else 0.0
+        disks = [(allocated_bytes(str(daemon.state_dir / "containers" / cid))
+                  + allocated_bytes(str(base / "logs" / f"pod-{i}"))) / 2**20
+                 for i, (_sid, cid, _t) in enumerate(started)]
+        # the booted guests idle (no calls meanwhile): what they and virtletd (log tails, event loop) keep busy
+        daemon_cpu0 = process_cpu_s(daemon.proc.pid) if daemon.proc else 0.0
+        idle = MachineCpu().start()
+        time.sleep(IDLE_S)
+        idle.stop()
+        daemon_cpu = (process_cpu_s(daemon.proc.pid) - daemon_cpu0) / IDLE_S if daemon.proc else 0.0
         sid0 = started[0][0]
         p99_status = timed_calls(lambda: rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid0)))
         p99_list = timed_calls(lambda: rt.ListPodSandbox(api.ListPodSandboxRequest()))
@@ -220,6 +232,12 @@ def main() -> int:
             report.Row("density", f"virtletd RSS with {n} VM pods", daemon_rss, "MiB", 100.0),
             report.Row("density", "per-VM host overhead (QEMU RSS - guest RAM), median",
                        statistics.median(overheads), "MiB", 64.0, note=f"max {max(overheads):.0f} MiB"),
+            report.Row("density", f"{n} idle VM pods: host CPU busy", idle.busy_s / IDLE_S, "cores",
+                       note=f"{100 * idle.share:.0f} % of {os.cpu_count()} CPUs over {IDLE_S:.0f} s after all "
+                            f"booted; virtletd {daemon_cpu:.3f} of it; guests under TCG"),
+            report.Row("density", "disk per VM pod on the node after boot, median", statistics.median(disks), "MiB",
+                       note=f"max {max(disks):.1f} MiB: its dir in virtletd's state (overlay, config drive, raw "
+                            "console) and its CRI log"),
             report.Row("density", f"PodSandboxStatus p99 with {n} VM pods", p99_status, "ms", 5.0),
             report.Row("density", f"ListPodSandbox p99 with {n} VM pods", p99_list, "ms", 5.0),
             report.Row("density", f"ListContainers p99 with {n} VM pods", p99_lc, "ms", 5.0),

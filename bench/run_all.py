@@ -72,18 +72,28 @@ def markdown(rows: list[report.Row], when: str, where: str, failed: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def merge_earlier(path: Path, ran: list[str], rows: list[report.Row]) -> tuple[list[report.Row], str]:
+def merge_earlier(path: Path, ran: list[str], rows: list[report.Row],
+                  when: str) -> tuple[list[report.Row], str, dict[str, str]]:
     """The rows of ``rows`` for the benches that ran, the rows of the other benches from the earlier JSON at
-    ``path`` (if any), in BENCHES order; and a note for the table's date line naming the earlier run."""
+    ``path`` (if any), in BENCHES order; a note for the table's date line saying when each kept bench ran; and
+    every bench's run time (``when`` for those that ran now), which the JSON keeps for the next partial run."""
+    times = dict.fromkeys(ran, when)
     try:
         old = json.loads(path.read_text())
         kept = [report.Row(**{k: v for k, v in r.items() if k != "status"}) for r in old.get("rows", [])
                 if r.get("bench") not in ran]
     except (OSError, ValueError, TypeError):
-        return rows, ""
+        return rows, "", times
+    earlier = old.get("bench_when") or {}
+    for r in kept:
+        times.setdefault(r.bench, str(earlier.get(r.bench) or old.get("when", "?")))
     order = {name: i for i, name in enumerate(BENCHES)}
     merged = sorted(kept + rows, key=lambda r: order.get(r.bench, len(order)))  # stable: each bench's own order
-    return merged, (f" ({', '.join(ran)}; the other rows from the run of {old.get('when', '?')})" if kept else "")
+    by_time: dict[str, list[str]] = {}
+    for name in sorted({r.bench for r in kept}, key=lambda n: order.get(n, len(order))):
+        by_time.setdefault(times[name], []).append(name)
+    note = "; ".join(f"{', '.join(names)} from the run of {t}" for t, names in by_time.items())
+    return merged, (f" ({', '.join(ran)}; {note})" if kept else ""), times
 
 
 def update_docs(doc: Path, table_md: str) -> None:
@@ -114,14 +124,15 @@ def main() -> int:
                 failed.append(name)
         rows = report.load(str(sink))
     earlier = ""
+    times = dict.fromkeys(names, when)
     if args.only:  # a partial run refreshes its benches' rows and keeps the others' from the last run
-        rows, earlier = merge_earlier(args.json, names, rows)
+        rows, earlier, times = merge_earlier(args.json, names, rows, when)
     print()
     print(report.table(rows))
     missed = [r for r in rows if r.status == "MISSED"]
     print(f"\n{len(rows)} rows, {len(missed)} MISSED, benches failed: {', '.join(failed) or 'none'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"when": when, "machine": machine(), "failed": failed,
+    args.json.write_text(json.dumps({"when": when, "bench_when": times, "machine": machine(), "failed": failed,
                                      "rows": [asdict(r) | {"status": r.status} for r in rows]}, indent=1))
     print(f"rows written to {args.json}")
     if args.update_docs:

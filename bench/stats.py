@@ -38,3 +38,21 @@ class MachineCpu:
         self.busy_s = busy - self._t0[0]
         self.share = self.busy_s / max(total - self._t0[1], 1e-9)
         return self
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system) process ``pid`` has used so far, from ``/proc/<pid>/stat``."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14 and 15)
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes of disk the files under ``path`` take (allocated blocks, so sparse files count what they use)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total

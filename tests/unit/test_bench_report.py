@@ -48,8 +48,16 @@ def test_a_partial_run_keeps_the_other_benches_rows(tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     path.write_text(json.dumps({"when": "yesterday", "rows": [asdict(r) | {"status": r.status} for r in earlier]}))
     fresh = [report.Row("vm_boot", "v", 0.99, "ratio", 1.1)]
-    rows, note = run_all.merge_earlier(path, ["vm_boot"], fresh)
+    rows, note, times = run_all.merge_earlier(path, ["vm_boot"], fresh, "today")
     assert [(r.bench, r.measured) for r in rows] == [("pod_start", 2.0), ("vm_boot", 0.99), ("image_pull", 0.8)]
-    assert "yesterday" in note and "vm_boot" in note
+    assert note == " (vm_boot; pod_start, image_pull from the run of yesterday)"
+    assert times == {"vm_boot": "today", "pod_start": "yesterday", "image_pull": "yesterday"}
+    # the next partial run still knows when each kept bench ran
+    path.write_text(json.dumps({"when": "today", "bench_when": times,
+                                "rows": [asdict(r) | {"status": r.status} for r in rows]}))
+    rows, note, times = run_all.merge_earlier(path, ["image_pull"], [report.Row("image_pull", "i", 0.95, "ratio",
+                                                                                0.9, better="higher")], "tomorrow")
+    assert note == " (image_pull; pod_start from the run of yesterday; vm_boot from the run of today)"
+    assert times == {"image_pull": "tomorrow", "pod_start": "yesterday", "vm_boot": "today"}
     # no earlier run (or an unreadable one): only what ran
-    assert run_all.merge_earlier(tmp_path / "none.json", ["vm_boot"], fresh) == (fresh, "")
+    assert run_all.merge_earlier(tmp_path / "none.json", ["vm_boot"], fresh, "now") == (fresh, "", {"vm_boot": "now"})
