@@ -11,6 +11,11 @@ last persisted state will be produced again from RAW) and continues from the rec
 The writer follows RAW generations by inode and finishes the old one before moving to the next, so a line
 spanning a virtlogd rotation comes out whole (``rotation``).  The kubelet rotates the CRI log by renaming it
 and calling ReopenContainerLog, which lands in ``reopen()``.
+
+The thread sleeps until virtlogd touches the RAW chain (``watch``: inotify on RAW's directory), then reads at
+most every ``MIN_GAP`` (a burst of console output is one batch, one fsync); an unterminated line is still
+written when its ``PARTIAL_DELAY`` ends, and a slow safety poll covers anything inotify could not tell.  Without
+inotify it polls every ``POLL_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -27,13 +32,18 @@ from virtlet import failpoints
 from virtlet.console.cri_format import MAX_LINE, cri_line, format_rfc3339nano
 from virtlet.console.rotation import RawFile, Segment, cut_rotated_cri_tail, ident, open_recorded_raw, raw_chain
 from virtlet.console.state import LogState, write_all
+from virtlet.console.watch import watcher
 
 log = logging.getLogger(__name__)
 
 #: An unterminated line is written as a ``P`` entry once it has waited this long for its newline.
 PARTIAL_DELAY = 0.5
-#: How often the thread looks at RAW.
+#: How often the thread looks at RAW when inotify cannot tell it that RAW changed.
 POLL_INTERVAL = 0.15
+#: With inotify: the least time between two reads (a burst of output is read in batches, not per write) ...
+MIN_GAP = 0.1
+#: ... and a look at RAW this often even without an event (belt and braces; costs nothing measurable).
+SAFETY_INTERVAL = 5.0
 #: At most this many RAW bytes are turned into CRI lines per persisted batch (bounds memory when catching up).
 BATCH_BYTES = 1024 * 1024
 #: The failpoint between appending to the CRI log and persisting the state (the crash window tests use).
@@ -52,7 +62,7 @@ class ConsoleLogWriter:
 
     def __init__(self, raw_path: Path, cri_log_path: Path, state_path: Path, *,
                  poll_interval: float = POLL_INTERVAL, partial_delay: float = PARTIAL_DELAY,
-                 max_line: int = MAX_LINE, durable: bool = True) -> None:
+                 max_line: int = MAX_LINE, durable: bool = True, inotify: bool = True) -> None:
         self.raw_path = Path(raw_path)
         self.cri_log_path = Path(cri_log_path)
         self.state_path = Path(state_path)
@@ -60,8 +70,11 @@ class ConsoleLogWriter:
         self.partial_delay = partial_delay
         self.max_line = max_line
         self.durable = durable
+        self.inotify = inotify
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._watch: int | None = None  # the inotify watch's token while the thread runs with one
         self._thread: threading.Thread | None = None
         self._opened = False
         self._cri_fd = -1
@@ -100,6 +113,7 @@ class ConsoleLogWriter:
             if self._thread is not None:
                 return
             self._stop.clear()
+            self._watch = watcher().watch(self.raw_path, self._wake.set) if self.inotify else None
             self._thread = threading.Thread(target=self._run, name=f"console-log:{self.raw_path.name}",
                                             daemon=True)
             self._thread.start()
@@ -107,9 +121,13 @@ class ConsoleLogWriter:
     def stop(self, timeout: float = 10.0) -> None:
         """Write everything RAW holds now (an unterminated line as ``P``), persist, close the files."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._watch is not None:
+            watcher().unwatch(self._watch)
+            self._watch = None
         with self._lock:
             if not self._opened:
                 return
@@ -156,7 +174,21 @@ class ConsoleLogWriter:
                 if str(exc) != failing:  # once per distinct error, not every poll
                     log.exception("console log %s -> %s: poll failed", self.raw_path, self.cri_log_path)
                 failing = str(exc) or type(exc).__name__
-            self._stop.wait(self.poll_interval)
+            if self._watch is None:
+                self._stop.wait(self.poll_interval)
+                continue
+            last = time.monotonic()
+            self._wake.wait(self._idle_wait())
+            self._wake.clear()
+            self._stop.wait(MIN_GAP - (time.monotonic() - last))  # returns at once when the gap has passed
+
+    def _idle_wait(self) -> float:
+        """With inotify: how long to sleep without an event (until a waiting partial line is due, at most the
+        safety interval)."""
+        since = self._partial_since
+        if since is None:
+            return SAFETY_INTERVAL
+        return min(SAFETY_INTERVAL, max(0.0, self.partial_delay - (time.monotonic() - since)))
 
     # ------------------------------------------------------------------ attach hook
 
