@@ -23,7 +23,11 @@ tests/helpers/containerd.py, runtime/virtlet/network/plumbing.py and netns.py):
 - processes the tests start: virtletd, the CRI proxy, the per-pod DHCP server, the test containerd and its
   shims, QEMU of ``virtlet-*`` domains, dnsmasq, the fresh-host test's mount-namespace holder;
 - temp dirs and mounts of the test fixtures (``/var/tmp/virtlet-test-*``, ``/var/tmp/vtcd-*``, …), host-local
-  IPAM dirs of the test networks, the molecule and reset-test podman nodes (``virtlet-mol-*``, ``virtlet-reset-*``).
+  IPAM dirs of the test networks, the molecule and reset-test podman nodes (``virtlet-mol-*``, ``virtlet-reset-*``);
+- what the benches (``bench/``) make, so a bench that leaked shows up before the next test run: their
+  ``vmboot-*`` domains, the QEMU ``vm_boot`` starts by hand (``-name vmboot-*``, outside libvirt, so no
+  domain list shows it), their bridges (``vtbench*``, ``vbb*``), temp dirs (``/var/tmp/virtlet-bench*``,
+  ``virtlet-vmboot-*``, ``virtlet-podstart-*``, ``virtlet-density-*``) and IPAM dirs.
 
 It reads only; it removes nothing (what is found says which test or earlier run to look at).  The ``after``
 comparison assumes no other test run shares the machine meanwhile, as in CI.
@@ -42,14 +46,18 @@ from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
 NETNS_NAME = re.compile(r"^([0-9a-f]{32}|cni-[0-9a-f-]{36}|vtvm.*|vstream-.*|vtfresh-.*)$")
-BRIDGE_NAME = re.compile(r"^(vtb|vtcni|vtcd)")
+BRIDGE_NAME = re.compile(r"^(vtb|vtcni|vtcd|vbb)")  # vtb also covers the benches' vtbench*
 TAP_NAME = re.compile(r"^vt[0-9a-f]{12,13}$")
 PROCESS = re.compile(
     r"virtlet\.daemon|virtlet\.proxy\.main|virtlet\.network\.dhcp_server|containerd --config /var/tmp/vtcd-"
-    r"|containerd-shim.*/var/tmp/vtcd-|qemu-system.*guest=virtlet-|(^|/)dnsmasq |virtlet-test-mntns")
+    r"|containerd-shim.*/var/tmp/vtcd-|qemu-system.*guest=(virtlet|vmboot)-|qemu-system.* -name vmboot-"
+    r"|(^|/)dnsmasq |virtlet-test-mntns")
 TEMP_GLOBS = ["/var/tmp/virtlet-test-*", "/var/tmp/vtcd-*", "/var/tmp/vcl-test-*", "/var/tmp/virtlet-guestimg-*",
               "/tmp/vst-*", "/tmp/vl-criver-*", "/var/lib/cni/networks/vtest-*", "/var/lib/cni/networks/vtcd-*",
-              "/var/lib/cni/networks/virtlet-test-*"]
+              "/var/lib/cni/networks/virtlet-test-*",
+              # the benches'
+              "/var/tmp/virtlet-bench*", "/var/tmp/virtlet-vmboot-*", "/var/tmp/virtlet-podstart-*",
+              "/var/tmp/virtlet-density-*", "/var/lib/cni/networks/vbench-*", "/var/lib/cni/networks/virtlet-bench-*"]
 MOUNT_PREFIXES = ("/var/tmp/virtlet-test-", "/var/tmp/vtcd-", "/var/tmp/vcl-test-", "/var/tmp/virtlet-guestimg-")
 
 
@@ -69,7 +77,7 @@ def _mount_points() -> list[str]:
 
 def domains() -> list[str]:
     out = _run("virsh", "-c", "qemu:///system", "list", "--all", "--name")
-    return sorted(n for n in (out or "").split() if n.startswith("virtlet-"))
+    return sorted(n for n in (out or "").split() if n.startswith(("virtlet-", "vmboot-")))
 
 
 def namespaces() -> list[str]:
