@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from virtlet import procs
+
 
 def percentile(samples: list[float], q: float) -> float:
     """The nearest-rank ``q`` quantile (0..1) of ``samples``."""
@@ -42,7 +44,7 @@ class MachineCpu:
 
 def process_cpu_s(pid: int) -> float:
     """CPU-seconds (user + system) process ``pid`` has used so far, from ``/proc/<pid>/stat``."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = procs.stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14 and 15)
 
 

@@ -57,6 +57,7 @@ from bench import report
 from tests.helpers.daemon import VirtletdProcess
 from tests.helpers.http_server import ImageHttpServer
 
+from virtlet import procs
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.network.extra_networks import ExtraNetworks
 from virtlet.network.model import PodNetworkInfo
@@ -484,18 +485,9 @@ class QemuPath(HandPath):
         except (FileNotFoundError, ValueError):
             return None
 
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        """Running (a zombie waiting for whoever adopted the daemonized QEMU counts as gone)."""
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return False
-        return "State:\tZ" not in status
-
     def _gone(self, rdir: Path) -> str | None:
-        pid = self._pid(rdir)
-        return None if pid is not None and self._alive(pid) else "QEMU exited"
+        pid = self._pid(rdir)  # a zombie waiting for whoever adopted the daemonized QEMU counts as gone
+        return None if pid is not None and procs.running(pid) else "QEMU exited"
 
     def _kill(self, rdir: Path) -> None:
         """SIGTERM to QEMU (daemonized: not our child), SIGKILL if it is still there after 10 s."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from virtlet import procs
 from virtlet.network import netns
 from virtlet.network.dhcp_process import DhcpProcess
 from virtlet.network.dhcp_server import DhcpConfig, NicLease
@@ -57,11 +58,7 @@ def _config(tmp_path: Path) -> None:
 
 
 def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return procs.running(pid)
 
 
 def test_unwaited_start_is_waited_for_by_the_next_start(tmp_path: Path, pod_netns: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from virtlet import errors
+from virtlet import errors, procs
 from virtlet.network import netns, plumbing
 from virtlet.network.cni import CniConfigStore, CniRunner
 from virtlet.network.model import PodNetworkInfo, SandboxNetSpec
@@ -178,10 +178,7 @@ def bridge_ports(n: Net) -> set[str]:
 
 
 def dhcp_alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return procs.running(pid)
 
 
 def assert_pod_gone(n: Net, spec: SandboxNetSpec, info: PodNetworkInfo, dhcp_pid: int,

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers.daemon import VirtletdProcess
 from tests.integration.conftest import small_translated_image
+from virtlet import procs
 from virtlet.cri.gen import api_pb2 as api
 
 IMAGE = "virtlet.cloud/overlap-test/vm"
@@ -35,11 +36,7 @@ def _servers(sandbox_id: str) -> list[int]:
 
 def _wait_gone(pid: int) -> None:
     for _ in range(200):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state == "Z":
+        if not procs.running(pid):
             return
         time.sleep(0.05)
 

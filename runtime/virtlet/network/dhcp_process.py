@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from virtlet import errors
+from virtlet import errors, procs
 
 MODULE = "virtlet.network.dhcp_server"
 
@@ -45,10 +45,9 @@ class DhcpProcess:
     def _is_ours(self, pid: int) -> bool:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        except OSError:
             return False
-        return state != "Z" and MODULE.encode() in cmdline and str(self.config).encode() in cmdline
+        return procs.running(pid) and MODULE.encode() in cmdline and str(self.config).encode() in cmdline
 
     def start(self, timeout: float = 20.0, *, wait: bool = True) -> int:
         """Start the server unless it runs; return its pid once it has its socket open.
