@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,7 +54,7 @@ def main() -> int:
                 name=f"bench-{i}", namespace="bench", uid=f"uid-{i}"), labels={"app": "bench"})
             ids.append(rt.RunPodSandbox(api.RunPodSandboxRequest(config=cfg)).pod_sandbox_id)
         create_s = time.monotonic() - t0
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "Version": lambda: rt.Version(api.VersionRequest()),
             f"ListPodSandbox ({args.sandboxes})": lambda: rt.ListPodSandbox(api.ListPodSandboxRequest()),
             "PodSandboxStatus": lambda: rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=ids[0])),

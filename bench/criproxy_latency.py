@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -79,7 +81,7 @@ def main() -> int:
                                        log_directory=str(base / "logs" / str(i)))
             sid = direct.RunPodSandbox(api.RunPodSandboxRequest(config=cfg), timeout=120).pod_sandbox_id
             first = first or sid
-        calls = {
+        calls: dict[str, Callable[[Any], object]] = {
             "Version": lambda rt: rt.Version(api.VersionRequest(), timeout=10),
             f"ListPodSandbox ({args.pods} pods)": lambda rt: rt.ListPodSandbox(api.ListPodSandboxRequest(),
                                                                                 timeout=10),

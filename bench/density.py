@@ -80,7 +80,7 @@ class Pods:
 
     def ip(self, sid: str) -> str:
         st = self.rt.PodSandboxStatus(api.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=RPC_TIMEOUT)
-        return st.status.network.ip
+        return str(st.status.network.ip)
 
     def remove_all(self) -> None:
         for sid, cid in reversed(self.made):

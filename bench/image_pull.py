@@ -153,7 +153,7 @@ def registry_case(base: Path, disk: Path, mib: int, repeat: int) -> tuple[list[r
                 curl_t.append(time_curl(blob_url, base / "curl.out"))
     c, p = statistics.median(curl_t), statistics.median(pull_t)
     ratio = c / p
-    rows = [("curl -o of the layer blob (median)", f"{c:.2f} s", f"{mib / c:.0f} MiB/s"),
+    rows: list[tuple[str, ...]] = [("curl -o of the layer blob (median)", f"{c:.2f} s", f"{mib / c:.0f} MiB/s"),
             ("registry containerDisk pull (median)", f"{p:.2f} s", f"{mib / p:.0f} MiB/s"),
             ("throughput ratio registry pull/curl", f"{ratio:.2f}",
              "goal >= 0.9 " + ("OK" if ratio >= 0.9 else "MISSED"))]

@@ -38,7 +38,7 @@ class Row:
         """measured / goal (how far from the goal; <= 1 is good for "lower", >= 1 for "higher")."""
         if self.goal in (None, 0):
             return None
-        return self.measured / self.goal  # type: ignore[operator]
+        return self.measured / self.goal
 
 
 def emit(rows: Iterable[Row]) -> None:

@@ -521,7 +521,7 @@ class Cleanup(contextlib.ExitStack):
     def __exit__(self, *exc: Any) -> bool:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            return super().__exit__(*exc)
+            return bool(super().__exit__(*exc))
         finally:
             signal.signal(signal.SIGINT, previous)
 

@@ -63,8 +63,8 @@ class VirtletdProcess:
     def healthy(self) -> bool:
         try:
             stub = health_pb2_grpc.HealthStub(self.connect())
-            return stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            return bool(stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status ==
+                        health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError:
             self._drop_channel()
             return False
