@@ -58,6 +58,7 @@ from tests.helpers.daemon import VirtletdProcess
 from tests.helpers.http_server import ImageHttpServer
 
 from virtlet import procs
+from virtlet.console import writer as console_writer
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.network.extra_networks import ExtraNetworks
 from virtlet.network.model import PodNetworkInfo
@@ -280,7 +281,7 @@ class VirtletdPath:
             created = time.monotonic() - t0
             self.rt.StartContainer(api.StartContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
             started = time.monotonic() - t0
-            raw = MarkerWatch(self.state_dir / "containers" / cid / "console.raw")
+            raw = MarkerWatch(console_writer.raw_path(self.state_dir / "containers" / cid))
             at_raw, at_cri = wait_all([raw, cri_log], t0, timeout, "virtletd path", lambda: self._gone(cid))
             captured: dict[str, Any] = {}
             if keep is not None:

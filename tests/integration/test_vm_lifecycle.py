@@ -159,6 +159,8 @@ def test_vm_pod_lifecycle(vm_virtletd: VirtletdProcess, world_dir: Path, served_
     live = pod.status(verbose=True)
     live_xml = json.loads(live.info["info"])["domain_xml"]
     assert "<controller type='usb' index='0' model='none'" in live_xml  # no USB (virtlet.vm.designer.NO_USB)
+    # virtlogd's RAW in a directory of its own: the log writer's inotify watch hears only virtlogd there
+    assert f"<log file='{root.parent / 'console' / 'console.raw'}'" in live_xml
     qemu_args = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [a for a in qemu_args.splitlines() if pod.container_id in a and "usb" in a.replace("usb=off", "")]
     marker = pod.wait_log(MARKER)

@@ -11,7 +11,7 @@ RUNTIME = Path(__file__).resolve().parents[2] / "runtime" / "virtlet"
 
 # docs/architecture.md's table, bottom (1) to top (8); a module is named by its first part under virtlet/
 LAYERS: dict[str, int] = {
-    "__init__": 1, "errors": 1, "config": 1, "quantity": 1, "failpoints": 1, "locks": 1,
+    "__init__": 1, "errors": 1, "config": 1, "quantity": 1, "failpoints": 1, "locks": 1, "procs": 1,
     "network": 2, "images": 2, "cloudinit": 2, "console": 2,
     "state": 3, "preconditions": 3,
     "sandbox": 4,

@@ -15,6 +15,7 @@ import pytest
 from tests.fakes.libvirt import FakeLibvirtError
 from tests.fakes.node import Node, node
 from virtlet import errors
+from virtlet.console import writer as console_writer
 from virtlet.state import store as st
 
 
@@ -43,6 +44,19 @@ def test_create_defines_the_domain_and_completes_the_record(n: Node) -> None:
     assert n.domain(rec.id) is not None and not n.domain(rec.id).isActive()
     assert (n.d.vms.container_dir(rec.id) / "root.qcow2").exists()
     _clean_up(n, sid)
+
+
+def test_raw_console_has_a_directory_of_its_own(tmp_path: Path) -> None:
+    """CreateContainer makes ``<dir>/console/`` for virtlogd's RAW (``tests/integration/test_vm_lifecycle.py`` sees
+    a real VM's there): the log writer's inotify watch on it must not hear QEMU writing the root overlay."""
+    (tmp_path / "console").mkdir()
+    (tmp_path / "root.qcow2").write_bytes(b"")
+    assert console_writer.raw_path(tmp_path) == tmp_path / "console" / "console.raw"
+
+
+def test_raw_console_of_a_container_from_before_its_directory(tmp_path: Path) -> None:
+    (tmp_path / "console.raw").write_bytes(b"old layout\n")  # what earlier versions made, no console/
+    assert console_writer.raw_path(tmp_path) == tmp_path / "console.raw"
 
 
 def test_create_refused_by_libvirt_leaves_nothing(n: Node) -> None:

@@ -52,6 +52,18 @@ FAILPOINT_AFTER_CRI_WRITE = "console_log_after_cri_write"
 
 Subscriber = Callable[[bytes], None]
 
+#: RAW lives in a directory of its own in the container's directory, so the inotify watch on that directory
+#: hears virtlogd only, not QEMU writing the root overlay next to it (an event per guest disk write).
+RAW_DIR = "console"
+RAW_NAME = "console.raw"
+
+
+def raw_path(container_dir: Path) -> Path:
+    """Where a container's RAW is: ``<dir>/console/console.raw``; in the container directory itself for
+    containers created before RAW had a directory of its own (CreateContainer makes ``console/``)."""
+    own = container_dir / RAW_DIR
+    return own / RAW_NAME if own.is_dir() else container_dir / RAW_NAME
+
 
 class ConsoleLogWriter:
     """Tails one VM's RAW console file into its CRI log file; see the module docstring for the guarantees.

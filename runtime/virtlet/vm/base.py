@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from virtlet import errors
+from virtlet.console import writer as console_writer
 from virtlet.locks import KeyedLocks
 from virtlet.sandbox import podconfig
 from virtlet.state import store as st
@@ -190,7 +191,7 @@ class VmBase:
             return
         cdir = self.container_dir(rec.id)
         cri_log.parent.mkdir(parents=True, exist_ok=True)
-        writer = self.parts.log_writer(cdir / "console.raw", cri_log, cdir / "console-log.state")
+        writer = self.parts.log_writer(console_writer.raw_path(cdir), cri_log, cdir / "console-log.state")
         writer.start()
         self._writers[rec.id] = writer
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from virtlet import cloudinit, errors
+from virtlet.console import writer as console_writer
 from virtlet.console.writer import ConsoleLogWriter
 from virtlet.network import plumbing
 from virtlet.state import store as st
@@ -100,6 +101,8 @@ class VmParts:
         pod_annotations, options, plan, reimage, vols = self._validated(spec, sandbox)
         sources = {s.tag: binds.bind_readonly(s.host_path, cdir, i) for i, s in enumerate(vols.plan.shares)
                    if shares.needs_ro_bind(s, vols.driver)}  # undone by VmManager._destroy_everything
+        (cdir / console_writer.RAW_DIR).mkdir(mode=0o700, exist_ok=True)  # virtlogd (root) writes RAW there
+        raw = console_writer.raw_path(cdir)
         root = cdir / "root.qcow2"
         root_header = None
         pending: overlay.PendingOverlay | None = None
@@ -130,7 +133,7 @@ class VmParts:
             domain = designer.design_domain(designer.DomainRequest(
                 container_id=cid, sandbox_id=sandbox.id, pod_name=sandbox.name, pod_namespace=sandbox.namespace,
                 pod_uid=sandbox.uid, options=options, domain_type=self.domain_type, overlay=root,
-                console_socket=console_sock, console_log=cdir / "console.raw", emulator=self.emulator,
+                console_socket=console_sock, console_log=raw, emulator=self.emulator,
                 nics=[designer.Nic(tap=n.tap, mac=n.mac, mtu=n.mtu or None) for n in nics], config_drive=seed,
                 extra_metadata={"image": spec.image, "image-ref": image.digest},
                 shares=shares.filesystem_devices(vols.plan, vols.driver, self.virtiofsd, sources),
