@@ -3,7 +3,10 @@
 Runs each bench below as its own process (so one failing bench does not hide the others' rows), collects the
 rows each one emits (``bench/report.py``), prints one table (measured, goal, ratio, OK/MISSED) and writes the
 rows as JSON (``--json``, default ``.cache/bench/latest.json``).  ``--update-docs`` puts the table, the date
-and the machine into ``docs/performance.md`` between its ``bench:begin``/``bench:end`` markers.  Benches
+and the machine into ``docs/performance.md`` between its ``bench:begin``/``bench:end`` markers, and the rows
+into ``docs/performance.json`` beside it (committed: a fresh clone knows the rows the table shows).  A bench
+that did not run, or failed without a row, keeps its earlier rows, from ``docs/performance.json`` with
+``--update-docs`` (the table being updated), else from ``--json`` (or the docs' when that is missing).  Benches
 compare against a reference measured in the same run (containerd, curl, a hand-made domain) because these
 machines are shared and noisy; nothing here is asserted in the test command.  Needs what the README's test
 command set up (venv, libvirt daemons, guest images, containerd).
@@ -29,6 +32,7 @@ from bench import report
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "performance.md"
+DOC_JSON = REPO / "docs" / "performance.json"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 # name -> (arguments for a full run, arguments for --quick)
@@ -68,7 +72,8 @@ def markdown(rows: list[report.Row], when: str, where: str, failed: list[str]) -
         lines.append(f"| {r.bench} | {r.measure} | {r.measured:.3g} {r.unit} | {goal} | {ratio} | {r.status} | "
                      f"{r.note} |")
     if failed:
-        lines += ["", f"Benches that failed in this run (no rows): {', '.join(failed)}."]
+        lines += ["", f"Benches that failed in this run: {', '.join(failed)} (the rows above are their last "
+                      "run's, where they gave none in this one)."]
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +98,7 @@ def merge_earlier(path: Path, ran: list[str], rows: list[report.Row],
     for name in sorted({r.bench for r in kept}, key=lambda n: order.get(n, len(order))):
         by_time.setdefault(times[name], []).append(name)
     note = "; ".join(f"{', '.join(names)} from the run of {t}" for t, names in by_time.items())
-    return merged, (f" ({', '.join(ran)}; {note})" if kept else ""), times
+    return merged, (f" ({', '.join(ran) or 'no bench gave rows'}; {note})" if kept else ""), times
 
 
 def update_docs(doc: Path, table_md: str) -> None:
@@ -123,21 +128,23 @@ def main() -> int:
             if rc != 0:
                 failed.append(name)
         rows = report.load(str(sink))
-    earlier = ""
-    times = dict.fromkeys(names, when)
-    if args.only:  # a partial run refreshes its benches' rows and keeps the others' from the last run
-        rows, earlier, times = merge_earlier(args.json, names, rows, when)
+    # the benches that gave rows replace theirs; every other bench keeps its rows from the last run
+    source = DOC_JSON if args.update_docs or not args.json.exists() else args.json
+    ran = [n for n in names if any(r.bench == n for r in rows)]
+    rows, earlier, times = merge_earlier(source, ran, rows, when)
     print()
     print(report.table(rows))
     missed = [r for r in rows if r.status == "MISSED"]
     print(f"\n{len(rows)} rows, {len(missed)} MISSED, benches failed: {', '.join(failed) or 'none'}")
+    result = json.dumps({"when": when, "bench_when": times, "machine": machine(), "failed": failed,
+                         "rows": [asdict(r) | {"status": r.status} for r in rows]}, indent=1) + "\n"
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"when": when, "bench_when": times, "machine": machine(), "failed": failed,
-                                     "rows": [asdict(r) | {"status": r.status} for r in rows]}, indent=1))
+    args.json.write_text(result)
     print(f"rows written to {args.json}")
     if args.update_docs:
         update_docs(DOC, markdown(rows, when + earlier, machine(), failed))
-        print(f"table written to {DOC}")
+        DOC_JSON.write_text(result)
+        print(f"table written to {DOC} and {DOC_JSON.name}")
     return 1 if failed else 0
 
 

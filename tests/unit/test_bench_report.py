@@ -59,5 +59,9 @@ def test_a_partial_run_keeps_the_other_benches_rows(tmp_path: Path) -> None:
                                                                                 0.9, better="higher")], "tomorrow")
     assert note == " (image_pull; pod_start from the run of yesterday; vm_boot from the run of today)"
     assert times == {"image_pull": "tomorrow", "pod_start": "yesterday", "vm_boot": "today"}
+    # a run in which no bench gave rows (all failed) keeps every earlier row
+    rows, note, times = run_all.merge_earlier(path, [], [], "later")
+    assert [r.bench for r in rows] == ["pod_start", "vm_boot", "image_pull"]
+    assert note.startswith(" (no bench gave rows; ") and "later" not in times.values()
     # no earlier run (or an unreadable one): only what ran
     assert run_all.merge_earlier(tmp_path / "none.json", ["vm_boot"], fresh, "now") == (fresh, "", {"vm_boot": "now"})
