@@ -40,6 +40,7 @@ from bench import report
 from bench.stats import MachineCpu, allocated_bytes, percentile, process_cpu_s
 from bench.vm_boot import RPC_TIMEOUT, Cleanup, _raise_interrupt, log, tiny_image, tiny_world
 
+from virtlet.console import writer as console_writer
 from virtlet.cri.gen import api_pb2 as api
 from virtlet.vm.designer import domain_name
 
@@ -112,6 +113,19 @@ def console_tail(base: Path, name: str, lines: int = 12) -> str:
     except OSError as exc:
         return f"  (no console log: {exc})"
     return "\n".join(f"  {line[:200]}" for line in text)
+
+
+def raw_tail(container_dir: Path, nbytes: int = 400) -> str:
+    """The end of the raw console virtlogd wrote (what the guest printed, whether or not the CRI log has it)."""
+    raw = console_writer.raw_path(container_dir)
+    try:
+        with open(raw, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - nbytes))
+            text = f.read().decode(errors="replace")
+    except OSError as exc:
+        return f"  (no raw console: {exc})"
+    return "\n".join(f"  {line[:200]}" for line in text.splitlines()[-3:]) + f"\n  ({size} bytes)"
 
 
 def rss_kib(pid: int) -> int:
@@ -204,9 +218,13 @@ def main() -> int:
         all_ssh = time.perf_counter() - t0
         silent = [i for i, took in enumerate(answered) if took is None]
         if silent:  # say which guests and where their boot stopped, then fail the bench
-            for i in silent[:5]:
-                log(f"pod-{i} ({ips[i]}) never answered on port 22; its console ends:\n"
-                    f"{console_tail(base, f'pod-{i}')}")
+            for i in silent[:5]:  # the CRI log's end and the raw console's: did the guest or the log stop?
+                cid = started[i][1]
+                state = api.ContainerState.Name(pods.rt.ContainerStatus(
+                    api.ContainerStatusRequest(container_id=cid), timeout=RPC_TIMEOUT).status.state)
+                log(f"pod-{i} ({ips[i]}, {state}) never answered on port 22; its CRI log ends:\n"
+                    f"{console_tail(base, f'pod-{i}')}\nits raw console ends:\n"
+                    f"{raw_tail(daemon.state_dir / 'containers' / cid)}")
             raise RuntimeError(f"{len(silent)} of {args.pods} pods did not answer on port 22 in {args.timeout:.0f} s")
         log(f"{args.pods} pods answer on port 22 after {all_ssh:.1f} s")
         overheads = [qemu_overhead_mib(cid, args.memory_mib * 2**20) for _sid, cid, _t in started]
