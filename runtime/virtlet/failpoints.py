@@ -37,7 +37,7 @@ NAMES: dict[str, str] = {
     # CreateContainer
     "container.create.after_record": "record CREATED (incomplete), no files",
     "volumes.root_before_header": "persistent root: image written to the device, no header yet",
-    "container.create.after_prepare": "record, overlay and config drive ISO made, no domain",
+    "container.create.after_prepare": "record and config drive ISO made, overlay maybe still in the making, no domain",
     "container.before_define": "record and files made, exited domains of the pod undefined, no domain",
     "container.create.after_define": "domain defined, record not marked complete, kubelet has no id",
     # StartContainer

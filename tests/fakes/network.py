@@ -18,6 +18,7 @@ holds an exception to raise at that step (until deleted).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ class FakeVmParts:
             raise errors.InvalidArgument(f"annotation fake/invalid: {spec.annotations['fake/invalid']!r}")
 
     def prepare(self, cid: str, spec: Any, sandbox: st.SandboxRecord, image: Any, cdir: Path,
-                console_sock: Path) -> tuple[str, dict[str, Any]]:
+                console_sock: Path, define: Callable[[str], None]) -> dict[str, Any]:
         self.validate(spec, sandbox)
         self.network._step("prepare", sandbox.id)
         root, seed = cdir / "root.qcow2", cdir / "config.iso"
@@ -167,7 +168,8 @@ class FakeVmParts:
         xml = (f"<domain type='qemu'><name>{designer.domain_name(cid)}</name><metadata>"
                f"<virtlet:virtlet xmlns:virtlet='{designer.VIRTLET_XMLNS}'>"
                f"<virtlet:overlay>{root}</virtlet:overlay></virtlet:virtlet></metadata></domain>")
-        return xml, {"root": str(root), "config_drive": str(seed)}
+        define(xml)
+        return {"root": str(root), "config_drive": str(seed)}
 
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None:
         self.network.taps_before_start(sandbox.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -90,7 +91,9 @@ class VmParts(Protocol):
     def validate(self, spec: ContainerSpec, sandbox: st.SandboxRecord) -> None: ...
 
     def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
-                console_sock: Path) -> tuple[str, dict[str, Any]]: ...
+                console_sock: Path, define: Callable[[str], None]) -> dict[str, Any]:
+        """Make the container's files and its domain XML; ``define(xml)`` is called with the XML while the root
+        overlay may still be in the making (the two overlap); returns, with both done, the record's extras."""
 
     def taps_before_start(self, sandbox: st.SandboxRecord) -> None: ...
 

@@ -58,11 +58,14 @@ class VmLifecycle(VmExits):
                 # but it must still search this directory to open them: 0711 (no listing for others) is the tightest
                 # mode that works; 0700 would stop the VM from starting.  The ISO itself is 0600.
                 cdir.chmod(0o711)
-                xml, extra = self.parts.prepare(cid, spec, sandbox, image, cdir, self.console_socket(cid))
-                failpoints.hit("container.create.after_prepare")
-                self._undefine_exited_domains(spec.sandbox_id)
-                failpoints.hit("container.before_define")
-                gu.define(self.host, xml)
+
+                def define(xml: str) -> None:  # while qemu-img still makes the overlay (parts.prepare)
+                    failpoints.hit("container.create.after_prepare")
+                    self._undefine_exited_domains(spec.sandbox_id)
+                    failpoints.hit("container.before_define")
+                    gu.define(self.host, xml)
+
+                extra = self.parts.prepare(cid, spec, sandbox, image, cdir, self.console_socket(cid), define)
                 failpoints.hit("container.create.after_define")
                 done = {k: v for k, v in {**rec.extra, **extra}.items() if k != "creating"}
                 rec = self.store.update_container(cid, extra=done)

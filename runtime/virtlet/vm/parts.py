@@ -5,6 +5,7 @@ deleting the container directory."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -95,8 +96,10 @@ class VmParts:
         return _Validated(pod_annotations, options, plan, reimage, vols)
 
     def prepare(self, cid: str, spec: ContainerSpec, sandbox: st.SandboxRecord, image: ImageRecord, cdir: Path,
-                console_sock: Path) -> tuple[str, dict[str, Any]]:
-        """``image`` is the store's record of ``spec.image`` (the manager looked it up already)."""
+                console_sock: Path, define: Callable[[str], None]) -> dict[str, Any]:
+        """``image`` is the store's record of ``spec.image`` (the manager looked it up already).  ``qemu-img``
+        makes the root overlay while the config drive is built and the domain is defined (``define``), the
+        longest steps of a CreateContainer; it returns once all three are done."""
         # validate everything first, whoever called validate before: a bad annotation must leave nothing behind
         pod_annotations, options, plan, reimage, vols = self._validated(spec, sandbox)
         sources = {s.tag: binds.bind_readonly(s.host_path, cdir, i) for i, s in enumerate(vols.plan.shares)
@@ -155,13 +158,14 @@ class VmParts:
             term = next((f for f in vols.plan.files if f.kind == "termination-log"), None)
             if term is not None:  # copied back from the guest at StopContainer (virtlet.vm.termination)
                 extra["termination_log"] = {"guest": term.guest_path, "host": term.host_path}
+            define(dx.to_string(domain))  # libvirt does not open the disks until the start
         except BaseException:
             if pending is not None:
                 pending.abandon()
             raise
         if pending is not None:
             pending.wait()
-        return dx.to_string(domain), extra
+        return extra
 
     def _plan_volumes(self, spec: ContainerSpec, annotations: dict[str, str]) -> _Volumes:
         """The container's CRI mounts, validated and turned into shares, scratch disks + guest instructions
