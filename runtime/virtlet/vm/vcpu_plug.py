@@ -56,13 +56,18 @@ def plan(cid: str, extra: Mapping[str, Any], quota: int, period: int) -> int | N
 
 #: At most this long (inside UpdateContainerResources, under the container's lock) for the guest to online CPUs.
 ONLINE_BUDGET = 3.0
-#: Then, when the guest has not seen them yet (a busy TCG guest can take longer), at most this long more in a
-#: background thread, outside every lock, so the call answers within ONLINE_BUDGET and the vCPUs still come up.
-LATER_BUDGET = 60.0
+#: Then, when the guest has not seen them yet, at most this long more in a background thread, outside every lock,
+#: so the call answers within ONLINE_BUDGET and the vCPUs still come up.  A TCG guest on a loaded node took more
+#: than a minute to see a hot-added CPU (a CI run of 2026-12-07: present after the earlier 60 s, never onlined).
+LATER_BUDGET = 300.0
 _ONLINE_POLL = 0.25
+#: The background thread asks less often the longer it waits (0.25, 0.5, 1, 2, 2 ... s): a busy guest's agent
+#: is not asked four times a second for minutes.
+_LATER_MAX_POLL = 2.0
 
 
-def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ONLINE_BUDGET) -> int:
+def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ONLINE_BUDGET,
+                    max_poll: float = _ONLINE_POLL) -> int:
     """Best effort: bring the guest's vCPUs 0..count-1 online through its QEMU guest agent (``guest-get-vcpus``,
     ``guest-set-vcpus``), as a guest with a udev CPU hot-add rule would do itself.  A hot-added CPU shows up in the
     guest a moment after QEMU adds it, so this polls for up to ``budget`` seconds.  Returns how many vCPUs are
@@ -70,6 +75,7 @@ def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ON
     offline until it onlines them (logged)."""
     deadline = time.monotonic() + budget
     online = 0
+    poll = _ONLINE_POLL
     while True:
         try:
             vcpus = call({"execute": "guest-get-vcpus"}, max(0.5, deadline - time.monotonic()))
@@ -86,17 +92,18 @@ def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ON
         except (ga.AgentUnavailable, ga.AgentError, ga.AgentMisbehaved, ga.ReplyTooLarge, ValueError) as exc:
             log.info("VM pod %s: the guest agent did not online the hot-plugged vCPUs: %s", pod, exc)
             return online
-        if time.monotonic() + _ONLINE_POLL > deadline:
+        if time.monotonic() + poll > deadline:
             log.info("VM pod %s: %d of %d vCPUs online in the guest after %.1fs; the guest onlines the rest itself",
                      pod, online, count, budget)
             return online
-        time.sleep(_ONLINE_POLL)
+        time.sleep(poll)
+        poll = min(poll * 2, max_poll)
 
 
 def online_in_background(call: ga.Transport, count: int, pod: str, budget: float = LATER_BUDGET) -> threading.Thread:
     """``online_in_guest`` in a daemon thread (bounded by ``budget``; it ends at the first agent error, e.g. when
     the VM stops), for vCPUs the guest had not seen within ``ONLINE_BUDGET``."""
-    thread = threading.Thread(target=online_in_guest, args=(call, count, pod, budget), daemon=True,
+    thread = threading.Thread(target=online_in_guest, args=(call, count, pod, budget, _LATER_MAX_POLL), daemon=True,
                               name=f"vcpu-online-{pod}"[:60])
     thread.start()
     return thread
