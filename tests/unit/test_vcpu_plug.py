@@ -217,3 +217,22 @@ def test_cpus_the_guest_sees_late_are_onlined_in_the_background() -> None:
     thread.join(30)
     assert not thread.is_alive()
     assert agent.online == {0: True, 1: True}
+
+
+def test_the_background_onliner_waits_for_an_agent_that_connects_late() -> None:
+    """qemu-ga starts late in a guest's boot: an update right after the pod's ready line finds it not connected
+    (what made a CI run leave the CPU offline); the background thread asks again until it answers."""
+
+    class LateConnect(ScriptedAgent):
+        def __call__(self, cmd: dict[str, object], timeout: float) -> object:
+            if len(self.calls) < 3:
+                self.calls.append(cmd)
+                raise ga.AgentUnavailable("QEMU guest agent is not connected")
+            return super().__call__(cmd, timeout)
+
+    agent = LateConnect()
+    assert vcpu_plug.online_in_guest(agent, 2, "pod") == 0  # the call itself does not wait for the agent
+    thread = vcpu_plug.online_in_background(agent, 2, "pod", budget=30.0)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert agent.online == {0: True, 1: True}

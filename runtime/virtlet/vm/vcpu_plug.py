@@ -56,9 +56,9 @@ def plan(cid: str, extra: Mapping[str, Any], quota: int, period: int) -> int | N
 
 #: At most this long (inside UpdateContainerResources, under the container's lock) for the guest to online CPUs.
 ONLINE_BUDGET = 3.0
-#: Then, when the guest has not seen them yet, at most this long more in a background thread, outside every lock,
-#: so the call answers within ONLINE_BUDGET and the vCPUs still come up.  A TCG guest on a loaded node took more
-#: than a minute to see a hot-added CPU (a CI run of 2026-12-07: present after the earlier 60 s, never onlined).
+#: Then, when the guest has not onlined them yet (it has not seen the CPU, or its agent has not connected yet:
+#: qemu-ga starts late in a boot), at most this long more in a background thread, outside every lock, so the
+#: call answers within ONLINE_BUDGET and the vCPUs still come up on a busy TCG guest.
 LATER_BUDGET = 300.0
 _ONLINE_POLL = 0.25
 #: The background thread asks less often the longer it waits (0.25, 0.5, 1, 2, 2 ... s): a busy guest's agent
@@ -67,12 +67,14 @@ _LATER_MAX_POLL = 2.0
 
 
 def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ONLINE_BUDGET,
-                    max_poll: float = _ONLINE_POLL) -> int:
+                    max_poll: float = _ONLINE_POLL, wait_for_agent: bool = False) -> int:
     """Best effort: bring the guest's vCPUs 0..count-1 online through its QEMU guest agent (``guest-get-vcpus``,
     ``guest-set-vcpus``), as a guest with a udev CPU hot-add rule would do itself.  A hot-added CPU shows up in the
     guest a moment after QEMU adds it, so this polls for up to ``budget`` seconds.  Returns how many vCPUs are
     online at the end (0 when the agent cannot say); never raises: a guest without an agent keeps its new vCPUs
-    offline until it onlines them (logged)."""
+    offline until it onlines them (logged).  ``wait_for_agent`` (the background thread): an agent that is not
+    connected yet (qemu-ga starts late in a guest's boot, after the line a pod waits for) is asked again until
+    the budget ends, instead of giving up at once."""
     deadline = time.monotonic() + budget
     online = 0
     poll = _ONLINE_POLL
@@ -89,7 +91,11 @@ def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ON
                      max(0.5, deadline - time.monotonic()))
             elif all(ids.get(i) for i in range(count)):
                 return online
-        except (ga.AgentUnavailable, ga.AgentError, ga.AgentMisbehaved, ga.ReplyTooLarge, ValueError) as exc:
+        except ga.AgentUnavailable as exc:
+            if not wait_for_agent or time.monotonic() + poll > deadline:
+                log.info("VM pod %s: the guest agent did not online the hot-plugged vCPUs: %s", pod, exc)
+                return online
+        except (ga.AgentError, ga.AgentMisbehaved, ga.ReplyTooLarge, ValueError) as exc:
             log.info("VM pod %s: the guest agent did not online the hot-plugged vCPUs: %s", pod, exc)
             return online
         if time.monotonic() + poll > deadline:
@@ -101,9 +107,9 @@ def online_in_guest(call: ga.Transport, count: int, pod: str, budget: float = ON
 
 
 def online_in_background(call: ga.Transport, count: int, pod: str, budget: float = LATER_BUDGET) -> threading.Thread:
-    """``online_in_guest`` in a daemon thread (bounded by ``budget``; it ends at the first agent error, e.g. when
-    the VM stops), for vCPUs the guest had not seen within ``ONLINE_BUDGET``."""
-    thread = threading.Thread(target=online_in_guest, args=(call, count, pod, budget, _LATER_MAX_POLL), daemon=True,
-                              name=f"vcpu-online-{pod}"[:60])
+    """``online_in_guest`` in a daemon thread (bounded by ``budget``; an agent not connected yet is asked again,
+    any other agent error ends it), for vCPUs the guest had not onlined within ``ONLINE_BUDGET``."""
+    thread = threading.Thread(target=online_in_guest, args=(call, count, pod, budget, _LATER_MAX_POLL, True),
+                              daemon=True, name=f"vcpu-online-{pod}"[:60])
     thread.start()
     return thread
