@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,28 +37,29 @@ def _qemu_img_children() -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_define_runs_before_prepare_returns_with_the_overlay_done(n: Node, tmp_path: Path) -> None:
+def _prepare(n: Node, tmp_path: Path, cid: str, define: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """The real parts' prepare for a container ``cid`` of a fresh sandbox (removed again), with ``define``."""
     parts = VmParts(None, None, "qemu", "/usr/bin/qemu-system-x86_64")  # type: ignore[arg-type]
     sid = n.run_sandbox()
-    sandbox = n.d.store.require_sandbox(sid)
-    cdir = tmp_path / "c1"
+    cdir = tmp_path / cid
     cdir.mkdir()
+    try:
+        return cdir, parts.prepare(cid, n.container_spec(sid), n.d.store.require_sandbox(sid), _base(tmp_path), cdir,
+                                   tmp_path / f"{cid}.sock", define)
+    finally:
+        n.d.remove_sandbox(sid)
+
+
+def test_define_runs_before_prepare_returns_with_the_overlay_done(n: Node, tmp_path: Path) -> None:
     defined: list[str] = []
-    extra = parts.prepare("c1", n.container_spec(sid), sandbox, _base(tmp_path), cdir, tmp_path / "c1.sock",
-                          defined.append)
+    cdir, extra = _prepare(n, tmp_path, "c1", defined.append)
     assert len(defined) == 1 and "<domain" in defined[0] and str(cdir / "root.qcow2") in defined[0]
     info = subprocess.run(["qemu-img", "info", "-U", str(cdir / "root.qcow2")], capture_output=True, text=True,
                           check=True).stdout
     assert "backing file" in info and extra["root"] == str(cdir / "root.qcow2")
-    n.d.remove_sandbox(sid)
 
 
 def test_a_refused_definition_waits_for_qemu_img(n: Node, tmp_path: Path) -> None:
-    parts = VmParts(None, None, "qemu", "/usr/bin/qemu-system-x86_64")  # type: ignore[arg-type]
-    sid = n.run_sandbox()
-    sandbox = n.d.store.require_sandbox(sid)
-    cdir = tmp_path / "c2"
-    cdir.mkdir()
     running: list[list[int]] = []
 
     def refuse(xml: str) -> None:
@@ -65,7 +67,6 @@ def test_a_refused_definition_waits_for_qemu_img(n: Node, tmp_path: Path) -> Non
         raise errors.Internal("libvirt refused the domain definition: XML error")
 
     with pytest.raises(errors.Internal, match="refused"):
-        parts.prepare("c2", n.container_spec(sid), sandbox, _base(tmp_path), cdir, tmp_path / "c2.sock", refuse)
+        _prepare(n, tmp_path, "c2", refuse)
     assert running  # define was called; the qemu-img it may have overlapped was waited for and reaped:
     assert all(not procs.running(pid) for pid in running[0]) and _qemu_img_children() == []
-    n.d.remove_sandbox(sid)
