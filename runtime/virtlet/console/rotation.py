@@ -47,17 +47,25 @@ class Segment:
     length: int
 
 
+def generation(raw_name: str, name: str) -> int | None:
+    """N when ``name`` is virtlogd's older generation ``RAW.N`` of ``raw_name``, -1 for ``RAW`` itself, else None."""
+    if name == raw_name:
+        return -1
+    suffix = name[len(raw_name) + 1:] if name.startswith(raw_name + ".") else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
 def raw_chain(raw: Path) -> list[Path]:
     """RAW generations oldest first: ``RAW.N`` ... ``RAW.0``, ``RAW`` (only those that exist)."""
     gens: list[tuple[int, Path]] = []
-    prefix = raw.name + "."
     try:
         names = os.listdir(raw.parent)
     except FileNotFoundError:
         return []
     for name in names:
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            gens.append((int(name[len(prefix):]), raw.parent / name))
+        n = generation(raw.name, name)
+        if n is not None and n >= 0:
+            gens.append((n, raw.parent / name))
     chain = [p for _, p in sorted(gens, reverse=True)]
     if raw.name in names:
         chain.append(raw)

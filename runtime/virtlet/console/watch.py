@@ -22,6 +22,8 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
+from virtlet.console.rotation import generation
+
 log = logging.getLogger(__name__)
 
 #: What a writer needs to hear about in its directory: writes (and truncation), a RAW file appearing by
@@ -131,21 +133,13 @@ class RawWatcher:
                             to_wake.update((t, w) for t, (_, w) in waiters.items())
                         continue
                     for token, (name, wake) in self._by_wd.get(ev.wd, {}).items():
-                        if ev.mask & flags.IGNORED or is_raw_generation(name, ev.name):
+                        if ev.mask & flags.IGNORED or generation(name, ev.name) is not None:
                             to_wake[token] = wake
             for wake in to_wake.values():
                 try:
                     wake()
                 except Exception:
                     log.exception("waking a console log writer failed")
-
-
-def is_raw_generation(raw_name: str, name: str) -> bool:
-    """``RAW`` itself or one of virtlogd's older generations ``RAW.N`` (``rotation.raw_chain``'s names)."""
-    if name == raw_name:
-        return True
-    suffix = name[len(raw_name) + 1:] if name.startswith(raw_name + ".") else ""
-    return suffix.isdigit()
 
 
 _watcher: RawWatcher | None = None
